@@ -1,0 +1,226 @@
+"""Claims, the per-notebook results record, and the scoreboard.
+
+A `Claim` puts the paper's number next to ours with a stated tolerance; the verdict is
+computed, never typed in:
+  - "reproduced":     |ours - paper| <= tolerance (and the claimed direction holds, if any);
+  - "direction only": outside the tolerance, but the qualitative direction holds;
+  - "not reproduced": neither.
+For a claim with no paper number (a pure ordering) only the direction decides.
+
+`Run` is what a notebook uses: it times the run, saves figures to `figures/<profile>/`,
+collects claims and metrics, and writes `results/<profile>/<stem>.json` atomically.
+`python -m paper_lib.claims` prints the markdown scoreboard over every results file;
+`--update-readme` rewrites the copy embedded in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from paper_lib.runtime import PROJECT_ROOT, atomic_path, atomic_write_json, env_info
+
+Verdict = Literal["reproduced", "direction only", "not reproduced"]
+VERDICTS: tuple[str, ...] = ("reproduced", "direction only", "not reproduced")
+README_START = "<!-- scoreboard:start -->"
+README_END = "<!-- scoreboard:end -->"
+
+
+def decide(paper: float | None, ours: float, tolerance: float,
+           direction_holds: bool | None = None) -> Verdict:
+    """The verdict rule (see module docstring). NaN `ours` is never reproduced."""
+    if ours is None or (isinstance(ours, float) and math.isnan(ours)):
+        return "not reproduced"
+    if paper is None:
+        if direction_holds is None:
+            raise ValueError("a claim without a paper number needs direction_holds")
+        return "reproduced" if direction_holds else "not reproduced"
+    within = abs(ours - paper) <= tolerance + 1e-12
+    if within and direction_holds is not False:
+        return "reproduced"
+    if direction_holds:
+        return "direction only"
+    return "not reproduced"
+
+
+def round_to(value: float | None, step: float) -> str:
+    """`value` rounded to a multiple of `step` (the claim's tolerance), as text; stable
+    across machines unless the value sits on a rounding boundary."""
+    if value is None:
+        return "-"
+    if step <= 0:
+        return f"{value:.3g}"
+    decimals = max(0, -math.floor(math.log10(step)) + (0 if step >= 1 else 0))
+    snapped = round(value / step) * step
+    return f"{snapped:.{decimals}f}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable statement from a paper, with our measurement and verdict."""
+
+    id: str
+    """Stable dotted id, e.g. `amort.known_dict.ito_beats_sae`."""
+    statement: str
+    """The claim in words."""
+    paper: float | None
+    """The paper's number (None for a pure ordering)."""
+    ours: float
+    """Our measurement, computed in the notebook."""
+    tolerance: float
+    """Largest |ours - paper| still counted as reproduced; justified in the notebook."""
+    source: str
+    """Where in the paper the number comes from (table / figure / section)."""
+    direction_holds: bool | None = None
+    """Whether the qualitative direction of the claim holds in our data."""
+    verdict: Verdict = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.tolerance < 0:
+            raise ValueError(f"claim {self.id}: tolerance must be >= 0")
+        object.__setattr__(self, "ours", float(self.ours))
+        object.__setattr__(self, "verdict",
+                           decide(self.paper, self.ours, self.tolerance, self.direction_holds))
+
+    def line(self) -> str:
+        """The rounded, machine-stable verdict line that nbval checks."""
+        step = self.tolerance if self.tolerance > 0 else 0.01
+        paper = f"{self.paper:g}" if self.paper is not None else "n/a"
+        return (f"{self.id}: {self.verdict} (paper {paper}, ours ~{round_to(self.ours, step)}, "
+                f"tolerance {self.tolerance:g})")
+
+
+class Run:
+    """Bookkeeping for one notebook execution."""
+
+    def __init__(self, stem: str, params: Any, root: Path = PROJECT_ROOT) -> None:
+        self.stem = stem
+        self.params = params
+        self.profile = params.profile
+        self.root = Path(root)
+        self.t0 = time.perf_counter()
+        self.claims: list[Claim] = []
+        self.metrics: dict[str, Any] = {}
+        self.figures: list[str] = []
+        self.fig_dir = self.root / "figures" / self.profile
+        self.results_path = self.root / "results" / self.profile / f"{stem}.json"
+
+    def claim(self, *args: Any, **kwargs: Any) -> Claim:
+        c = Claim(*args, **kwargs)
+        if any(existing.id == c.id for existing in self.claims):
+            raise ValueError(f"duplicate claim id {c.id!r}")
+        self.claims.append(c)
+        return c
+
+    def metric(self, name: str, value: Any) -> None:
+        self.metrics[name] = value
+
+    def savefig(self, fig: Any, name: str) -> Path:
+        """Save `fig` as PNG and PDF under figures/<profile>/<stem>_<name>.*, atomically."""
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        out = self.fig_dir / f"{self.stem}_{name}"
+        for ext, kw in (("png", {"dpi": 120}), ("pdf", {})):
+            with atomic_path(out.with_suffix(f".{ext}")) as tmp:
+                fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)
+        self.figures.append(str(out.relative_to(self.root)))
+        return out.with_suffix(".png")
+
+    def record(self) -> dict[str, Any]:
+        device = getattr(self.params, "device", "auto")
+        from paper_lib.runtime import pick_device
+
+        return {
+            "notebook": self.stem,
+            "profile": self.profile,
+            "params": self.params.to_dict(),
+            "env": env_info(pick_device(device)),
+            "seconds": round(time.perf_counter() - self.t0, 1),
+            "claims": [asdict(c) for c in self.claims],
+            "metrics": self.metrics,
+            "figures": self.figures,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Write the results JSON; returns the record."""
+        rec = self.record()
+        atomic_write_json(self.results_path, rec)
+        return rec
+
+    def verdict_lines(self) -> str:
+        return "\n".join(c.line() for c in self.claims)
+
+    def table(self) -> str:
+        return claims_markdown(self.claims)
+
+
+def claims_markdown(claims: list[Claim] | list[dict[str, Any]]) -> str:
+    rows = ["| claim | paper | ours | tolerance | verdict | source |",
+            "|---|---|---|---|---|---|"]
+    for c in claims:
+        d = asdict(c) if isinstance(c, Claim) else c
+        step = d["tolerance"] if d["tolerance"] > 0 else 0.01
+        paper = f"{d['paper']:g}" if d["paper"] is not None else "n/a"
+        rows.append(f"| `{d['id']}` | {paper} | {round_to(d['ours'], step)} | "
+                    f"{d['tolerance']:g} | {d['verdict']} | {d['source']} |")
+    return "\n".join(rows)
+
+
+def load_results(root: Path = PROJECT_ROOT) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((root / "results").glob("*/*.json")):
+        rec = json.loads(path.read_text())
+        if "claims" in rec and "notebook" in rec:
+            out.append(rec)
+    return out
+
+
+def scoreboard(root: Path = PROJECT_ROOT) -> str:
+    """Markdown scoreboard of every claim in results/<profile>/*.json."""
+    records = load_results(root)
+    if not records:
+        return "_No results yet: run `make reproduce`._"
+    lines = ["| profile | notebook | claims | reproduced | direction only | not reproduced |",
+             "|---|---|---|---|---|---|"]
+    for rec in records:
+        counts = {v: sum(c["verdict"] == v for c in rec["claims"]) for v in VERDICTS}
+        lines.append(f"| {rec['profile']} | {rec['notebook']} | {len(rec['claims'])} | "
+                     + " | ".join(str(counts[v]) for v in VERDICTS) + " |")
+    for rec in records:
+        lines += ["", f"**{rec['notebook']}** (`{rec['profile']}`, device {rec['env']['device']}"
+                  + (f", {rec['env']['gpu']}" if "gpu" in rec["env"] else "") + ")", "",
+                  claims_markdown(rec["claims"])]
+    return "\n".join(lines)
+
+
+def embed_in_readme(readme: str, board: str) -> str:
+    if README_START not in readme or README_END not in readme:
+        raise ValueError(f"README.md lacks the {README_START} / {README_END} markers")
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{board}\n{README_END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--update-readme", action="store_true", help="rewrite README's scoreboard")
+    args = ap.parse_args(argv)
+    board = scoreboard()
+    if args.update_readme:
+        readme = PROJECT_ROOT / "README.md"
+        from paper_lib.runtime import atomic_write_text
+
+        atomic_write_text(readme, embed_in_readme(readme.read_text(), board))
+        print(f"updated {readme.name}")
+    else:
+        sys.stdout.write(board + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

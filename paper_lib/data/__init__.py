@@ -1,0 +1,1 @@
+"""Activation sources: synthetic ground truth, the embedded corpus and LM, harvesting."""

@@ -1,0 +1,161 @@
+"""One call from notebook parameters to normalised training and evaluation activations.
+
+`load_activations` picks the LM (embedded or hub), the token source (embedded corpus or a
+streamed HF dataset), harvests train and eval activations at the hook (disk-cached for
+the embedded corpus), and scales them so that E||x||^2 = d_model (the SAE hyper-
+parameters then transfer across models; `scale` is recorded and folded in on save).
+"""
+
+from __future__ import annotations
+
+import math
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from paper_lib.data.corpus import BOS, byte_tokens, hf_token_batches, load_stdlib_corpus
+from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
+                                    row_batches, stop_layer)
+from paper_lib.data.lm import load_lm
+from paper_lib.runtime import PROJECT_ROOT
+from paper_lib.train import BatchSource, ShuffledBatches
+
+CACHE_LIMIT_BYTES = 1.5e9  # larger harvests stay in memory (or stream)
+
+
+@dataclass
+class ActivationSet:
+    """Activations for one (model, hook), in SAE units (raw * scale)."""
+
+    model: Any
+    model_info: dict[str, Any]
+    hook: str
+    train: Tensor | None
+    """[n_tokens, d] training activations, or None when streamed."""
+    eval: Tensor
+    """[n_eval, d] held-out activations (validation split)."""
+    scale: float
+    train_tokens: Tensor | None
+    """[rows, n_ctx] token rows behind `train` (row r, position 1 + i for drop_bos)."""
+    eval_tokens: Tensor
+    drop_bos: bool = True
+    source: str = "stdlib"
+    corpus_sha256: str | None = None
+    cache_hit: bool = False
+    stream: Callable[[int, int], StreamingActivations] | None = field(default=None, repr=False)
+    """(batch_size, seed) -> a streaming BatchSource, when `train` is None."""
+
+    @property
+    def d(self) -> int:
+        return self.eval.shape[1]
+
+    def batches(self, batch_size: int, seed: int = 0) -> BatchSource:
+        if self.train is None:
+            assert self.stream is not None
+            return self.stream(batch_size, seed)
+        return ShuffledBatches(self.train, batch_size, seed)
+
+    def locate(self, index: int, split: str = "eval") -> tuple[int, int]:
+        """(token row, position) of activation row `index`."""
+        tokens = self.eval_tokens if split == "eval" else self.train_tokens
+        per_row = tokens.shape[1] - (1 if self.drop_bos else 0)
+        row, pos = divmod(index, per_row)
+        return row, pos + (1 if self.drop_bos else 0)
+
+    def token_str(self, token: int) -> str:
+        """Readable text of one token id."""
+        if self.source == "stdlib":
+            return "<BOS>" if token == BOS else bytes([token]).decode("latin-1")
+        return self.model.tokenizer.decode([token])
+
+    def describe(self) -> str:
+        n = "streamed" if self.train is None else f"{self.train.shape[0]:,}"
+        return (f"{self.model_info.get('config', {}).get('name', '?')} @ {self.hook}: "
+                f"{n} train / {self.eval.shape[0]:,} eval tokens, d={self.d}, "
+                f"scale={self.scale:.4g}" + (" (cache hit)" if self.cache_hit else ""))
+
+
+def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> Tensor:
+    """At least `rows` packed byte rows, cycling the corpus with fresh shuffles if needed."""
+    parts, have, epoch = [], 0, 0
+    while have < rows:
+        part = byte_tokens(texts, n_ctx, max_rows=rows - have, seed=seed + epoch)
+        parts.append(part)
+        have += part.shape[0]
+        epoch += 1
+    return torch.cat(parts)
+
+
+def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib",
+                     hook: str = "", n_tokens: int = 200_000, n_eval_tokens: int = 16_384,
+                     device: str | torch.device = "cpu", seed: int = 0, progress: bool = True,
+                     data_dir: Path = PROJECT_ROOT / "data", stream: bool | None = None,
+                     batch_rows: int = 64, data_files: Any = None) -> ActivationSet:
+    """Harvest (or load from cache) normalised activations for training and evaluation."""
+    device = torch.device(device)
+    model, info = load_lm(model_name, device, progress, data_dir)
+    hook = hook or default_hook(model)
+    stop_layer(model, hook)  # validate before any compute
+    n_ctx = model.cfg.n_ctx if model_name.startswith("embedded-") else min(model.cfg.n_ctx, 128)
+    per_row = n_ctx - 1
+    d = model.cfg.d_model
+    if dataset == "stdlib":
+        corpus = load_stdlib_corpus(data_dir)
+        train_tok = _embedded_rows(corpus.train["text"], n_ctx, math.ceil(n_tokens / per_row),
+                                   seed)
+        eval_tok = _embedded_rows(corpus.validation["text"], n_ctx,
+                                  math.ceil(n_eval_tokens / per_row), seed)
+        sha = corpus.sha256
+        spec_base = {"model": model_name, "weights": info.get("weights_sha256"), "hook": hook,
+                     "corpus": sha, "drop_bos": True, "seed": seed, "dtype": "float32"}
+
+        def get(split: str, tokens: Tensor, n: int) -> tuple[Tensor, bool]:
+            def build() -> Tensor:
+                return harvest(model, row_batches(tokens, batch_rows), hook, n,
+                               progress=progress)
+            if n * d * 4 > CACHE_LIMIT_BYTES:
+                return build().to(device), False
+            cache = ActivationCache(data_dir / "acts", {**spec_base, "split": split, "n": n})
+            x, hit = cache.get_or_build(build)
+            return x.to(device), hit
+
+        train, hit_t = get("train", train_tok, n_tokens)
+        ev, hit_e = get("eval", eval_tok, n_eval_tokens)
+        scale = math.sqrt(d / float(train.double().pow(2).sum(-1).mean()))
+        return ActivationSet(model, info, hook, train * scale, ev * scale, scale, train_tok,
+                             eval_tok, True, "stdlib", sha, hit_t and hit_e)
+    # Hub dataset (paper profile): stream tokens; hold activations only if they fit.
+    tok = model.tokenizer
+    eval_rows: list[Tensor] = []
+    for b in hf_token_batches(dataset, tok, n_ctx, batch_rows, data_files=data_files):
+        eval_rows.append(b)
+        if sum(r.shape[0] for r in eval_rows) * per_row >= n_eval_tokens:
+            break
+    eval_tok = torch.cat(eval_rows)
+
+    def token_iter():
+        # The first batches are the held-out set: training starts after them.
+        return itertools.islice(hf_token_batches(dataset, tok, n_ctx, batch_rows,
+                                                 data_files=data_files), len(eval_rows), None)
+    ev = harvest(model, row_batches(eval_tok, batch_rows), hook, n_eval_tokens, True, device,
+                 progress=progress)
+    if stream is None:
+        stream = n_tokens * d * 4 > CACHE_LIMIT_BYTES * 4
+    if stream:
+        # The scale comes from the held-out sample: the training stream is never all in memory.
+        scale = math.sqrt(d / float(ev.double().pow(2).sum(-1).mean()))
+
+        def make_stream(batch_size: int, seed: int) -> StreamingActivations:
+            return StreamingActivations(model, token_iter, hook, batch_size,
+                                        buffer_tokens=max(2 * batch_size, min(n_tokens, 1 << 21)),
+                                        scale=scale, seed=seed)
+        return ActivationSet(model, info, hook, None, ev * scale, scale, None, eval_tok, True,
+                             dataset, None, False, make_stream)
+    train = harvest(model, token_iter(), hook, n_tokens, True, device, progress=progress)
+    scale = math.sqrt(d / float(train.double().pow(2).sum(-1).mean()))
+    return ActivationSet(model, info, hook, train * scale, ev * scale, scale, None, eval_tok,
+                         True, dataset)

@@ -1,0 +1,213 @@
+"""Harvest activations at a hook, cache them on disk, and serve training batches.
+
+`harvest` runs `run_with_cache(names_filter=[hook], stop_at_layer=L + 1)` under
+`torch.inference_mode` (blocks above the hook never run), batched, with a NaN/inf check
+that says where a bad value appeared. `ActivationCache` stores harvests as memory-mapped
+.npy shards plus a manifest (model, hook, dtype, token count, checksums) and rebuilds
+anything truncated or stale. `StreamingActivations` feeds the trainer from a shuffling
+buffer refilled by the LM, for runs too large to hold in memory (the paper profile).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from paper_lib.runtime import atomic_dir
+
+MANIFEST = "manifest.json"
+
+
+def default_hook(model: Any) -> str:
+    """The residual stream entering the middle block."""
+    return f"blocks.{model.cfg.n_layers // 2}.hook_resid_pre"
+
+
+def resid_hook(model: Any, layer: int) -> str:
+    n = model.cfg.n_layers
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def stop_layer(model: Any, hook: str) -> int | None:
+    """Validate `hook` and return the stop_at_layer that still computes it."""
+    if hook not in model.hook_dict:
+        m = re.match(r"blocks\.(\d+)\.", hook)
+        if m and int(m.group(1)) >= model.cfg.n_layers:
+            raise ValueError(f"hook {hook!r}: layer {m.group(1)} is out of range, the model "
+                             f"has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})")
+        resid = [h for h in model.hook_dict if h.endswith("hook_resid_pre")]
+        raise ValueError(f"unknown hook {hook!r}. Residual-stream hooks: {', '.join(resid)}; "
+                         f"all {len(model.hook_dict)} hooks are listed by model.hook_dict")
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    if m:
+        return int(m.group(1)) + 1
+    return 0 if hook in ("hook_embed", "hook_pos_embed") else None
+
+
+def check_finite(x: Tensor, hook: str, batch_index: int) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        where = bad.nonzero()[:3].tolist()
+        raise ValueError(f"non-finite activations at hook {hook!r} in batch {batch_index} "
+                         f"(first positions [row, pos, dim]: {where}); check the model weights "
+                         "and the input tokens")
+
+
+@torch.inference_mode()
+def harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: int,
+            drop_bos: bool = True, out_device: str | torch.device = "cpu",
+            out_dtype: torch.dtype = torch.float32, progress: bool = True) -> Tensor:
+    """[n_tokens, d_model] activations at `hook` from successive token batches [B, T]."""
+    stop = stop_layer(model, hook)
+    dev = next(model.parameters()).device
+    out = torch.empty(n_tokens, model.cfg.d_model, dtype=out_dtype, device=out_device)
+    filled = 0
+    bar = tqdm(total=n_tokens, desc=f"harvest {hook}", disable=not progress, unit="tok",
+               mininterval=1.0)
+    for i, tokens in enumerate(token_batches):
+        _, cache = model.run_with_cache(tokens.to(dev), names_filter=[hook], stop_at_layer=stop)
+        act = cache[hook]
+        check_finite(act, hook, i)
+        if drop_bos:
+            act = act[:, 1:]
+        act = act.reshape(-1, act.shape[-1])
+        take = min(act.shape[0], n_tokens - filled)
+        out[filled:filled + take] = act[:take].to(out_device, out_dtype)
+        filled += take
+        bar.update(take)
+        if filled >= n_tokens:
+            break
+    bar.close()
+    if filled < n_tokens:
+        raise ValueError(f"the token source ran out after {filled} of {n_tokens} activation "
+                         "tokens: ask for fewer tokens or give more text")
+    return out
+
+
+def row_batches(tokens: Tensor, batch_rows: int) -> Iterator[Tensor]:
+    for i in range(0, tokens.shape[0], batch_rows):
+        yield tokens[i:i + batch_rows]
+
+
+# --------------------------------------------------------------------------- disk cache
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ActivationCache:
+    """Activations on disk: data/acts/<key>/shard_XXX.npy + manifest.json.
+
+    The manifest records the spec (model, weights checksum, hook, corpus hash, token
+    count, drop_bos, dtype), the array shape and each shard's sha256; `load` returns
+    None for anything missing, truncated, corrupt or made for another spec.
+    """
+
+    def __init__(self, root: Path, spec: dict[str, Any], shard_rows: int = 1 << 18) -> None:
+        self.spec, self.shard_rows = spec, shard_rows
+        self.dir = Path(root) / spec_key(spec)
+
+    def load(self) -> Tensor | None:
+        try:
+            man = json.loads((self.dir / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if man.get("spec") != self.spec:
+            return None
+        parts = []
+        for shard in man["shards"]:
+            f = self.dir / shard["file"]
+            if not f.is_file() or f.stat().st_size != shard["bytes"]:
+                return None
+            if hashlib.sha256(f.read_bytes()).hexdigest() != shard["sha256"]:
+                return None
+            try:
+                parts.append(np.load(f, mmap_mode="r"))
+            except ValueError:
+                return None
+        arr = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+        if list(arr.shape) != man["shape"]:
+            return None
+        return torch.from_numpy(arr)
+
+    def save(self, x: Tensor) -> None:
+        arr = x.detach().cpu().numpy()
+        with atomic_dir(self.dir) as tmp:
+            shards = []
+            for j, i in enumerate(range(0, arr.shape[0], self.shard_rows)):
+                name = f"shard_{j:03d}.npy"
+                np.save(tmp / name, np.ascontiguousarray(arr[i:i + self.shard_rows]))
+                data = (tmp / name).read_bytes()
+                shards.append({"file": name, "bytes": len(data),
+                               "sha256": hashlib.sha256(data).hexdigest()})
+            man = {"spec": self.spec, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                   "shards": shards}
+            (tmp / MANIFEST).write_text(json.dumps(man, indent=2) + "\n")
+
+    def get_or_build(self, build: Callable[[], Tensor]) -> tuple[Tensor, bool]:
+        """(activations, hit): the cached tensor if valid, else `build()` saved first."""
+        hit = self.load()
+        if hit is not None:
+            return hit, True
+        x = build()
+        self.save(x)
+        return x, False
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class StreamingActivations:
+    """A BatchSource that harvests on the fly into a shuffled buffer of `buffer_tokens`
+    rows, refilled when half of it has been served. Deterministic for a given token
+    stream and seed; asking for an earlier step replays the stream from the start."""
+
+    def __init__(self, model: Any, make_token_iter: Callable[[], Iterator[Tensor]], hook: str,
+                 batch_size: int, buffer_tokens: int, scale: float = 1.0, seed: int = 0,
+                 drop_bos: bool = True) -> None:
+        if buffer_tokens < 2 * batch_size:
+            raise ValueError("buffer_tokens must hold at least two batches")
+        self.model, self.make_iter, self.hook = model, make_token_iter, hook
+        self.batch_size, self.buffer_tokens, self.scale = batch_size, buffer_tokens, scale
+        self.seed, self.drop_bos = seed, drop_bos
+        self.device = next(model.parameters()).device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens = self.make_iter()
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.buf = self._fill(self.buffer_tokens)
+        self.pos, self.next_step = 0, 0
+
+    def _fill(self, n: int) -> Tensor:
+        x = harvest(self.model, self.tokens, self.hook, n, self.drop_bos, self.device,
+                    progress=False) * self.scale
+        return x[torch.randperm(n, generator=self.gen).to(x.device)]
+
+    def batch(self, step: int) -> Tensor:
+        if step < self.next_step:
+            self._reset()
+        while self.next_step <= step:
+            if self.pos + self.batch_size > self.buffer_tokens // 2:
+                # Keep the unserved half, refill the served half, reshuffle.
+                keep = self.buf[self.pos:]
+                fresh = self._fill(self.buffer_tokens - keep.shape[0])
+                merged = torch.cat([keep, fresh])
+                self.buf = merged[torch.randperm(merged.shape[0], generator=self.gen)
+                                  .to(merged.device)]
+                self.pos = 0
+            out = self.buf[self.pos:self.pos + self.batch_size]
+            self.pos += self.batch_size
+            self.next_step += 1
+        return out

@@ -1,0 +1,191 @@
+"""Language models: the embedded byte-level HookedTransformer and the hub path.
+
+The embedded LM is a small `transformer_lens.HookedTransformer` built from a
+`HookedTransformerConfig` (no tokenizer or weights download), trained here on the
+stdlib corpus and cached under data/lm/<name>-<hash>/ as model.safetensors +
+config.json + manifest.json (corpus hash, weight checksum, validation bits/byte, the
+unigram baseline). A cache is reused only when config hash, corpus hash and weight
+checksum all match; otherwise the model is retrained. `load_lm` gives either it or,
+for the paper profile, `HookedTransformer.from_pretrained(name)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
+    unigram_bits_per_byte
+from paper_lib.runtime import PROJECT_ROOT, atomic_dir
+
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Architecture and training budget of an embedded byte-level LM."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_ctx: int
+    steps: int
+    """AdamW steps."""
+    batch_rows: int
+    """Sequences per step (tokens per step = batch_rows * n_ctx)."""
+    lr: float = 3e-3
+    warmup: int = 50
+    seed: int = 0
+
+    @property
+    def d_mlp(self) -> int:
+        return 4 * self.d_model
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def tl_config(self) -> Any:
+        from transformer_lens import HookedTransformerConfig
+
+        return HookedTransformerConfig(
+            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+            d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, n_ctx=self.n_ctx,
+            d_vocab=VOCAB, act_fn="gelu", normalization_type="LN", seed=self.seed,
+            default_prepend_bos=False)
+
+
+EMBEDDED_LMS = {
+    # ~1.6M training tokens: about 80 s on 2 CPU cores.
+    "embedded-smoke": LMConfig("embedded-smoke", n_layers=2, d_model=128, n_heads=4,
+                               n_ctx=128, steps=400, batch_rows=32),
+    # ~400M tokens: a few minutes on one H100 in bf16.
+    "embedded-gpu": LMConfig("embedded-gpu", n_layers=6, d_model=512, n_heads=8, n_ctx=256,
+                             steps=6000, batch_rows=256, lr=1.5e-3, warmup=300),
+}
+
+
+def lm_dir(cfg: LMConfig, data_dir: Path) -> Path:
+    return data_dir / "lm" / f"{cfg.name}-{cfg.key()}"
+
+
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(cfg: LMConfig, corpus_sha: str, data_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a valid cached model, or None (missing, stale or corrupt)."""
+    d = lm_dir(cfg, data_dir)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = (manifest.get("config") == asdict(cfg) and manifest.get("corpus_sha256") == corpus_sha
+          and (d / "model.safetensors").is_file()
+          and manifest.get("weights_sha256") == _checksum(d / "model.safetensors"))
+    return manifest if ok else None
+
+
+def load_embedded_lm(name: str = "embedded-smoke", device: str | torch.device = "cpu",
+                     data_dir: Path = PROJECT_ROOT / "data", progress: bool = True,
+                     corpus: Corpus | None = None) -> tuple[Any, dict[str, Any]]:
+    """The cached embedded LM (trained first if absent or stale) and its manifest."""
+    from transformer_lens import HookedTransformer
+
+    if name not in EMBEDDED_LMS:
+        raise ValueError(f"unknown embedded LM {name!r}; choose one of {', '.join(EMBEDDED_LMS)}")
+    cfg = EMBEDDED_LMS[name]
+    corpus = corpus or load_stdlib_corpus(data_dir)
+    manifest = _cached(cfg, corpus.sha256, data_dir)
+    if manifest is None:
+        model, manifest = train_lm(cfg, corpus, device, progress)
+        with atomic_dir(lm_dir(cfg, data_dir)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / "model.safetensors"))
+            manifest["weights_sha256"] = _checksum(tmp / "model.safetensors")
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    model = HookedTransformer(cfg.tl_config(), move_to_device=False)
+    state = load_file(str(lm_dir(cfg, data_dir) / "model.safetensors"))
+    model.load_state_dict(state)
+    model.to(device, print_details=False).eval()
+    return model, manifest
+
+
+@torch.no_grad()
+def bits_per_byte(model: Any, tokens: torch.Tensor, batch_rows: int = 64) -> float:
+    """Mean next-byte cross-entropy in bits over `tokens` [rows, n_ctx]."""
+    dev = next(model.parameters()).device
+    tot, n = 0.0, 0
+    for i in range(0, tokens.shape[0], batch_rows):
+        t = tokens[i:i + batch_rows].to(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model(t, return_type="loss", loss_per_token=True)
+        tot += float(loss.float().sum())
+        n += loss.numel()
+    return tot / n / math.log(2)
+
+
+def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
+             progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Train an embedded LM from scratch; returns (model, manifest without checksum)."""
+    from transformer_lens import HookedTransformer
+
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    train_rows = cfg.steps * cfg.batch_rows
+    train = byte_tokens(corpus.train["text"], cfg.n_ctx, max_rows=train_rows, seed=cfg.seed)
+    val = byte_tokens(corpus.validation["text"], cfg.n_ctx, max_rows=256, seed=cfg.seed)
+    model = HookedTransformer(cfg.tl_config(), move_to_device=False).to(device, print_details=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / cfg.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model.train()
+    for step in tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress,
+                     mininterval=2.0):
+        idx = torch.randint(0, train.shape[0], (cfg.batch_rows,), generator=gen)
+        batch = train[idx].to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(batch, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    manifest = {
+        "config": asdict(cfg),
+        "corpus_sha256": corpus.sha256,
+        "train_tokens": cfg.steps * cfg.batch_rows * cfg.n_ctx,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "device": str(device),
+        "val_bits_per_byte": round(bits_per_byte(model, val), 4),
+        "unigram_bits_per_byte": round(unigram_bits_per_byte(train, val), 4),
+    }
+    return model, manifest
+
+
+def load_lm(name: str, device: str | torch.device = "cpu", progress: bool = True,
+            data_dir: Path = PROJECT_ROOT / "data") -> tuple[Any, dict[str, Any]]:
+    """An embedded LM by name, or any transformer-lens model via from_pretrained (needs
+    the internet the first time)."""
+    if name.startswith("embedded-"):
+        return load_embedded_lm(name, device, data_dir, progress)
+    from transformer_lens import HookedTransformer
+
+    model = HookedTransformer.from_pretrained(name, device=str(device))
+    model.eval()
+    return model, {"config": {"name": name, "n_ctx": model.cfg.n_ctx}, "pretrained": True}

@@ -1,0 +1,1 @@
+"""Per-notebook experiment logic: each notebook calls one module here and only plots."""

@@ -1,0 +1,212 @@
+"""Every metric the notebooks report, each defined once (DESIGN.md, "Metrics").
+
+Shapes: x, x_hat [B, d]; codes [B, n]; dictionaries [n, d] (one atom per row).
+All functions are pure; none is hidden inside a model's forward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained, sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    (the normalised MSE of Gao et al. 2024; explained variance = 1 - FVU)."""
+    x, x_hat = x.double(), x_hat.double()
+    resid = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    if total == 0:
+        raise ValueError("FVU is undefined: x has zero variance")
+    return float(resid / total)
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """1 - FVU."""
+    return 1.0 - fvu(x, x_hat)
+
+
+def l0(codes: torch.Tensor) -> float:
+    """Mean number of nonzero latents per row."""
+    return float((codes != 0).sum(-1).float().mean())
+
+
+def dead_fraction(codes: torch.Tensor) -> float:
+    """Fraction of latents that never activate (> 0) in this window of rows."""
+    return float(((codes > 0).sum(0) == 0).float().mean())
+
+
+def firing_frequency(codes: torch.Tensor) -> torch.Tensor:
+    """[n] fraction of rows on which each latent is active, E[1{a > 0}]."""
+    return (codes > 0).float().mean(0)
+
+
+def mean_sq_activation(codes: torch.Tensor) -> torch.Tensor:
+    """[n] E[a^2] per latent (Peter & Sogaard's importance ordering)."""
+    return codes.float().pow(2).mean(0)
+
+
+def prefix_fvu(x: torch.Tensor, codes: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor,
+               order: torch.Tensor, sizes: list[int]) -> list[float]:
+    """FVU when only the first m latents of `order` decode, for each m in `sizes`
+    (nested-prefix FVU; with `order` = arange it is a Matryoshka prefix)."""
+    out = []
+    for m in sizes:
+        keep = order[:m]
+        out.append(fvu(x, codes[:, keep] @ w_dec[keep] + b_dec))
+    return out
+
+
+# --------------------------------------------------------------------------- identifiability
+
+
+def _standardise(a: np.ndarray) -> np.ndarray:
+    a = a - a.mean(0, keepdims=True)
+    norm = np.linalg.norm(a, axis=0, keepdims=True)
+    return np.divide(a, norm, out=np.zeros_like(a), where=norm > 0)
+
+
+def abs_corr_matrix(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """[n_a, n_b] |Pearson correlation| between the columns of a [B, n_a] and b [B, n_b];
+    a constant column correlates 0 with everything."""
+    an = _standardise(a.detach().double().cpu().numpy())
+    bn = _standardise(b.detach().double().cpu().numpy())
+    return np.abs(an.T @ bn)
+
+
+def matched_mean(sim: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean similarity after Hungarian matching rows to columns (maximising the total);
+    each row of the smaller side is matched once. Returns (mean, rows, cols)."""
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    return float(sim[rows, cols].mean()), rows, cols
+
+
+def mcc(true_codes: torch.Tensor, est_codes: torch.Tensor) -> float:
+    """Mean correlation coefficient: mean |Pearson| between ground-truth and estimated
+    latents after Hungarian matching (O'Neill et al. 2024, Sec. 4)."""
+    return matched_mean(abs_corr_matrix(true_codes, est_codes))[0]
+
+
+def dictionary_mcc(true_dict: torch.Tensor, est_dict: torch.Tensor) -> float:
+    """Mean |cosine| between ground-truth atoms [N, M] and estimated atoms [n, M] after
+    Hungarian matching."""
+    t = torch.nn.functional.normalize(true_dict.detach().double(), dim=1)
+    e = torch.nn.functional.normalize(est_dict.detach().double(), dim=1)
+    return matched_mean((t @ e.T).abs().cpu().numpy())[0]
+
+
+# --------------------------------------------------------------------------- AFA (Lee et al.)
+
+
+def afa(z: torch.Tensor) -> torch.Tensor:
+    """[B] approximate feature activation ||z||_2 of the dense embedding z (Lee et al. 2025)."""
+    return z.norm(dim=-1)
+
+
+def scaled_codes(codes: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """f~_i = f_i * ||W_dec,i||: codes in units of a unit-norm decoder."""
+    return codes * w_dec.norm(dim=-1)
+
+
+def eps_lbo(z: torch.Tensor, f_tilde: torch.Tensor) -> torch.Tensor:
+    """[B] per-sample lower bound on the dictionary's quasi-orthogonality,
+    |‖z‖² − ‖f̃‖²| / ((h − 1)‖f̃‖²) with h the number of active latents; NaN where h < 2."""
+    h = (f_tilde != 0).sum(-1).double()
+    f2 = f_tilde.double().pow(2).sum(-1)
+    z2 = z.double().pow(2).sum(-1)
+    out = (z2 - f2).abs() / ((h - 1) * f2)
+    return torch.where(h >= 2, out, torch.full_like(out, float("nan")))
+
+
+class NormBound(NamedTuple):
+    lower: torch.Tensor
+    """[B] ||z||^2 / (1 + eps (h - 1))"""
+    upper: torch.Tensor
+    """[B] ||z||^2 / (1 - eps (h - 1)); inf where eps (h - 1) >= 1"""
+
+
+def afa_norm_bound(z: torch.Tensor, h: torch.Tensor, eps: float) -> NormBound:
+    """Lee et al. 2025, Thm. 3.1: for eps-quasi-orthogonal unit atoms and h active latents,
+    ||z||^2 / (1 + eps(h-1)) <= ||f||^2 <= ||z||^2 / (1 - eps(h-1))."""
+    z2 = z.double().pow(2).sum(-1)
+    c = eps * (h.double() - 1)
+    upper = torch.where(c < 1, z2 / (1 - c).clamp_min(1e-300), torch.full_like(z2, float("inf")))
+    return NormBound(z2 / (1 + c), upper)
+
+
+# --------------------------------------------------------------------------- representations
+
+
+def rsa(x: torch.Tensor, x_hat: torch.Tensor, n_samples: int = 512, seed: int = 0) -> float:
+    """Representational similarity: Pearson correlation between the upper triangles of
+    the pairwise Euclidean distance matrices of x and x_hat on `n_samples` rows."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(x.shape[0], generator=gen)[: min(n_samples, x.shape[0])]
+    a, b = x[idx].double().cpu(), x_hat[idx].double().cpu()
+    iu = torch.triu_indices(len(idx), len(idx), offset=1)
+    da, db = torch.cdist(a, a)[iu[0], iu[1]], torch.cdist(b, b)[iu[0], iu[1]]
+    return float(torch.corrcoef(torch.stack([da, db]))[0, 1])
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two flat tensors (0 if either is constant)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    den = a.norm() * b.norm()
+    return float((a @ b) / den) if den > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- downstream loss
+
+
+class LMLoss(NamedTuple):
+    clean: float
+    """next-token CE of the unmodified model"""
+    spliced: float
+    """CE with the hook's activation replaced by the reconstruction"""
+    zero: float
+    """CE with the hook's activation zero-ablated"""
+
+    @property
+    def recovered(self) -> float:
+        """CE loss recovered = (zero - spliced) / (zero - clean)."""
+        return (self.zero - self.spliced) / (self.zero - self.clean)
+
+    @property
+    def delta(self) -> float:
+        """Delta LM loss = spliced - clean (Gao et al.'s downstream loss)."""
+        return self.spliced - self.clean
+
+
+@torch.inference_mode()
+def lm_losses(model: torch.nn.Module, tokens: torch.Tensor, hook: str,
+              reconstruct: Callable[[torch.Tensor], torch.Tensor],
+              batch_size: int = 32, skip_bos: bool = True) -> LMLoss:
+    """Mean next-token CE over `tokens` [B, T] clean, with `reconstruct(act)` spliced in
+    at `hook`, and with the hook zero-ablated. The BOS position keeps its clean value
+    when `skip_bos` (the SAE never saw it)."""
+
+    def splice(fn: Callable[[torch.Tensor], torch.Tensor]):
+        def hook_fn(act: torch.Tensor, hook=None) -> torch.Tensor:  # noqa: ARG001
+            new = fn(act.reshape(-1, act.shape[-1]).float()).reshape(act.shape).to(act.dtype)
+            if skip_bos:
+                new[:, 0] = act[:, 0]
+            return new
+        return hook_fn
+
+    totals = [0.0, 0.0, 0.0]
+    n = 0
+    for i in range(0, tokens.shape[0], batch_size):
+        tok = tokens[i:i + batch_size]
+        for j, fn in enumerate((None, reconstruct, torch.zeros_like)):
+            hooks = [] if fn is None else [(hook, splice(fn))]
+            loss = model.run_with_hooks(tok, return_type="loss", loss_per_token=True,
+                                        fwd_hooks=hooks)
+            totals[j] += float(loss.float().sum())
+        n += tok.shape[0] * (tok.shape[1] - 1)
+    return LMLoss(*(t / n for t in totals))

@@ -1,0 +1,47 @@
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, arXiv 2412.06410).
+
+Training: keep the k*B largest ReLU pre-activations across the whole batch, so L0 is k
+on average but varies per sample. Inference: a single threshold theta replaces the batch
+selection, z = pre * 1[pre > theta]; theta is the running average of the smallest kept
+activation over training batches. Decoder rows unit-norm; AuxK as in TopK.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from paper_lib.sae.base import SAE, SAEConfig, SAEOutput
+
+THRESHOLD_MOMENTUM = 0.99
+
+
+class BatchTopKSAE(SAE):
+    architecture = "batchtopk"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # -1 marks "not yet estimated": inference falls back to plain ReLU.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def batch_topk(self, pre: Tensor) -> Tensor:
+        acts = pre.relu()
+        flat = acts.flatten()
+        vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
+        codes = torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts)
+        with torch.no_grad():
+            kept = vals[vals > 0]
+            if kept.numel():
+                m = kept.min().float()
+                t = self.threshold
+                t.copy_(m if t < 0 else THRESHOLD_MOMENTUM * t + (1 - THRESHOLD_MOMENTUM) * m)
+        return codes
+
+    def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
+        if self.training:
+            return self.batch_topk(pre)
+        theta = self.threshold.clamp_min(0)
+        return pre.relu() * (pre > theta)
+
+    def extra_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
+        return self.auxk_loss(out, dead_mask)

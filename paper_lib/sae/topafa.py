@@ -1,0 +1,47 @@
+"""top-AFA SAE (Lee, Davies, Canby, Hockenmaier 2025, arXiv 2503.24277, Sec. 5).
+
+Input rows are standardised; x_c = x - b_dec; a = ReLU(x_c W_enc) with no encoder bias.
+Per sample, sort (a_i ||W_dec,i||)^2 in descending order and keep the k* latents whose
+cumulative norm sqrt(sum_{j<=k} a_(j)^2) is closest to the approximate feature activation
+AFA = ||x_c||: k is chosen per input from the norm bound, not fixed. Loss:
+||x - x_hat||^2 + lambda * mean((||f|| - ||x_c||)^2) + AuxK.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from paper_lib.sae.base import SAE, SAEConfig, SAEOutput
+
+
+class TopAFASAE(SAE):
+    architecture = "topafa"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.b_enc.requires_grad_(False)  # no encoder bias (kept at 0 for the SAELens layout)
+
+    def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
+        acts = pre.relu()
+        target = (x_in - self.b_dec).norm(dim=-1, keepdim=True)  # AFA = ||x_c||
+        scaled2 = (acts * self.W_dec.norm(dim=1)).pow(2)
+        sorted2, order = scaled2.sort(dim=-1, descending=True)
+        cum = sorted2.cumsum(-1).sqrt()
+        k_star = (cum - target).abs().argmin(dim=-1, keepdim=True) + 1  # [B, 1]
+        rank = torch.arange(acts.shape[-1], device=acts.device).expand_as(acts)
+        keep_sorted = rank < k_star
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        return acts * keep
+
+    def extra_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
+        f_norm = (out.codes * self.W_dec.norm(dim=1)).norm(dim=-1)
+        target = (out.x_in - self.b_dec).norm(dim=-1)
+        terms = {"afa": self.cfg.afa_lambda * (f_norm - target).pow(2).mean()}
+        terms.update(self.auxk_loss(out, dead_mask))
+        return terms
+
+
+def topafa_config(d_in: int, d_sae: int, **kw) -> SAEConfig:
+    """A top-AFA config with the paper's standardised input."""
+    return SAEConfig("topafa", d_in, d_sae, standardize_input=True, **kw)

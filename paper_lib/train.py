@@ -1,0 +1,250 @@
+"""One trainer for every SAE architecture.
+
+`train_saes` trains a list of SAEs in lockstep on the same activation batches, so one
+harvest feeds a whole sweep. Per SAE: Adam with Gao et al.'s settings (betas 0.9/0.999,
+eps 6.25e-10), optional lr ~ 1/sqrt(n) scaling, linear warmup and linear decay, the
+decoder constraint (parallel-gradient removal, renormalisation), dead-latent tracking in
+tokens since last firing (feeding AuxK), bf16 autocast on CUDA, periodic evaluation
+(FVU, L0, dead fraction and any extra metrics), a tqdm bar, and atomic checkpoints from
+which an interrupted run resumes with identical results.
+Architectures differ only in their loss terms (paper_lib.sae); there is one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from paper_lib import metrics
+from paper_lib.runtime import atomic_path
+from paper_lib.sae.base import SAE
+
+
+class BatchSource(Protocol):
+    batch_size: int
+
+    def batch(self, step: int) -> Tensor:
+        """The [batch_size, d] batch for training step `step` (deterministic)."""
+
+
+class ShuffledBatches:
+    """Epoch-wise shuffled minibatches of an in-memory activation tensor, addressable
+    by step so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, x: Tensor, batch_size: int, seed: int = 0) -> None:
+        if batch_size > x.shape[0]:
+            raise ValueError(f"batch_size={batch_size} exceeds the {x.shape[0]} rows available")
+        self.x, self.batch_size, self.seed = x, batch_size, seed
+        self.per_epoch = x.shape[0] // batch_size
+        self._epoch, self._perm = -1, None
+
+    def batch(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.x.shape[0], generator=gen).to(self.x.device)
+            self._epoch = epoch
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return self.x[idx]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every SAE in one `train_saes` call."""
+
+    steps: int
+    """Optimiser steps."""
+    lr: float = 4e-4
+    """Adam learning rate (for n = lr_ref_latents when lr_scale_with_n)."""
+    lr_scale_with_n: bool = False
+    """Scale lr by sqrt(lr_ref_latents / n) (Gao et al. Sec. 3.1: optimal lr ~ 1/sqrt(n))."""
+    lr_ref_latents: int = 16384
+    warmup_steps: int = 0
+    """Linear warmup from 0."""
+    decay_fraction: float = 0.2
+    """Decay linearly to 0 over this final fraction of steps."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 6.25e-10
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0: never)."""
+    checkpoint_path: str = ""
+    bf16: bool = True
+    """bf16 autocast for the forward pass on CUDA (ignored on CPU)."""
+    progress: bool = True
+    desc: str = "train SAEs"
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"steps={self.steps} must be positive")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
+        if self.checkpoint_every and not self.checkpoint_path:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at `step`: warmup, constant, then linear decay."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    decay_start = cfg.steps * (1 - cfg.decay_fraction)
+    if cfg.decay_fraction and step >= decay_start:
+        warm *= max(0.0, (cfg.steps - step) / (cfg.steps - decay_start))
+    return warm
+
+
+@dataclass
+class TrainResult:
+    sae: SAE
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One row per evaluation: step, tokens, fvu, l0, dead_eval, dead_train, extras."""
+    tokens_since_fired: Tensor | None = None
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: Tensor, chunk: int = 8192) -> dict[str, float]:
+    """FVU, L0 and eval-window dead fraction of `sae` on rows x (in eval mode)."""
+    was = sae.training
+    sae.eval()
+    codes, recon = [], []
+    for i in range(0, x.shape[0], chunk):
+        out = sae(x[i:i + chunk].float())
+        codes.append(out.codes.float())
+        recon.append(out.recon.float())
+    sae.train(was)
+    c, r = torch.cat(codes), torch.cat(recon)
+    return {"fvu": metrics.fvu(x, r), "l0": metrics.l0(c), "dead_eval": metrics.dead_fraction(c)}
+
+
+def _configs_key(saes: list[SAE], cfg: TrainConfig) -> str:
+    return json.dumps({"saes": [s.cfg.to_dict() for s in saes], "train": asdict(cfg)},
+                      sort_keys=True, default=str)
+
+
+def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
+               eval_x: Tensor | None = None,
+               eval_fn: Callable[[SAE], dict[str, float]] | None = None,
+               init_x: Tensor | None = None) -> list[TrainResult]:
+    """Train every SAE in `saes` on the same batches; returns one TrainResult each.
+
+    eval_x: held-out rows for FVU / L0 / dead fraction; eval_fn: extra metrics per SAE;
+    init_x: a sample for data-dependent initialisation (b_dec = geometric median).
+    With cfg.checkpoint_path, an existing checkpoint for the same configs is resumed.
+    """
+    device = next(saes[0].parameters()).device
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    opts = []
+    for sae in saes:
+        if init_x is not None:
+            sae.init_from_data_(init_x.to(device))
+        lr = cfg.lr * (math.sqrt(cfg.lr_ref_latents / sae.cfg.d_sae) if cfg.lr_scale_with_n else 1)
+        params = [p for p in sae.parameters() if p.requires_grad]
+        opts.append(torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                     fused=device.type == "cuda"))
+    base_lrs = [o.param_groups[0]["lr"] for o in opts]
+    since = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in saes]
+    results = [TrainResult(s) for s in saes]
+    start, key = 0, _configs_key(saes, cfg)
+    ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
+    if ckpt is not None and ckpt.exists():
+        start = _load_checkpoint(ckpt, key, saes, opts, since, results)
+
+    def run_eval(step: int) -> None:
+        for sae, res, cnt in zip(saes, results, since):
+            row: dict[str, float] = {"step": step, "tokens": step * data.batch_size}
+            if eval_x is not None:
+                row.update(evaluate(sae, eval_x))
+            row["dead_train"] = float((cnt >= sae.cfg.dead_tokens).float().mean())
+            if eval_fn is not None:
+                row.update(eval_fn(sae))
+            res.history.append(row)
+
+    for sae in saes:
+        sae.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), desc=cfg.desc, disable=not cfg.progress,
+               initial=start, total=cfg.steps, mininterval=1.0)
+    for step in bar:
+        x = data.batch(step).to(device, non_blocking=True)
+        f = lr_factor(step, cfg)
+        for sae, opt, base, cnt in zip(saes, opts, base_lrs, since):
+            for g in opt.param_groups:
+                g["lr"] = base * f
+            dead = cnt >= sae.cfg.dead_tokens
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                out = sae(x)
+                terms = sae.loss(out, dead)
+            loss = sum(t.float() for t in terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.before_step_()
+            opt.step()
+            sae.after_step_()
+            with torch.no_grad():
+                fired = (out.codes > 0).any(0)
+                cnt.add_(x.shape[0]).masked_fill_(fired, 0)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            run_eval(done)
+            if eval_x is not None and cfg.progress:
+                bar.set_postfix(fvu=f"{results[0].history[-1]['fvu']:.3f}")
+        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
+                and done != cfg.steps:
+            _save_checkpoint(ckpt, key, done, saes, opts, since, results)
+    bar.close()
+    run_eval(cfg.steps)
+    elapsed = time.perf_counter() - t0
+    for res, cnt in zip(results, since):
+        res.tokens_since_fired = cnt
+        res.seconds += elapsed
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()  # finished: the checkpoint has served its purpose
+    return results
+
+
+def _save_checkpoint(path: Path, key: str, step: int, saes: list[SAE], opts: list,
+                     since: list[Tensor], results: list[TrainResult]) -> None:
+    state = {
+        "key": key, "step": step,
+        "saes": [s.state_dict() for s in saes],
+        "opts": [o.state_dict() for o in opts],
+        "since": since,
+        "history": [r.history for r in results],
+        "seconds": [r.seconds for r in results],
+        "rng": torch.get_rng_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, key: str, saes: list[SAE], opts: list, since: list[Tensor],
+                     results: list[TrainResult]) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle
+    if state.get("key") != key:
+        raise ValueError(f"checkpoint {path} belongs to a different configuration; "
+                         "delete it or choose another checkpoint_path")
+    for sae, opt, cnt, res, s_sd, o_sd, c, h, sec in zip(
+            saes, opts, since, results, state["saes"], state["opts"], state["since"],
+            state["history"], state["seconds"]):
+        sae.load_state_dict(s_sd)
+        opt.load_state_dict(o_sd)
+        cnt.copy_(c)
+        res.history, res.seconds = h, sec
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])

@@ -1,0 +1,38 @@
+"""Shared fixtures: quiet third-party warnings, deterministic torch, a tiny trained LM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paper_lib.runtime import quiet_warnings
+
+quiet_warnings()
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A corpus of a few real stdlib files (loaded through `datasets`)."""
+    from paper_lib.data.corpus import load_stdlib_corpus, stdlib_files
+
+    files = [f for f in stdlib_files() if f.name in {"abc.py", "bisect.py", "colorsys.py",
+                                                     "heapq.py", "keyword.py", "shlex.py"}]
+    return load_stdlib_corpus(tmp_path_factory.mktemp("data"), val_every=3, files=files)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_corpus):
+    """A 2-layer byte-level HookedTransformer trained for a few steps."""
+    from paper_lib.data.lm import LMConfig, train_lm
+
+    cfg = LMConfig("tiny", n_layers=2, d_model=32, n_heads=2, n_ctx=32, steps=250, batch_rows=16,
+                   warmup=5)
+    model, manifest = train_lm(cfg, tiny_corpus, "cpu", progress=False)
+    return model, manifest

@@ -1,0 +1,71 @@
+"""Claims: the verdict rule, rounding, results files and the README scoreboard."""
+
+import json
+
+import pytest
+
+from paper_lib import claims
+from paper_lib.claims import Claim, decide, round_to
+from paper_lib.config import AmortParams
+from paper_lib.runtime import PROJECT_ROOT
+
+
+@pytest.mark.parametrize("paper, ours, tol, direction, verdict", [
+    (0.60, 0.63, 0.05, None, "reproduced"),
+    (0.60, 0.66, 0.05, None, "not reproduced"),
+    (0.60, 0.66, 0.05, True, "direction only"),
+    (0.60, 0.62, 0.05, False, "not reproduced"),  # inside tolerance but wrong direction
+    (None, 0.1, 0.0, True, "reproduced"),
+    (None, 0.1, 0.0, False, "not reproduced"),
+    (0.5, float("nan"), 0.1, True, "not reproduced"),
+])
+def test_verdict_rule(paper, ours, tol, direction, verdict):
+    assert decide(paper, ours, tol, direction) == verdict
+
+
+def test_claim_without_paper_needs_direction():
+    with pytest.raises(ValueError, match="direction_holds"):
+        Claim("x", "s", None, 1.0, 0.0, "src")
+
+
+def test_round_to_tolerance():
+    assert round_to(0.666, 0.05) == "0.65"
+    assert round_to(0.3333, 0.01) == "0.33"
+    assert round_to(12.4, 1) == "12"
+
+
+def test_verdict_line_is_rounded():
+    c = Claim("a.b", "s", 0.609, 0.6663, 0.05, "Table 1")
+    assert c.line() == "a.b: not reproduced (paper 0.609, ours ~0.65, tolerance 0.05)"
+
+
+def test_run_writes_results_atomically(tmp_path):
+    """Run.finish writes the DESIGN.md schema; no temporary file is left behind."""
+    run = claims.Run("99_test", AmortParams.from_profile("smoke"), root=tmp_path)
+    run.claim("t.one", "one", 1.0, 1.01, 0.05, "Fig. 1")
+    run.metric("m", 3)
+    with pytest.raises(ValueError, match="duplicate"):
+        run.claim("t.one", "again", 1.0, 1.0, 0.1, "Fig. 1")
+    rec = run.finish()
+    path = tmp_path / "results" / "smoke" / "99_test.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk["claims"][0]["verdict"] == "reproduced" == rec["claims"][0]["verdict"]
+    assert set(on_disk) >= {"notebook", "profile", "params", "env", "seconds", "claims", "metrics"}
+    assert {"torch", "device", "git"} <= set(on_disk["env"])
+    assert [p.name for p in path.parent.iterdir()] == ["99_test.json"]
+
+
+def test_readme_scoreboard_is_current():
+    """The README embeds the scoreboard of the committed results (run `make scoreboard`)."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    expected = claims.embed_in_readme(readme, claims.scoreboard())
+    assert readme == expected, "stale README scoreboard: run `make scoreboard`"
+
+
+def test_scoreboard_counts(tmp_path):
+    run = claims.Run("98_x", AmortParams.from_profile("smoke"), root=tmp_path)
+    run.claim("x.a", "a", 1.0, 1.0, 0.1, "T1")
+    run.claim("x.b", "b", 1.0, 2.0, 0.1, "T1", direction_holds=True)
+    run.finish()
+    board = claims.scoreboard(tmp_path)
+    assert "| smoke | 98_x | 2 | 1 | 1 | 0 |" in board

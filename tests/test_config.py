@@ -1,0 +1,90 @@
+"""Notebook parameters: presets, and a clear ValueError for every kind of bad input."""
+
+import pytest
+import torch
+
+from paper_lib.config import AmortParams, Params, lm_preset
+
+
+def test_presets_and_overrides():
+    """Profiles are named presets; overrides win; None keeps the preset."""
+    smoke = AmortParams.from_profile("smoke")
+    gpu = AmortParams.from_profile("gpu", n_seeds=2, seed=None)
+    assert smoke.n_seeds == 3 and gpu.n_seeds == 2 and gpu.sweep_dims
+    assert gpu.seed == 0 and gpu.profile == "gpu"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_stesp": 3}, r"unknown parameter\(s\) 'n_stesp'.*allowed: profile"),
+    ({"n_seeds": "three"}, r"parameter 'n_seeds' = 'three' \(str\) is invalid: expected int"),
+    ({"n_seeds": True}, r"parameter 'n_seeds' = True \(bool\) is invalid"),
+    ({"n_seeds": 0}, r"parameter 'n_seeds' = 0 is out of range: must be >= 1"),
+    ({"lr": -1e-3}, r"parameter 'lr' = -0.001 is out of range: must be > 0"),
+    ({"lr": 0}, r"parameter 'lr' = 0.0 is out of range: must be > 0"),
+    ({"k": 20}, r"'k' = 20 exceeds 'n_latents' = 16"),
+    ({"mlp_widths": [32, -1]}, r"parameter 'mlp_widths' = \(32, -1\) is out of range"),
+    ({"sweep_dims": (8,)}, r"must have equal length"),
+    ({"device": "tpu"}, r"parameter 'device' = 'tpu' is invalid"),
+])
+def test_bad_parameters_raise_clear_errors(kwargs, match):
+    """Each bad value names the parameter, the value and what is allowed."""
+    with pytest.raises(ValueError, match=match):
+        AmortParams.from_profile("smoke", **kwargs)
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match=r"'profile' = 'laptop' is invalid: expected one of"):
+        AmortParams.from_profile("laptop")
+
+
+def test_type_coercion():
+    """Whole floats become ints, ints become floats, lists become tuples (Papermill's -y)."""
+    p = AmortParams.from_profile("smoke", n_seeds=4.0, lr=1, mlp_widths=[8, 16])
+    assert p.n_seeds == 4 and isinstance(p.lr, float) and p.mlp_widths == (8, 16)
+    with pytest.raises(ValueError, match="expected int"):
+        AmortParams.from_profile("smoke", n_seeds=4.5)
+
+
+def test_from_namespace_like_a_notebook():
+    """A notebook's globals: parameters plus imports; an injected typo is refused."""
+    import math
+
+    ns = {"profile": "smoke", "n_seeds": 2, "seed": None, "math": math, "AmortParams": AmortParams,
+          "_private": 1, "In": [], "Out": {}}
+    p = AmortParams.from_namespace(ns)
+    assert p.n_seeds == 2
+    ns2 = {"profile": "smoke", "n_sedes": 2}
+    with pytest.raises(ValueError, match="n_sedes"):
+        AmortParams.from_namespace(ns2)
+
+
+def test_from_namespace_rerun_ignores_later_notebook_variables():
+    """Re-running the config cell after later cells defined variables does not fail."""
+    ns = {"profile": "smoke", "n_seeds": 2}
+    AmortParams.from_namespace(ns)
+    ns["results"] = [1, 2]  # defined by a later cell
+    assert AmortParams.from_namespace(ns).n_seeds == 2
+
+
+def test_frozen():
+    p = AmortParams.from_profile("smoke")
+    with pytest.raises(Exception):
+        p.n_seeds = 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_profile_without_cuda_is_refused():
+    """profile=gpu on a CPU-only machine: a clear error, unless device='cpu' forces it."""
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        AmortParams.from_profile("gpu").torch_device()
+    assert str(AmortParams.from_profile("gpu", device="cpu").torch_device()) == "cpu"
+
+
+def test_lm_preset_is_complete():
+    for prof in ("smoke", "gpu", "paper"):
+        assert {"model", "dataset", "n_tokens", "batch_size"} <= set(lm_preset(prof))
+
+
+def test_base_params_describe_lists_every_field():
+    text = Params.from_profile("smoke").describe()
+    assert "profile = 'smoke'" in text and "device = 'auto'" in text

@@ -1,0 +1,224 @@
+"""Data pipeline: corpus, byte tokens, the embedded LM cache, harvesting, activation
+caches, streaming, and the hub path with local stand-ins."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from paper_lib.data import corpus as corp
+from paper_lib.data import harvest as hv
+from paper_lib.data import lm as lmmod
+
+
+def test_stdlib_files_sorted_without_tests():
+    files = corp.stdlib_files()
+    assert files == sorted(files) and len(files) > 100
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+
+
+def test_corpus_hash_identifies_content(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    h1 = corp.hash_files([a, b], tmp_path)
+    assert h1 == corp.hash_files([a, b], tmp_path)
+    b.write_text("y = 3\n")
+    assert corp.hash_files([a, b], tmp_path) != h1
+
+
+def test_tiny_corpus_split_by_file(tiny_corpus):
+    """Loaded through datasets; validation is every val_every-th file; hash recorded."""
+    assert len(tiny_corpus.train) + len(tiny_corpus.validation) == tiny_corpus.n_files
+    assert len(tiny_corpus.validation) >= 1 and len(tiny_corpus.sha256) == 64
+    assert "def " in tiny_corpus.train["text"][0] or "def " in tiny_corpus.train["text"][1]
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    empty = tmp_path / "e.py"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="too few to split|corpus is empty"):
+        corp.load_stdlib_corpus(tmp_path, files=[])
+
+
+def test_byte_tokens_layout():
+    """Rows start with BOS; bytes follow in order across documents joined by newlines."""
+    rows = corp.byte_tokens(["abcdef"], n_ctx=4)
+    assert rows.tolist() == [[256, 97, 98, 99], [256, 100, 101, 102]]
+    two = corp.byte_tokens(["ab", "cd"], n_ctx=3, seed=0)  # "ab\ncd" or "cd\nab": 5 bytes
+    assert two.shape == (2, 3) and two[1, 1] == ord("\n")
+    with pytest.raises(ValueError, match="not enough text"):
+        corp.byte_tokens(["a"], n_ctx=8)
+
+
+def test_unigram_bits_hand_case():
+    """Train bytes 'aaab' (+1 smoothing over 256 values): p(a) = 4/260, so a validation
+    byte 'a' costs log2(260/4) bits."""
+    train = torch.tensor([[256, 97, 97, 97, 98]])
+    val = torch.tensor([[256, 97]])
+    assert corp.unigram_bits_per_byte(train, val) == pytest.approx(math.log2(260 / 4))
+
+
+def test_tiny_lm_beats_unigram(tiny_lm):
+    _, manifest = tiny_lm
+    assert manifest["val_bits_per_byte"] < manifest["unigram_bits_per_byte"]
+
+
+def test_lm_cache_reuse_and_invalidation(tiny_corpus, tmp_path, monkeypatch):
+    """Trained once and reused; retrained when the weights are corrupt or the corpus changes."""
+    cfg = lmmod.LMConfig("embedded-test", n_layers=1, d_model=16, n_heads=2, n_ctx=16, steps=3,
+                         batch_rows=2, warmup=1)
+    monkeypatch.setitem(lmmod.EMBEDDED_LMS, "embedded-test", cfg)
+    calls = []
+    real_train = lmmod.train_lm
+    monkeypatch.setattr(lmmod, "train_lm", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    m1, man1 = lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False,
+                                      corpus=tiny_corpus)
+    m2, _ = lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False,
+                                   corpus=tiny_corpus)
+    assert len(calls) == 1
+    for (k, v), (_, w) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(v, w), k
+    weights = lmmod.lm_dir(cfg, tmp_path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated
+    lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False, corpus=tiny_corpus)
+    assert len(calls) == 2
+    other = tiny_corpus.__class__(tiny_corpus.train, tiny_corpus.validation, "0" * 64, 1, 1)
+    lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False, corpus=other)
+    assert len(calls) == 3
+    assert json.loads((lmmod.lm_dir(cfg, tmp_path) / "manifest.json").read_text())[
+        "corpus_sha256"] == "0" * 64
+    with pytest.raises(ValueError, match="unknown embedded LM"):
+        lmmod.load_embedded_lm("embedded-huge", data_dir=tmp_path)
+
+
+def test_harvest_equals_full_forward(tiny_lm):
+    """Activations from run_with_cache(stop_at_layer=L+1) equal a full forward's."""
+    model, _ = tiny_lm
+    tokens = corp.byte_tokens(["def f(x):\n    return x * 2\n" * 20], n_ctx=32)
+    hook = "blocks.1.hook_resid_pre"
+    got = hv.harvest(model, hv.row_batches(tokens, 2), hook, tokens.shape[0] * 31,
+                     progress=False)
+    _, cache = model.run_with_cache(tokens)
+    want = cache[hook][:, 1:].reshape(-1, model.cfg.d_model)
+    assert torch.allclose(got, want, atol=1e-5)
+    with_bos = hv.harvest(model, hv.row_batches(tokens, 2), hook, 64, drop_bos=False,
+                          progress=False)
+    assert torch.allclose(with_bos[0], cache[hook][0, 0], atol=1e-5)
+
+
+def test_hook_errors(tiny_lm):
+    model, _ = tiny_lm
+    assert hv.stop_layer(model, "blocks.0.hook_resid_pre") == 1
+    assert hv.stop_layer(model, "hook_embed") == 0
+    with pytest.raises(ValueError, match="layer 7 is out of range.*2 layers"):
+        hv.stop_layer(model, "blocks.7.hook_resid_pre")
+    with pytest.raises(ValueError, match="unknown hook 'blocks.0.resid'.*blocks.0.hook_resid_pre"):
+        hv.stop_layer(model, "blocks.0.resid")
+    with pytest.raises(ValueError, match="layer 5 is out of range"):
+        hv.resid_hook(model, 5)
+    tokens = corp.byte_tokens(["abc" * 50], n_ctx=32)
+    with pytest.raises(ValueError, match="ran out after"):
+        hv.harvest(model, hv.row_batches(tokens, 2), "blocks.0.hook_resid_pre", 10**6,
+                   progress=False)
+
+
+def test_nan_activations_are_located(tiny_lm):
+    model, _ = tiny_lm
+    tokens = corp.byte_tokens(["abc" * 50], n_ctx=32)
+
+    def poison(act, hook):
+        act[0, 3, 1] = float("nan")
+        return act
+
+    model.add_hook("blocks.0.hook_resid_pre", poison)
+    try:
+        with pytest.raises(ValueError, match=r"non-finite activations at hook "
+                                             r"'blocks.0.hook_resid_pre' in batch 0.*\[0, 3, 1\]"):
+            hv.harvest(model, hv.row_batches(tokens, 2), "blocks.0.hook_resid_pre", 40,
+                       progress=False)
+    finally:
+        model.reset_hooks()
+
+
+def test_activation_cache_roundtrip_and_integrity(tmp_path):
+    """Round trip; a different spec, a truncated or a corrupted shard is never used."""
+    spec = {"model": "m", "hook": "h", "n": 100}
+    x = torch.randn(100, 8)
+    cache = hv.ActivationCache(tmp_path, spec, shard_rows=30)
+    got, hit = cache.get_or_build(lambda: x)
+    assert not hit and torch.equal(got, x)
+    again, hit = cache.get_or_build(lambda: pytest.fail("should be cached"))
+    assert hit and torch.equal(again, x)
+    assert hv.ActivationCache(tmp_path, {**spec, "hook": "other"}).load() is None
+    shard = cache.dir / "shard_001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cache.load() is None
+    shard.write_bytes(bytes(data[:-40]))
+    assert cache.load() is None
+    rebuilt, hit = cache.get_or_build(lambda: x)
+    assert not hit and cache.load() is not None
+
+
+def test_streaming_activations_deterministic(tiny_lm):
+    """The stream serves batches of the right shape; replaying from step 0 repeats them."""
+    model, _ = tiny_lm
+    tokens = corp.byte_tokens(["def g(y):\n    return y + 1\n" * 200], n_ctx=32)
+
+    def make_iter():
+        return hv.row_batches(tokens, 4)
+
+    src = hv.StreamingActivations(model, make_iter, "blocks.1.hook_resid_pre", batch_size=16,
+                                  buffer_tokens=64, scale=2.0, seed=1)
+    first = [src.batch(i).clone() for i in range(6)]
+    assert all(b.shape == (16, 32) for b in first)
+    assert torch.equal(src.batch(0), first[0])
+
+
+def _standin_tokenizer(texts, folder):
+    """A real BPE tokenizer trained here and saved locally, so transformer-lens can reload
+    it by path (it re-instantiates tokenizers from name_or_path)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
+                                                       special_tokens=["<bos>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+def test_paper_path_with_local_standins(tmp_path, monkeypatch):
+    """The hub path end to end with no network: a local text dataset streamed through
+    `datasets`, a locally built HookedTransformer with a real tokenizer standing in for
+    `from_pretrained`, packed rows with BOS, and train/eval activations."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from paper_lib.data.activations import load_activations
+
+    texts = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(400)]
+    data = tmp_path / "owt.txt"
+    data.write_text("\n".join(texts))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = _standin_tokenizer(texts, tmp_path / "tok")
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, n_ctx=64,
+                                  d_vocab=len(tok), act_fn="gelu", normalization_type="LN")
+    standin = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    monkeypatch.setattr(HookedTransformer, "from_pretrained",
+                        classmethod(lambda cls, name, **kw: standin))
+    acts = load_activations("standin-gpt2", "text", "", n_tokens=2000, n_eval_tokens=500,
+                            progress=False, data_dir=tmp_path, batch_rows=4,
+                            data_files=str(data))
+    assert acts.train.shape == (2000, 32) and acts.eval.shape == (500, 32)
+    assert (acts.eval_tokens[:, 0] == tok.bos_token_id).all()
+    assert acts.train.pow(2).sum(-1).mean() == pytest.approx(32, rel=1e-3)
+    streamed = load_activations("standin-gpt2", "text", "", n_tokens=2000, n_eval_tokens=500,
+                                progress=False, data_dir=tmp_path, batch_rows=4,
+                                data_files=str(data), stream=True)
+    assert streamed.train is None
+    assert streamed.batches(64, 0).batch(0).shape == (64, 32)

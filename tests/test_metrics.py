@@ -1,0 +1,126 @@
+"""Every metric against a hand-worked case."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from paper_lib import metrics
+
+
+def test_fvu_hand_case():
+    """x = [[2,0],[0,4]], x_hat = [[2,1],[0,3]]: residual 2, variance about the mean 10."""
+    x = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    x_hat = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    assert metrics.fvu(x, x_hat) == pytest.approx(0.2)
+    assert metrics.explained_variance(x, x_hat) == pytest.approx(0.8)
+
+
+def test_fvu_rejects_constant_input():
+    """FVU of data with zero variance is undefined, not silently infinite."""
+    with pytest.raises(ValueError, match="zero variance"):
+        metrics.fvu(torch.ones(3, 2), torch.zeros(3, 2))
+
+
+def test_l0_dead_and_frequency():
+    """Two rows: L0 (2 + 1) / 2; latent 2 never fires; frequencies by hand."""
+    c = torch.tensor([[1.0, 2.0, 0.0], [0.0, 3.0, 0.0]])
+    assert metrics.l0(c) == 1.5
+    assert metrics.dead_fraction(c) == pytest.approx(1 / 3)
+    assert metrics.firing_frequency(c).tolist() == [0.5, 1.0, 0.0]
+    assert metrics.mean_sq_activation(c).tolist() == [0.5, 6.5, 0.0]
+
+
+def test_mcc_permutation_and_sign_invariant():
+    """Estimated latents that are a permuted, rescaled, sign-flipped copy give MCC 1."""
+    s = torch.randn(200, 4)
+    est = torch.stack([-2 * s[:, 2], s[:, 0] * 0.5, s[:, 3], 3 * s[:, 1]], dim=1)
+    assert metrics.mcc(s, est) == pytest.approx(1.0)
+
+
+def test_mcc_hand_case_partial():
+    """Truth a=[1,0,0,1], b=[0,1,0,1]; estimate copies a and adds c=[0,1,1,1]. By hand:
+    |corr(a,c)| = |corr(b,c)| = 1/sqrt(3), corr(a,b) = 0, so the matching a-a, b-c gives
+    (1 + 1/sqrt(3)) / 2."""
+    t = torch.tensor([[1.0, 0], [0, 1], [0, 0], [1, 1]])
+    e = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 1]])
+    assert metrics.mcc(t, e) == pytest.approx((1 + 1 / math.sqrt(3)) / 2)
+
+
+def test_mcc_constant_column_counts_zero():
+    """A dead (constant) estimated latent correlates 0, it does not produce NaN."""
+    t = torch.randn(50, 2)
+    e = torch.stack([t[:, 0], torch.zeros(50)], dim=1)
+    assert metrics.mcc(t, e) == pytest.approx(0.5)
+
+
+def test_dictionary_mcc_hand_case():
+    """Atoms e1, e2 vs estimates (e2, (e1 + e2)/sqrt 2): best matching gives 1 and 1/sqrt2."""
+    true = torch.eye(2)
+    est = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    assert metrics.dictionary_mcc(true, est) == pytest.approx((1 + 1 / math.sqrt(2)) / 2)
+
+
+def test_afa_and_eps_lbo_hand_case():
+    """Atoms at 60 degrees (cos 1/2), f = (1, 1): ||z||^2 = 1 + 1 + 2 * 0.5 = 3, ||f||^2 = 2,
+    h = 2, so eps-LBO = |3 - 2| / (1 * 2) = 0.5, which is the true coherence."""
+    w = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    f = torch.tensor([[1.0, 1.0]])
+    z = f @ w
+    assert metrics.afa(z).item() == pytest.approx(math.sqrt(3))
+    assert metrics.eps_lbo(z, f).item() == pytest.approx(0.5)
+    assert math.isnan(metrics.eps_lbo(z, torch.tensor([[1.0, 0.0]])).item())  # h = 1
+
+
+def test_scaled_codes_uses_decoder_norms():
+    """f~_i = f_i ||W_dec,i||."""
+    w = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    assert metrics.scaled_codes(torch.tensor([[1.0, 1.0]]), w).tolist() == [[5.0, 2.0]]
+
+
+def test_afa_norm_bound_hand_case():
+    """||z||^2 = 3, eps = 0.5, h = 2: bounds 3/1.5 = 2 and 3/0.5 = 6; and infinite upper
+    bound once eps (h - 1) >= 1."""
+    z = torch.tensor([[math.sqrt(3), 0.0]])
+    b = metrics.afa_norm_bound(z, torch.tensor([2]), 0.5)
+    assert b.lower.item() == pytest.approx(2.0) and b.upper.item() == pytest.approx(6.0)
+    assert math.isinf(metrics.afa_norm_bound(z, torch.tensor([3]), 0.5).upper.item())
+
+
+def test_prefix_fvu_hand_case():
+    """Two orthogonal unit atoms: with only the first, the second coordinate is lost."""
+    x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    codes = x.clone()
+    w, b = torch.eye(2), torch.zeros(2)
+    full, first = metrics.prefix_fvu(x, codes, w, b, torch.tensor([0, 1]), [2, 1])
+    assert full == pytest.approx(0.0) and first == pytest.approx(0.5)
+
+
+def test_rsa_identity_and_scale_invariance():
+    """RSA is 1 for identical and for uniformly scaled representations."""
+    x = torch.randn(40, 5)
+    assert metrics.rsa(x, x) == pytest.approx(1.0)
+    assert metrics.rsa(x, 3 * x) == pytest.approx(1.0)
+
+
+def test_pearson_hand_case():
+    assert metrics.pearson(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 4, 6])) == pytest.approx(1)
+    assert metrics.pearson(torch.tensor([1.0, 2, 3]), torch.ones(3)) == 0.0
+
+
+def test_lm_loss_arithmetic():
+    """clean 2, spliced 2.5, zero 4: recovered (4 - 2.5) / (4 - 2) = 0.75, delta 0.5."""
+    loss = metrics.LMLoss(clean=2.0, spliced=2.5, zero=4.0)
+    assert loss.recovered == pytest.approx(0.75) and loss.delta == pytest.approx(0.5)
+
+
+def test_lm_losses_identity_splice(tiny_lm):
+    """Splicing the identity reconstruction leaves the CE exactly at its clean value."""
+    model, _ = tiny_lm
+    tokens = torch.randint(0, 256, (4, 32))
+    tokens[:, 0] = 256
+    out = metrics.lm_losses(model, tokens, "blocks.1.hook_resid_pre", lambda a: a)
+    assert out.spliced == pytest.approx(out.clean, rel=1e-5)
+    assert out.zero != pytest.approx(out.clean, rel=1e-6)  # the ablation hook took effect
+    assert np.isfinite(out.recovered)

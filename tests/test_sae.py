@@ -1,0 +1,210 @@
+"""SAE architectures: shapes, the defining equations on hand cases, training hooks, and
+save/load in the SAELens layout (including bad files)."""
+
+import json
+
+import pytest
+import torch
+
+from paper_lib.sae import ARCHITECTURES, SAEConfig, load_sae, make_sae, save_sae
+from paper_lib.sae.io import CFG_FILE, WEIGHTS_FILE
+from paper_lib.sae.matryoshka import group_ends
+from paper_lib.sae.topk import topk_codes
+
+
+def cfg_for(arch: str, d_in: int = 8, d_sae: int = 32, **kw) -> SAEConfig:
+    extra = {"k": 4} if arch in ("topk", "batchtopk", "matryoshka") else {}
+    if arch == "mlp":
+        extra["mlp_hidden"] = 16
+    if arch in ("relu", "mlp"):
+        extra["l1_coeff"] = 1e-3
+    if arch == "topafa":
+        extra["standardize_input"] = True
+    return SAEConfig(arch, d_in, d_sae, **{**extra, **kw})
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_forward_shapes_and_finite_loss(arch):
+    """Every architecture: codes [B, n] >= 0, recon [B, d], finite loss, gradients flow."""
+    sae = make_sae(cfg_for(arch, dead_tokens=1))
+    x = torch.randn(16, 8)
+    out = sae(x)
+    assert out.codes.shape == (16, 32) and out.recon.shape == (16, 8)
+    assert (out.codes >= 0).all()
+    dead = torch.ones(32, dtype=torch.bool)
+    terms = sae.loss(out, dead)
+    loss = sum(terms.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()
+    if arch in ("topk", "batchtopk", "matryoshka", "topafa"):
+        assert "auxk" in terms
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "topafa"])
+def test_unit_norm_decoder_maintained(arch):
+    """After a step the decoder rows are unit norm, and the parallel gradient was removed."""
+    sae = make_sae(cfg_for(arch))
+    out = sae(torch.randn(16, 8))
+    sum(sae.loss(out, None).values()).backward()
+    sae.before_step_()
+    w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    assert torch.allclose((sae.W_dec.grad * w).sum(1), torch.zeros(32), atol=1e-6)
+    with torch.no_grad():
+        sae.W_dec.mul_(1.7)
+    sae.after_step_()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
+
+
+def test_topk_hand_case():
+    """pre = [3, -1, 2, 0.5], k = 2 -> [3, 0, 2, 0]; negative winners are ReLU'd to 0."""
+    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5], [-3.0, -1.0, -2.0, -0.5]])
+    assert topk_codes(pre, 2).tolist() == [[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def test_topk_tied_init_and_bad_k():
+    sae = make_sae(cfg_for("topk"))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    with pytest.raises(ValueError, match="k=40 exceeds d_sae=32"):
+        SAEConfig("topk", 8, 32, k=40)
+    with pytest.raises(ValueError, match="k=0 must be >= 1"):
+        SAEConfig("topk", 8, 32, k=0)
+    with pytest.raises(ValueError, match="unknown architecture 'gated'"):
+        SAEConfig("gated", 8, 32)
+
+
+def test_batchtopk_keeps_k_times_batch_and_learns_threshold():
+    """Training: exactly k*B nonzeros over the batch; eval: a single threshold."""
+    sae = make_sae(cfg_for("batchtopk"))
+    sae.train()
+    x = torch.randn(10, 8)
+    codes = sae(x).codes
+    assert int((codes > 0).sum()) == 4 * 10
+    assert sae.threshold > 0
+    sae.eval()
+    pre = sae.pre_acts(x)
+    assert torch.equal(sae(x).codes, pre.relu() * (pre > sae.threshold))
+
+
+def test_matryoshka_groups_and_prefix_sum():
+    """Group ends follow the fractions; the last prefix reconstruction is the full one."""
+    assert group_ends(32, (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)) == [2, 4, 8, 16, 32]
+    assert group_ends(5, (0.1, 0.1, 0.8)) == [1, 2, 5]
+    sae = make_sae(cfg_for("matryoshka"))
+    out = sae(torch.randn(6, 8))
+    prefixes = sae.prefix_recons(out.codes)
+    assert torch.allclose(prefixes[-1], out.recon_in, atol=1e-6)
+    assert len(prefixes) == 5
+    with pytest.raises(ValueError, match="sum to 1"):
+        SAEConfig("matryoshka", 8, 32, k=4, group_fractions=(0.5, 0.4))
+
+
+def test_topafa_picks_k_by_norm_hand_case():
+    """Orthonormal decoder, b_dec = 0, no standardisation: acts (3, 2, 1, 0.1) for an input
+    of norm sqrt(13): cumulative norms 3, 3.61, 3.74 -> keep 2 latents (closest to 3.61)."""
+    cfg = SAEConfig("topafa", 4, 4, standardize_input=False)
+    sae = make_sae(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4))
+    x = torch.tensor([[3.0, 2.0, 0.0, 0.0]])
+    pre = torch.tensor([[3.0, 2.0, 1.0, 0.1]])
+    codes = sae.activation(pre, x)
+    assert codes.tolist() == [[3.0, 2.0, 0.0, 0.0]]
+    assert not sae.b_enc.requires_grad
+
+
+def test_mlp_encoder_has_hidden_layer():
+    sae = make_sae(cfg_for("mlp"))
+    assert sae.W_1.shape == (8, 16) and sae.W_enc.shape == (16, 32)
+
+
+def test_frozen_decoder_and_no_bias():
+    sae = make_sae(SAEConfig("relu", 8, 16, freeze_decoder=True, decoder_bias=False))
+    assert not sae.W_dec.requires_grad and not sae.b_dec.requires_grad
+    sae.init_from_data_(torch.randn(50, 8) + 5)
+    assert torch.equal(sae.b_dec, torch.zeros(8))
+
+
+def test_geometric_median_init():
+    """b_dec starts at the geometric median: robust to one far outlier, unlike the mean."""
+    sae = make_sae(cfg_for("topk"))
+    x = torch.zeros(101, 8)
+    x[0] = 1000.0
+    sae.init_from_data_(x)
+    assert sae.b_dec.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_load_bit_identical(arch, tmp_path):
+    """A saved SAE loads back and reconstructs bit-identically; cfg.json has SAELens keys."""
+    sae = make_sae(cfg_for(arch, hook_name="blocks.1.hook_resid_pre", model_name="m"))
+    if arch in ("batchtopk", "matryoshka"):
+        sae.train()
+        sae(torch.randn(32, 8))
+    sae.eval()
+    save_sae(sae, tmp_path / "s")
+    raw = json.loads((tmp_path / "s" / CFG_FILE).read_text())
+    assert {"architecture", "d_in", "d_sae", "apply_b_dec_to_input", "metadata"} <= set(raw)
+    assert raw["metadata"]["hook_name"] == "blocks.1.hook_resid_pre"
+    back = load_sae(tmp_path / "s").eval()
+    x = torch.randn(20, 8)
+    assert torch.equal(back(x).recon, sae(x).recon)
+
+
+def test_input_scale_folded_into_saved_weights(tmp_path):
+    """Saved with input_scale s, the file maps raw activations to raw reconstructions."""
+    sae = make_sae(cfg_for("topk")).eval()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    save_sae(sae, tmp_path / "s", input_scale=2.5)
+    raw_sae = load_sae(tmp_path / "s").eval()
+    x_raw = torch.randn(10, 8)
+    expected = sae(x_raw * 2.5).recon / 2.5
+    assert torch.allclose(raw_sae(x_raw).recon, expected, atol=1e-5)
+
+
+def test_saelens_loads_our_topk(tmp_path):
+    """SAELens reads our TopK file and encodes/decodes like we do."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = make_sae(cfg_for("topk")).eval()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    save_sae(sae, tmp_path / "s")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"))
+    x = torch.randn(12, 8)
+    assert torch.allclose(theirs.encode(x), sae.encode(x), atol=1e-5)
+    assert torch.allclose(theirs(x), sae(x).recon, atol=1e-5)
+
+
+def test_load_errors(tmp_path):
+    """Missing files, bad JSON, missing keys, corrupt weights, wrong d_in: clear errors."""
+    sae = make_sae(cfg_for("topk"))
+    d = save_sae(sae, tmp_path / "s")
+    with pytest.raises(ValueError, match="d_in=8 but the activations have d_in=16"):
+        load_sae(d, expected_d_in=16)
+    with pytest.raises(FileNotFoundError, match="no cfg.json"):
+        load_sae(tmp_path / "nothing")
+    (d / WEIGHTS_FILE).write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_sae(d)
+    cfg = json.loads((d / CFG_FILE).read_text())
+    del cfg["d_sae"]
+    (d / CFG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lacks required key\(s\) \['d_sae'\]"):
+        load_sae(d)
+    (d / CFG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_sae(d)
+
+
+def test_missing_weight_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = save_sae(make_sae(cfg_for("relu")), tmp_path / "s")
+    state = load_file(str(d / WEIGHTS_FILE))
+    del state["b_enc"]
+    save_file(state, str(d / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=r"lacks weight\(s\) \['b_enc'\]"):
+        load_sae(d)

@@ -1,0 +1,59 @@
+"""Synthetic ground truth: exact sparsity, determinism, requested coherence, the AFA bound."""
+
+import pytest
+import torch
+
+from paper_lib import metrics
+from paper_lib.data import synthetic as syn
+
+
+def test_sparse_data_exactly_k_nonzeros_and_deterministic():
+    a = syn.make_sparse_data(256, 16, 8, 3, seed=5)
+    b = syn.make_sparse_data(256, 16, 8, 3, seed=5)
+    assert torch.equal(a.x, b.x) and torch.equal(a.codes, b.codes)
+    assert ((a.codes != 0).sum(1) == 3).all()
+    assert (a.codes >= 0).all()
+    assert torch.allclose(a.dictionary.norm(dim=1), torch.ones(16))
+    assert torch.allclose(a.x, a.codes @ a.dictionary)
+    assert not torch.equal(a.x, syn.make_sparse_data(256, 16, 8, 3, seed=6).x)
+
+
+def test_shared_dictionary_and_bad_k():
+    a = syn.make_sparse_data(10, 6, 4, 2, seed=0)
+    b = syn.make_sparse_data(10, 6, 4, 2, seed=1, dictionary=a.dictionary)
+    assert torch.equal(a.dictionary, b.dictionary)
+    with pytest.raises(ValueError, match="k=7"):
+        syn.sparse_codes(3, 6, 7, torch.Generator())
+    with pytest.raises(ValueError, match="shape"):
+        syn.make_sparse_data(3, 6, 4, 2, 0, dictionary=torch.ones(5, 4))
+
+
+def test_coherence_hand_case():
+    w = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    assert syn.coherence(w) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("n, d, eps", [(64, 32, 0.3), (128, 48, 0.35), (40, 40, 0.1)])
+def test_quasi_orthogonal_dictionary_hits_requested_eps(n, d, eps):
+    """Measured coherence equals the requested eps to 1e-6; atoms are unit norm."""
+    w = syn.quasi_orthogonal_dictionary(n, d, eps, seed=0)
+    assert w.shape == (n, d)
+    assert torch.allclose(w.norm(dim=1), torch.ones(n), atol=1e-5)
+    assert syn.coherence(w) == pytest.approx(eps, abs=1e-5)
+
+
+def test_coherence_below_welch_bound_is_refused():
+    with pytest.raises(ValueError, match="Welch bound"):
+        syn.quasi_orthogonal_dictionary(200, 10, 0.05, seed=0)
+
+
+def test_afa_bound_holds_for_every_sample():
+    """Lee et al. Thm 3.1 on random codes with h active atoms of an eps dictionary."""
+    eps = 0.1
+    w = syn.quasi_orthogonal_dictionary(96, 64, eps, seed=1)
+    for h in (2, 4, 8):
+        f = syn.codes_with_h_active(2000, 96, h, seed=h)
+        z = f @ w
+        bound = metrics.afa_norm_bound(z, torch.full((2000,), h), syn.coherence(w))
+        f2 = f.double().pow(2).sum(1)
+        assert bool(((bound.lower <= f2 * (1 + 1e-9)) & (f2 <= bound.upper * (1 + 1e-9))).all())
