@@ -3,6 +3,7 @@
 A `Claim` puts the paper's number next to ours with a stated tolerance; the verdict is
 computed, never typed in:
   - "reproduced":     |ours - paper| <= tolerance (and the claimed direction holds, if any);
+                      for kind "at_most" / "at_least": ours <= paper + tol / ours >= paper - tol;
   - "direction only": outside the tolerance, but the qualitative direction holds;
   - "not reproduced": neither.
 For a claim with no paper number (a pure ordering) only the direction decides.
@@ -27,13 +28,14 @@ from typing import Any, Literal
 from paper_lib.runtime import PROJECT_ROOT, atomic_path, atomic_write_json, env_info
 
 Verdict = Literal["reproduced", "direction only", "not reproduced"]
+Kind = Literal["value", "at_most", "at_least"]
 VERDICTS: tuple[str, ...] = ("reproduced", "direction only", "not reproduced")
 README_START = "<!-- scoreboard:start -->"
 README_END = "<!-- scoreboard:end -->"
 
 
 def decide(paper: float | None, ours: float, tolerance: float,
-           direction_holds: bool | None = None) -> Verdict:
+           direction_holds: bool | None = None, kind: Kind = "value") -> Verdict:
     """The verdict rule (see module docstring). NaN `ours` is never reproduced."""
     if ours is None or (isinstance(ours, float) and math.isnan(ours)):
         return "not reproduced"
@@ -41,7 +43,12 @@ def decide(paper: float | None, ours: float, tolerance: float,
         if direction_holds is None:
             raise ValueError("a claim without a paper number needs direction_holds")
         return "reproduced" if direction_holds else "not reproduced"
-    within = abs(ours - paper) <= tolerance + 1e-12
+    if kind == "at_most":
+        within = ours <= paper + tolerance + 1e-12
+    elif kind == "at_least":
+        within = ours >= paper - tolerance - 1e-12
+    else:
+        within = abs(ours - paper) <= tolerance + 1e-12
     if within and direction_holds is not False:
         return "reproduced"
     if direction_holds:
@@ -49,16 +56,25 @@ def decide(paper: float | None, ours: float, tolerance: float,
     return "not reproduced"
 
 
-def round_to(value: float | None, step: float) -> str:
-    """`value` rounded to a multiple of `step` (the claim's tolerance), as text; stable
-    across machines unless the value sits on a rounding boundary."""
+def display_step(tolerance: float) -> float:
+    """The largest of 1, 2 or 5 x 10^k not above the tolerance (0.095 -> 0.05)."""
+    if tolerance <= 0:
+        return 0.01
+    exp = math.floor(math.log10(tolerance))
+    for m in (5, 2, 1):
+        if m * 10**exp <= tolerance * (1 + 1e-9):
+            return m * 10**exp
+    return 10**exp
+
+
+def round_to(value: float | None, tolerance: float) -> str:
+    """`value` rounded to a multiple of display_step(tolerance), as text: stable across
+    machines unless the value sits on a rounding boundary."""
     if value is None:
         return "-"
-    if step <= 0:
-        return f"{value:.3g}"
-    decimals = max(0, -math.floor(math.log10(step)) + (0 if step >= 1 else 0))
-    snapped = round(value / step) * step
-    return f"{snapped:.{decimals}f}"
+    step = display_step(tolerance)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{round(value / step) * step:.{decimals}f}"
 
 
 @dataclass(frozen=True)
@@ -79,21 +95,35 @@ class Claim:
     """Where in the paper the number comes from (table / figure / section)."""
     direction_holds: bool | None = None
     """Whether the qualitative direction of the claim holds in our data."""
+    kind: Kind = "value"
+    """"value": ours should match paper; "at_most" / "at_least": paper is a bound."""
     verdict: Verdict = field(init=False)
 
     def __post_init__(self) -> None:
         if self.tolerance < 0:
             raise ValueError(f"claim {self.id}: tolerance must be >= 0")
         object.__setattr__(self, "ours", float(self.ours))
-        object.__setattr__(self, "verdict",
-                           decide(self.paper, self.ours, self.tolerance, self.direction_holds))
+        if self.paper is not None:
+            object.__setattr__(self, "paper", float(self.paper))
+        if self.direction_holds is not None:
+            object.__setattr__(self, "direction_holds", bool(self.direction_holds))
+        if self.kind not in ("value", "at_most", "at_least"):
+            raise ValueError(f"claim {self.id}: unknown kind {self.kind!r}")
+        object.__setattr__(self, "verdict", decide(self.paper, self.ours, self.tolerance,
+                                                   self.direction_holds, self.kind))
 
     def line(self) -> str:
         """The rounded, machine-stable verdict line that nbval checks."""
-        step = self.tolerance if self.tolerance > 0 else 0.01
-        paper = f"{self.paper:g}" if self.paper is not None else "n/a"
-        return (f"{self.id}: {self.verdict} (paper {paper}, ours ~{round_to(self.ours, step)}, "
+        paper = _paper_text(self.paper, self.kind)
+        ours = round_to(self.ours, self.tolerance)
+        return (f"{self.id}: {self.verdict} (paper {paper}, ours ~{ours}, "
                 f"tolerance {self.tolerance:g})")
+
+
+def _paper_text(paper: float | None, kind: str) -> str:
+    if paper is None:
+        return "n/a"
+    return {"at_most": "<= ", "at_least": ">= "}.get(kind, "") + f"{paper:g}"
 
 
 class Run:
@@ -164,9 +194,8 @@ def claims_markdown(claims: list[Claim] | list[dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|"]
     for c in claims:
         d = asdict(c) if isinstance(c, Claim) else c
-        step = d["tolerance"] if d["tolerance"] > 0 else 0.01
-        paper = f"{d['paper']:g}" if d["paper"] is not None else "n/a"
-        rows.append(f"| `{d['id']}` | {paper} | {round_to(d['ours'], step)} | "
+        paper = _paper_text(d["paper"], d.get("kind", "value"))
+        rows.append(f"| `{d['id']}` | {paper} | {round_to(d['ours'], d['tolerance'])} | "
                     f"{d['tolerance']:g} | {d['verdict']} | {d['source']} |")
     return "\n".join(rows)
 

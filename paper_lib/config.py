@@ -208,8 +208,13 @@ class LMParams(Params):
     n_tokens: int = param(200_000, "activation tokens harvested for training", lo=1024)
     n_eval_tokens: int = param(16_384, "held-out activation tokens for evaluation", lo=256)
     batch_size: int = param(1024, "SAE training batch size (tokens)", lo=1)
+    analysis_tokens: int = param(16_384, "held-out tokens for the heavier analyses (probes, "
+                                 "explanations, ZF plots, explorers)", lo=256)
 
     def validate(self) -> None:
+        if self.analysis_tokens > self.n_eval_tokens:
+            raise ValueError(f"'analysis_tokens' = {self.analysis_tokens} exceeds "
+                             f"'n_eval_tokens' = {self.n_eval_tokens}")
         embedded = self.model.startswith("embedded-")
         if embedded and self.model not in ("embedded-smoke", "embedded-gpu"):
             raise ValueError(f"parameter 'model' = {self.model!r} is invalid: embedded models "
@@ -220,11 +225,12 @@ class LMParams(Params):
 
 
 _LM_SMOKE = {"model": "embedded-smoke", "dataset": "stdlib", "hook": "", "n_tokens": 200_000,
-             "n_eval_tokens": 16_384, "batch_size": 1024}
+             "n_eval_tokens": 16_384, "batch_size": 1024, "analysis_tokens": 16_384}
 _LM_GPU = {"model": "embedded-gpu", "n_tokens": 8_000_000, "n_eval_tokens": 131_072,
-           "batch_size": 4096}
+           "batch_size": 4096, "analysis_tokens": 32_768}
 _LM_PAPER = {"model": "gpt2", "dataset": "Skylion007/openwebtext", "hook": "",
-             "n_tokens": 50_000_000, "n_eval_tokens": 262_144, "batch_size": 4096}
+             "n_tokens": 50_000_000, "n_eval_tokens": 262_144, "batch_size": 4096,
+             "analysis_tokens": 65_536}
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,7 @@ class AmortParams(Params):
     n_test: int = param(1024, "test samples", lo=16)
     l1: float = param(0.01, "L1 weight in MSE + l1 * ||z||_1", lo=0.0)
     n_seeds: int = param(3, "independent seeds (data, dictionary and init)", lo=1)
-    train_steps: int = param(3000, "full-batch Adam steps for amortised encoders", lo=1)
+    train_steps: int = param(2500, "full-batch Adam steps for amortised encoders", lo=1)
     lr: float = param(3e-3, "Adam lr of the amortised encoders (SAE, MLP)", lo=0, lo_open=True)
     sc_steps: int = param(4000, "steps of joint dictionary + code optimisation", lo=1)
     sc_lr: float = param(3e-2, "Adam lr of sparse coding", lo=0, lo_open=True)
@@ -278,3 +284,156 @@ class AmortParams(Params):
 def lm_preset(profile: str) -> dict[str, Any]:
     """The shared activation settings of a profile (one harvest serves every notebook)."""
     return {**_LM_SMOKE, **{"smoke": {}, "gpu": _LM_GPU, "paper": _LM_PAPER}[profile]}
+
+
+@dataclass(frozen=True)
+class AFAParams(LMParams):
+    """Notebook 01: the AFA bound, ZF plots and top-AFA (Lee et al. 2025; arXiv 2503.24277)."""
+
+    n_atoms: int = param(128, "synthetic dictionary size for the bound", lo=2)
+    atom_dim: int = param(64, "synthetic dictionary dimension", lo=2)
+    eps_values: tuple[float, ...] = param((0.15, 0.25, 0.35), "requested coherences eps",
+                                          lo=0, lo_open=True, hi=0.99)
+    h_values: tuple[int, ...] = param((2, 4, 8, 16), "active atoms per synthetic code", lo=2)
+    n_samples: int = param(20_000, "synthetic codes per (eps, h)", lo=100)
+    layers: tuple[int, ...] = param((), "residual layers to study (empty: the hook, or the "
+                                    "middle layer)", lo=0)
+    d_sae: int = param(512, "latents per SAE", lo=2)
+    k: int = param(16, "TopK / BatchTopK / Matryoshka active latents", lo=1)
+    l1_coeff: float = param(3.0, "ReLU SAE L1 weight (normalised activations)", lo=0)
+    afa_lambda: float = param(1 / 32, "top-AFA norm-matching loss weight", lo=0)
+    steps: int = param(400, "SAE training steps", lo=1)
+    lr: float = param(4e-3, "SAE Adam learning rate", lo=0, lo_open=True)
+    ce_rows: int = param(32, "held-out token rows for CE loss recovered", lo=1)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {},
+        "gpu": {**_LM_GPU, "n_atoms": 512, "atom_dim": 256, "eps_values": (0.1, 0.15, 0.2),
+                "h_values": (2, 4, 8, 16, 32), "n_samples": 100_000, "d_sae": 8192, "k": 32,
+                "l1_coeff": 3.0, "steps": 4000, "lr": 1e-3, "ce_rows": 256},
+        "paper": {**_LM_PAPER, "n_atoms": 512, "atom_dim": 256, "eps_values": (0.1, 0.15, 0.2),
+                  "h_values": (2, 4, 8, 16, 32), "n_samples": 100_000, "layers": (6, 7, 8),
+                  "d_sae": 12288, "k": 32, "steps": 20_000, "lr": 3e-4, "ce_rows": 256},
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.k > self.d_sae:
+            raise ValueError(f"parameter 'k' = {self.k} exceeds 'd_sae' = {self.d_sae}")
+        if self.atom_dim >= self.n_atoms:
+            raise ValueError(f"'atom_dim' = {self.atom_dim} must be < 'n_atoms' = "
+                             f"{self.n_atoms}: superposition needs more atoms than dimensions")
+        if self.layers and self.hook:
+            raise ValueError("set either 'layers' or 'hook', not both")
+
+
+@dataclass(frozen=True)
+class TopKParams(LMParams):
+    """Notebook 03: TopK SAEs, scaling laws and evaluation (Gao et al. 2024)."""
+
+    n_values: tuple[int, ...] = param((128, 256, 512, 1024), "latents n of the sweep", lo=2)
+    k_values: tuple[int, ...] = param((4, 8, 16, 32), "active latents k of the sweep", lo=1)
+    relu_l1: tuple[float, ...] = param((1.0, 2.0, 4.0, 8.0), "L1 weights of the ReLU baseline",
+                                       lo=0, lo_open=True)
+    frontier_n: int = param(512, "n of the TopK-vs-ReLU frontier (one of n_values)", lo=2)
+    dead_n: int = param(1024, "n of the dead-latent ablation (one of n_values)", lo=2)
+    dead_k: int = param(8, "k of the dead-latent ablation (one of k_values)", lo=1)
+    dead_window: int = param(50_000, "tokens without firing after which a latent is dead "
+                             "(Gao et al.: 10M)", lo=1)
+    multi_k: int = param(8, "k of the multi-TopK comparison (one of k_values)", lo=1)
+    steps: int = param(250, "SAE training steps (all SAEs in lockstep)", lo=1)
+    lr: float = param(4e-3, "Adam lr at n = lr_ref_n (scaled by sqrt(lr_ref_n / n))", lo=0,
+                      lo_open=True)
+    lr_ref_n: int = param(512, "reference n of the lr ~ 1/sqrt(n) rule", lo=1)
+    eval_every: int = param(25, "steps between evaluations (dead-latent curves)", lo=1)
+    ce_rows: int = param(32, "held-out token rows for downstream loss", lo=1)
+    n_explain: int = param(48, "latents per SAE given n-gram explanations", lo=1)
+    n_ablate: int = param(12, "latents per SAE ablated for effect sparsity", lo=1)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {},
+        "gpu": {**_LM_GPU, "n_values": (2048, 4096, 8192, 16384, 32768),
+                "k_values": (8, 16, 32, 64), "relu_l1": (1.0, 2.0, 4.0, 8.0),
+                "frontier_n": 8192, "dead_n": 32768, "dead_k": 16, "dead_window": 1_000_000,
+                "multi_k": 16, "steps": 1250, "lr": 2e-3, "lr_ref_n": 8192, "eval_every": 125,
+                "ce_rows": 256, "n_explain": 128, "n_ablate": 24},
+        "paper": {**_LM_PAPER, "n_values": (8192, 16384, 32768, 65536, 131072),
+                  "k_values": (16, 32, 64, 128), "frontier_n": 32768, "dead_n": 131072,
+                  "dead_k": 32, "dead_window": 10_000_000, "multi_k": 32, "steps": 25_000,
+                  "lr": 5e-4, "lr_ref_n": 32768, "eval_every": 1000, "ce_rows": 512,
+                  "n_explain": 256, "n_ablate": 32},
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        for name, value, pool in (("frontier_n", self.frontier_n, self.n_values),
+                                  ("dead_n", self.dead_n, self.n_values),
+                                  ("dead_k", self.dead_k, self.k_values),
+                                  ("multi_k", self.multi_k, self.k_values)):
+            if value not in pool:
+                raise ValueError(f"parameter {name!r} = {value} must be one of {pool}")
+        if max(self.k_values) > min(self.n_values):
+            raise ValueError(f"largest k ({max(self.k_values)}) exceeds smallest n "
+                             f"({min(self.n_values)})")
+        if len(self.n_values) < 2 or len(self.k_values) < 2:
+            raise ValueError("scaling fits need at least two values of n and of k")
+
+
+@dataclass(frozen=True)
+class MatryoshkaParams(LMParams):
+    """Notebook 04: Matryoshka SAEs and progressive coding (Peter & Sogaard 2025;
+    arXiv 2505.00190)."""
+
+    d_sae: int = param(1024, "latents n of the Matryoshka and vanilla TopK SAEs", lo=16)
+    k: int = param(16, "active latents (BatchTopK average for Matryoshka)", lo=1)
+    min_granularity: int = param(64, "smallest prefix size G (powers of two up to d_sae)", lo=1)
+    steps: int = param(250, "SAE training steps", lo=1)
+    lr: float = param(4e-3, "SAE Adam learning rate", lo=0, lo_open=True)
+    ce_rows: int = param(32, "held-out token rows for recaptured CE loss", lo=1)
+    rsa_samples: int = param(512, "samples for RSA", lo=16)
+    n_explain: int = param(48, "latents per group given n-gram explanations", lo=4)
+    cost_sizes: tuple[int, ...] = param((512, 1024, 2048), "n values of the cost benchmark",
+                                        lo=16)
+    cost_ks: tuple[int, ...] = param((16, 32, 64), "k values of the cost benchmark", lo=1)
+    cost_batch: int = param(1024, "batch size of the cost benchmark", lo=1)
+    syn_features: int = param(256, "ground-truth features of the synthetic check", lo=8)
+    syn_dim: int = param(64, "dimension of the synthetic check", lo=4)
+    syn_steps: int = param(400, "training steps of the synthetic check", lo=1)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {},
+        "gpu": {**_LM_GPU, "d_sae": 16384, "k": 32, "min_granularity": 512, "steps": 2000,
+                "lr": 1e-3, "ce_rows": 256, "rsa_samples": 2048, "n_explain": 128,
+                "cost_sizes": (8192, 16384, 32768), "cost_ks": (32, 64, 128),
+                "cost_batch": 4096, "syn_features": 2048, "syn_dim": 256, "syn_steps": 2000},
+        "paper": {**_LM_PAPER, "d_sae": 32768, "k": 64, "min_granularity": 1024,
+                  "steps": 12_000, "lr": 5e-4, "ce_rows": 512, "rsa_samples": 4096,
+                  "n_explain": 256, "cost_sizes": (16384, 32768, 65536),
+                  "cost_ks": (64, 128, 256, 512), "cost_batch": 4096},
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        for name, v in (("d_sae", self.d_sae), ("min_granularity", self.min_granularity)):
+            if v & (v - 1):
+                raise ValueError(f"parameter {name!r} = {v} must be a power of two")
+        if self.min_granularity > self.d_sae // 2:
+            raise ValueError("'min_granularity' must be at most d_sae / 2")
+        if self.k > self.min_granularity:
+            raise ValueError(f"'k' = {self.k} exceeds 'min_granularity' = "
+                             f"{self.min_granularity}: a prefix could not hold k latents")
+        if self.syn_dim >= self.syn_features:
+            raise ValueError("'syn_dim' must be < 'syn_features' (superposition)")
+
+
+@dataclass(frozen=True)
+class ExploreParams(LMParams):
+    """Notebook 05: the widget explorers."""
+
+    fallback_steps: int = param(200, "training steps when no saved SAEs exist yet", lo=1)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {},
+        "gpu": {**_LM_GPU, "fallback_steps": 1000},
+        "paper": {**_LM_PAPER, "fallback_steps": 5000},
+    }

@@ -145,7 +145,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()

@@ -74,6 +74,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 6.25e-10
+    sparsity_warmup_steps: int = 0
+    """Ramp the L1 penalty linearly from 0 over these steps (avoids early dead latents)."""
     eval_every: int = 0
     """Evaluate every this many steps (0: only at the end)."""
     checkpoint_every: int = 0
@@ -190,6 +192,8 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 out = sae(x)
                 terms = sae.loss(out, dead)
+            if "l1" in terms and step < cfg.sparsity_warmup_steps:
+                terms["l1"] = terms["l1"] * ((step + 1) / cfg.sparsity_warmup_steps)
             loss = sum(t.float() for t in terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -23,15 +23,32 @@ def test_verdict_rule(paper, ours, tol, direction, verdict):
     assert decide(paper, ours, tol, direction) == verdict
 
 
+@pytest.mark.parametrize("ours, tol, direction, verdict", [
+    (0.02, 0.0, True, "reproduced"),      # below the bound
+    (0.09, 0.03, True, "reproduced"),     # above, within tolerance
+    (0.20, 0.03, True, "direction only"),
+    (0.20, 0.03, False, "not reproduced"),
+])
+def test_at_most_claims(ours, tol, direction, verdict):
+    """"at most 7%" style claims: fewer is better, not a mismatch."""
+    c = Claim("d", "dead <= 7%", 0.07, ours, tol, "Sec. 2", direction, kind="at_most")
+    assert c.verdict == verdict
+    assert "paper <= 0.07" in c.line()
+
+
 def test_claim_without_paper_needs_direction():
     with pytest.raises(ValueError, match="direction_holds"):
         Claim("x", "s", None, 1.0, 0.0, "src")
 
 
 def test_round_to_tolerance():
+    """Rounded to the 1-2-5 step at or below the tolerance."""
     assert round_to(0.666, 0.05) == "0.65"
+    assert round_to(0.640, 0.095) == "0.65"
     assert round_to(0.3333, 0.01) == "0.33"
     assert round_to(12.4, 1) == "12"
+    assert round_to(0.37, 0.0) == "0.37"
+    assert claims.display_step(0.3) == pytest.approx(0.2)
 
 
 def test_verdict_line_is_rounded():

@@ -72,6 +72,12 @@ class ActivationSet:
             return "<BOS>" if token == BOS else bytes([token]).decode("latin-1")
         return self.model.tokenizer.decode([token])
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS)."""
+        if self.source == "stdlib":
+            return list(text.encode("utf-8"))
+        return list(self.model.tokenizer(text)["input_ids"])
+
     def describe(self) -> str:
         n = "streamed" if self.train is None else f"{self.train.shape[0]:,}"
         return (f"{self.model_info.get('config', {}).get('name', '?')} @ {self.hook}: "

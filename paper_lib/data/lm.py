@@ -69,9 +69,9 @@ EMBEDDED_LMS = {
     # ~1.6M training tokens: about 80 s on 2 CPU cores.
     "embedded-smoke": LMConfig("embedded-smoke", n_layers=2, d_model=128, n_heads=4,
                                n_ctx=128, steps=400, batch_rows=32),
-    # ~400M tokens: a few minutes on one H100 in bf16.
+    # ~82M tokens: about two minutes on one H100 in bf16.
     "embedded-gpu": LMConfig("embedded-gpu", n_layers=6, d_model=512, n_heads=8, n_ctx=256,
-                             steps=6000, batch_rows=256, lr=1.5e-3, warmup=300),
+                             steps=2500, batch_rows=128, lr=1.5e-3, warmup=200),
 }
 
 

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from paper_lib.sae import kernels
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "matryoshka", "topafa", "mlp")
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
@@ -132,6 +134,9 @@ class SAEOutput(NamedTuple):
     """[B, d] the input the SAE sees (standardised when standardize_input)."""
     recon_in: Tensor
     """[B, d] reconstruction of x_in (the same tensor as recon unless standardised)."""
+    sel: tuple[Tensor, Tensor, Tensor] | None = None
+    """Sparse path only: (rows, cols, vals) of the active codes, vals carrying gradients
+    (then `codes` is a detached dense copy for bookkeeping)."""
 
 
 class SAE(nn.Module):
@@ -169,7 +174,21 @@ class SAE(nn.Module):
         return (x_in - self.b_dec) @ self.W_enc + self.b_enc
 
     def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
+        """Dense reference nonlinearity: [B, n] pre-activations -> [B, n] codes."""
         raise NotImplementedError
+
+    def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Sparse path: the active (rows, cols), sorted by row, chosen from pre-activations;
+        None for architectures that only have the dense path."""
+        return None
+
+    @property
+    def sparse_capable(self) -> bool:
+        return type(self).select is not SAE.select
+
+    def expected_density(self) -> float | None:
+        """Fraction of codes active per sample, when fixed by the architecture."""
+        return self.cfg.k / self.cfg.d_sae if self.cfg.k else None
 
     def encode(self, x: Tensor) -> Tensor:
         """[B, d] -> [B, n] codes."""
@@ -180,13 +199,40 @@ class SAE(nn.Module):
         """[B, n] -> [B, d], in the SAE's (possibly standardised) input units."""
         return codes @ self.W_dec + self.b_dec
 
+    def decode_like(self, x: Tensor, codes: Tensor) -> Tensor:
+        """Reconstruction of x's units from (possibly edited) codes: undoes the row
+        standardisation of x when the SAE uses it."""
+        recon_in = self.decode(codes)
+        if not self.cfg.standardize_input:
+            return recon_in
+        _, mu, sd = self.prepare(x)
+        return recon_in * sd + mu
+
     def forward(self, x: Tensor) -> SAEOutput:
         x_in, mu, sd = self.prepare(x)
-        pre = self.pre_acts(x_in)
-        codes = self.activation(pre, x_in)
-        recon_in = self.decode(codes)
+        sel = None
+        if self.training and self.sparse_capable and \
+                kernels.want_sparse(self.expected_density()):
+            vals, rows, cols, pre = kernels.SparseEncode.apply(
+                x_in, self.W_enc, self.b_enc, self.b_dec, lambda p: self.select(p, x_in))
+            batch = x_in.shape[0]
+            recon_in = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch) + self.b_dec
+            codes = kernels.to_dense(rows, cols, vals, tuple(pre.shape))
+            sel = (rows, cols, vals)
+        else:
+            pre = self.pre_acts(x_in)
+            codes = self.activation(pre, x_in)
+            recon_in = self.decode(codes)
         recon = recon_in if mu is None else recon_in * sd + mu
-        return SAEOutput(codes, recon, pre, x_in, recon_in)
+        return SAEOutput(codes, recon, pre, x_in, recon_in, sel)
+
+    def scaled_code_norm(self, out: SAEOutput) -> Tensor:
+        """[B] ||f~|| = ||codes * ||W_dec,i|| ||, differentiable on both paths."""
+        norms = self.W_dec.norm(dim=1)
+        if out.sel is None:
+            return (out.codes * norms).norm(dim=-1)
+        rows, cols, vals = out.sel
+        return kernels.per_row_sum(rows, (vals * norms[cols]).pow(2), out.x_in.shape[0]).sqrt()
 
     # -- training --------------------------------------------------------------------
     def loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:

@@ -24,18 +24,30 @@ class BatchTopKSAE(SAE):
         # -1 marks "not yet estimated": inference falls back to plain ReLU.
         self.register_buffer("threshold", torch.tensor(-1.0))
 
+    @torch.no_grad()
+    def _update_threshold(self, kept_vals: Tensor) -> None:
+        """theta <- running mean of the smallest positive kept activation."""
+        kept = kept_vals[kept_vals > 0]
+        if kept.numel():
+            m = kept.min().float()
+            t = self.threshold
+            t.copy_(m if t < 0 else THRESHOLD_MOMENTUM * t + (1 - THRESHOLD_MOMENTUM) * m)
+
     def batch_topk(self, pre: Tensor) -> Tensor:
         acts = pre.relu()
         flat = acts.flatten()
         vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
         codes = torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts)
-        with torch.no_grad():
-            kept = vals[vals > 0]
-            if kept.numel():
-                m = kept.min().float()
-                t = self.threshold
-                t.copy_(m if t < 0 else THRESHOLD_MOMENTUM * t + (1 - THRESHOLD_MOMENTUM) * m)
+        self._update_threshold(vals)
         return codes
+
+    def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
+        flat = pre.relu().flatten()
+        vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()), sorted=False)
+        self._update_threshold(vals)
+        idx = idx.sort().values  # row-major order: rows ascending
+        n = pre.shape[1]
+        return idx // n, idx % n
 
     def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
         if self.training:

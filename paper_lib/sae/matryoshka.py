@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from paper_lib.sae import kernels
 from paper_lib.sae.base import SAEConfig, SAEOutput
 from paper_lib.sae.batchtopk import BatchTopKSAE
 
@@ -47,6 +48,14 @@ class MatryoshkaSAE(BatchTopKSAE):
             start = end
         return out
 
+    def prefix_recons_sparse(self, sel: tuple[Tensor, Tensor, Tensor], batch: int) -> list[Tensor]:
+        """Sparse-path twin of prefix_recons from the selection (rows, cols, vals)."""
+        rows, cols, vals = sel
+        return [kernels.sparse_decode(rows, cols, vals * (cols < end), self.W_dec, batch)
+                + self.b_dec for end in self.ends]
+
     def recon_loss(self, out: SAEOutput) -> Tensor:
-        losses = [(out.x_in - r).pow(2).sum(-1).mean() for r in self.prefix_recons(out.codes)]
+        recons = (self.prefix_recons(out.codes) if out.sel is None
+                  else self.prefix_recons_sparse(out.sel, out.x_in.shape[0]))
+        losses = [(out.x_in - r).pow(2).sum(-1).mean() for r in recons]
         return torch.stack(losses).mean()

@@ -22,20 +22,28 @@ class TopAFASAE(SAE):
         super().__init__(cfg)
         self.b_enc.requires_grad_(False)  # no encoder bias (kept at 0 for the SAELens layout)
 
-    def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
+    @torch.no_grad()
+    def keep_mask(self, pre: Tensor, x_in: Tensor) -> Tensor:
+        """[B, n] bool: per row, the k* largest decoder-scaled activations whose cumulative
+        norm is closest to AFA = ||x_c||."""
         acts = pre.relu()
-        target = (x_in - self.b_dec).norm(dim=-1, keepdim=True)  # AFA = ||x_c||
+        target = (x_in - self.b_dec).norm(dim=-1, keepdim=True)
         scaled2 = (acts * self.W_dec.norm(dim=1)).pow(2)
         sorted2, order = scaled2.sort(dim=-1, descending=True)
         cum = sorted2.cumsum(-1).sqrt()
         k_star = (cum - target).abs().argmin(dim=-1, keepdim=True) + 1  # [B, 1]
         rank = torch.arange(acts.shape[-1], device=acts.device).expand_as(acts)
-        keep_sorted = rank < k_star
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        return acts * keep
+        return torch.zeros_like(rank, dtype=torch.bool).scatter(-1, order, rank < k_star)
+
+    def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
+        return pre.relu() * self.keep_mask(pre, x_in)
+
+    def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
+        rows, cols = self.keep_mask(pre, x_in).nonzero(as_tuple=True)
+        return rows, cols
 
     def extra_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
-        f_norm = (out.codes * self.W_dec.norm(dim=1)).norm(dim=-1)
+        f_norm = self.scaled_code_norm(out)
         target = (out.x_in - self.b_dec).norm(dim=-1)
         terms = {"afa": self.cfg.afa_lambda * (f_norm - target).pow(2).mean()}
         terms.update(self.auxk_loss(out, dead_mask))

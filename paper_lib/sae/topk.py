@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from paper_lib.sae import kernels
 from paper_lib.sae.base import SAE, SAEOutput
 
 
@@ -26,6 +27,9 @@ class TopKSAE(SAE):
 
     def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
         return topk_codes(pre, self.cfg.k)
+
+    def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
+        return kernels.row_topk(self.cfg.k)(pre)
 
     def encode_at_k(self, x: Tensor, k: int) -> Tensor:
         """Codes with a different number of active latents k' (k generalisation)."""

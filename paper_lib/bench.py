@@ -1,0 +1,253 @@
+"""Benchmarks: `python -m paper_lib.bench [--quick] [--out FILE]` writes JSON.
+
+Everything a claim compares is measured in the same run on the same device:
+- TopK training step, tokens/s and peak memory: our sparse path, the dense reference
+  (naive PyTorch), and eai-sparsify's step (its default optimiser, and with Adam) when
+  installed (`pip install -e .[bench]`), at d=768 n=32768 k=32 and d=2304 n=65536 k=64,
+  batch 4096, bf16 autocast with fp32 master weights;
+- BatchTopK and Matryoshka steps on the sparse path;
+- harvest tokens/s for a GPT-2-small-shaped model (random weights), hook at layer 6,
+  with stop_at_layer against a full forward;
+- a profiler breakdown (top CUDA ops) of one sparse TopK step.
+`--quick` runs tiny sizes (the CPU smoke check used by the tests). `time_train_step` is
+also used by notebook 04 for the Matryoshka / TopK cost ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from paper_lib.runtime import PROJECT_ROOT, atomic_write_json, env_info
+from paper_lib.sae import SAEConfig, kernels, make_sae
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(step: Callable[[], None], dev: torch.device, steps: int, warmup: int) -> float:
+    """Median seconds per call of `step` after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return float(sorted(times)[len(times) // 2])
+
+
+def _peak_reset(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+
+def our_step(cfg: SAEConfig, x: torch.Tensor, bf16: bool = True) -> Callable[[], None]:
+    """One training step exactly as paper_lib.train runs it (no dead latents)."""
+    dev = x.device
+    sae = make_sae(cfg).to(dev).train()
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=1e-4,
+                           betas=(0.9, 0.999), eps=6.25e-10, fused=dev.type == "cuda")
+    use_bf16 = bf16 and dev.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            out = sae(x)
+            loss = sum(t.float() for t in sae.loss(out, None).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.before_step_()
+        opt.step()
+        sae.after_step_()
+    return step
+
+
+def time_train_step(cfg: SAEConfig, x: torch.Tensor, steps: int = 10, warmup: int = 3,
+                    bf16: bool = True) -> float:
+    """Median seconds per training step of a fresh SAE on the fixed batch x [B, d]."""
+    return _timed(our_step(cfg, x, bf16), x.device, steps, warmup)
+
+
+def sparsify_step(d: int, n: int, k: int, x: torch.Tensor, optimizer: str) -> Callable[[], None]:
+    """eai-sparsify's trainer step for one SAE: forward (its own bf16 autocast, fused
+    encoder, Triton decoder), FVU loss, backward, parallel-gradient removal, optimiser."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=x.device)
+    if optimizer == "signum":  # sparsify's default: schedule-free SignSGD
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3}]),
+                                  momentum=0.95)
+        opt.train()
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10,
+                               fused=x.device.type == "cuda")
+
+    def step() -> None:
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def bench_step(name: str, make: Callable[[], Callable[[], None]], tokens: int,
+               dev: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    _peak_reset(dev)
+    try:
+        step = make()
+        sec = _timed(step, dev, steps, warmup)
+    except Exception as e:  # report, do not hide, a variant that cannot run here
+        return {"variant": name, "error": f"{type(e).__name__}: {e}"}
+    return {"variant": name, "seconds_per_step": sec, "tokens_per_s": tokens / sec,
+            "peak_memory_gib": _peak(dev)}
+
+
+def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int,
+               warmup: int) -> list[dict[str, Any]]:
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(batch, d, device=dev, generator=gen)
+    cfg = SAEConfig("topk", d, n, k=k)
+    rows = []
+
+    def ours(sparse: bool) -> Callable[[], None]:
+        with kernels.use_sparse(sparse):
+            step = our_step(cfg, x)
+
+        def run() -> None:
+            with kernels.use_sparse(sparse):
+                step()
+        return run
+
+    rows.append(bench_step("paper_lib sparse (Adam)", lambda: ours(True), batch, dev, steps,
+                           warmup))
+    rows.append(bench_step("naive dense PyTorch (Adam)", lambda: ours(False), batch, dev, steps,
+                           warmup))
+    for opt in ("signum", "adam"):
+        rows.append(bench_step(f"eai-sparsify ({opt})",
+                               lambda o=opt: sparsify_step(d, n, k, x, o), batch, dev, steps,
+                               warmup))
+    for arch in ("batchtopk", "matryoshka"):
+        c = SAEConfig(arch, d, n, k=k)
+        rows.append(bench_step(f"paper_lib sparse {arch} (Adam)",
+                               lambda c=c: our_step(c, x), batch, dev, steps, warmup))
+    for r in rows:
+        r.update({"d": d, "n": n, "k": k, "batch": batch})
+    return rows
+
+
+def harvest_suite(dev: torch.device, quick: bool) -> list[dict[str, Any]]:
+    """Tokens/s of harvest() at blocks.6.hook_resid_pre of a GPT-2-small-shaped model."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from paper_lib.data.harvest import harvest, row_batches
+
+    layers, d, ctx, rows = (2, 64, 32, 8) if quick else (12, 768, 128, 512)
+    cfg = HookedTransformerConfig(n_layers=layers, d_model=d, n_heads=max(1, d // 64),
+                                  d_head=min(64, d), d_mlp=4 * d, n_ctx=ctx,
+                                  d_vocab=257 if quick else 50257, act_fn="gelu_new",
+                                  normalization_type="LN",
+                                  dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    model = HookedTransformer(cfg, move_to_device=False).to(dev, print_details=False).eval()
+    hook = f"blocks.{layers // 2}.hook_resid_pre"
+    tokens = torch.randint(0, cfg.d_vocab, (rows * 4, ctx), device=dev)
+    n_tok = rows * 4 * (ctx - 1)
+    out = []
+    for label, fn in (
+        ("harvest (stop_at_layer)", lambda: harvest(model, row_batches(tokens, rows), hook,
+                                                    n_tok, out_device=dev,
+                                                    out_dtype=cfg.dtype, progress=False)),
+        ("full forward", lambda: [model(tokens[i:i + rows], return_type=None)
+                                  for i in range(0, tokens.shape[0], rows)]),
+    ):
+        sec = _timed(fn, dev, 3 if quick else 5, 1)
+        out.append({"variant": label, "tokens_per_s": n_tok / sec, "seconds": sec,
+                    "layers": layers, "d_model": d, "hook": hook, "batch_rows": rows,
+                    "n_ctx": ctx})
+    return out
+
+
+def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, top: int = 15) -> list[dict]:
+    """Where the time of one sparse TopK step goes (CUDA time per op, or CPU on CPU)."""
+    x = torch.randn(batch, cfg.d_in, device=dev)
+    step = our_step(cfg, x)
+    for _ in range(3):
+        step()
+    _sync(dev)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        _sync(dev)
+    key = "device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, "self_device_time_total" if dev.type == "cuda"
+                        else "self_cpu_time_total", 0) for e in events) or 1
+    rows = []
+    for e in events[:top]:
+        self_t = getattr(e, "self_device_time_total" if dev.type == "cuda"
+                         else "self_cpu_time_total", 0)
+        rows.append({"op": e.key, "self_us_per_step": self_t / 3, "share": self_t / total,
+                     "calls_per_step": e.count / 3})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke check)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/bench/)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["topk", "harvest", "profile"])
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = [(32, 512, 8, 256)] if args.quick else [(768, 32768, 32, 4096),
+                                                      (2304, 65536, 64, 4096)]
+    steps, warmup = (3, 1) if args.quick else (args.steps, 5)
+    result: dict[str, Any] = {"env": env_info(dev), "python": platform.python_version(),
+                              "quick": args.quick, "topk": [], "harvest": [], "profile": []}
+    try:
+        from importlib.metadata import version
+
+        result["env"]["eai_sparsify"] = version("eai-sparsify")
+    except Exception:
+        result["env"]["eai_sparsify"] = None
+    if "topk" not in args.skip:
+        for d, n, k, b in configs:
+            result["topk"] += topk_suite(d, n, k, b, dev, steps, warmup)
+            print(json.dumps(result["topk"][-6:], indent=1), flush=True)
+    if "harvest" not in args.skip:
+        result["harvest"] = harvest_suite(dev, args.quick)
+        print(json.dumps(result["harvest"], indent=1), flush=True)
+    if "profile" not in args.skip:
+        d, n, k, b = configs[0]
+        result["profile"] = profile_step(SAEConfig("topk", d, n, k=k), b, dev)
+    slug = "quick" if args.quick else (result["env"].get("gpu", "cpu").replace(" ", "_"))
+    out = args.out or PROJECT_ROOT / "results" / "bench" / f"{slug}.json"
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

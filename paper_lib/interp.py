@@ -1,0 +1,270 @@
+"""Offline interpretability measures on the embedded byte-level corpus.
+
+- `byte_labels`: binary features of Python source we can label without any model
+  (inside a string, inside a comment, line start, after `def `, digit, uppercase,
+  indentation >= 8), one label per token position;
+- `best_single_latent_probe`: Gao et al.'s probe loss (Sec. 4.2): the best 1-D logistic
+  probe on one latent, per task, fit on one half of the positions and scored on the other;
+- `ngram_explanations`: N2G-style explanations (Gao et al. Sec. 4.3; Foote et al. 2023):
+  per latent, the byte n-gram (n <= 3, ending at the position) that best predicts firing,
+  with held-out precision, recall and the Pearson correlation between the explanation's
+  simulated activation and the true one (the offline proxy for Peter & Sogaard's
+  explanation-correlation score);
+- `ablation_sparsity`: how many output logits ablating one latent changes
+  ((L1/L2)^2 / size of the logit-difference vector; Gao et al. Sec. 4.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from paper_lib import metrics
+from paper_lib.data.corpus import BOS
+
+TASKS = ("in_string", "in_comment", "line_start", "after_def", "digit", "uppercase",
+         "indent_ge_8")
+
+
+def byte_labels(tokens: Tensor) -> dict[str, Tensor]:
+    """[rows, T] byte tokens -> {task: bool [rows, T]}. Rows are chunks of files, so the
+    line state starts unknown (assumed outside strings/comments) at each row's start."""
+    rows, width = tokens.shape
+    out = {t: np.zeros((rows, width), dtype=bool) for t in TASKS}
+    toks = tokens.cpu().numpy()
+    for r in range(rows):
+        quote, comment, escape, indent, seen_text, prev = None, False, False, 0, False, -1
+        recent = []
+        for i in range(width):
+            b = int(toks[r, i])
+            if b == BOS:
+                prev = b
+                continue
+            ch = chr(b)
+            out["in_string"][r, i] = quote is not None and ch != "\n"
+            out["in_comment"][r, i] = comment and ch != "\n"
+            out["line_start"][r, i] = prev == ord("\n")
+            out["after_def"][r, i] = "".join(recent[-4:]) == "def "
+            out["digit"][r, i] = ch.isdigit()
+            out["uppercase"][r, i] = "A" <= ch <= "Z"
+            if ch == "\n":
+                quote, comment, escape, indent, seen_text = None, False, False, 0, False
+            else:
+                if not seen_text:
+                    if ch == " ":
+                        indent += 1
+                    else:
+                        seen_text = True
+                if quote is not None:
+                    if escape:
+                        escape = False
+                    elif ch == "\\":
+                        escape = True
+                    elif ch == quote:
+                        quote = None
+                elif not comment:
+                    if ch in "'\"":
+                        quote = ch
+                    elif ch == "#":
+                        comment = True
+            out["indent_ge_8"][r, i] = indent >= 8
+            recent = (recent + [ch])[-4:]
+            prev = b
+    return {t: torch.from_numpy(v) for t, v in out.items()}
+
+
+def position_labels(tokens: Tensor, n: int | None = None,
+                    drop_bos: bool = True) -> dict[str, Tensor]:
+    """Labels flattened to match activation rows (positions 1.. when drop_bos), first n."""
+    lab = byte_labels(tokens)
+    start = 1 if drop_bos else 0
+    return {t: v[:, start:].reshape(-1)[:n] for t, v in lab.items()}
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _bce(p: Tensor, y: Tensor) -> Tensor:
+    p = p.clamp(1e-7, 1 - 1e-7)
+    return -(y * p.log() + (1 - y) * (1 - p).log()).mean(0)
+
+
+def logistic_1d(feats: Tensor, y: Tensor, iters: int = 25,
+                ridge: float = 1e-4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fit y ~ sigmoid(w * standardised(f) + c) for every column of feats [N, m] at once by
+    Newton's method; returns (w, c, mean, std) per column."""
+    y = y.double()
+    f = feats.double()
+    mu, sd = f.mean(0), f.std(0).clamp_min(1e-8)
+    z = (f - mu) / sd
+    w = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+    c = torch.full_like(w, float(torch.logit(y.mean().clamp(1e-4, 1 - 1e-4))))
+    for _ in range(iters):
+        p = torch.sigmoid(z * w + c)
+        r = (p - y[:, None])
+        s = p * (1 - p)
+        gw, gc = (r * z).sum(0), r.sum(0)
+        hww, hwc, hcc = (s * z * z).sum(0) + ridge, (s * z).sum(0), s.sum(0) + ridge
+        det = hww * hcc - hwc * hwc
+        w = w - (hcc * gw - hwc * gc) / det
+        c = c - (hww * gc - hwc * gw) / det
+    return w, c, mu, sd
+
+
+def best_single_latent_probe(codes: Tensor, y: Tensor, candidates: int = 64,
+                             chunk: int = 2048) -> dict[str, float]:
+    """Gao et al.'s probe loss for one binary task: fit a 1-D logistic probe on each latent
+    (first half of rows), score BCE on the second half; report the best latent, its BCE,
+    and the BCE of the constant (prior) predictor for scale. Only the `candidates` latents
+    most correlated with the label on the fit half are probed (a 1-D probe's loss is
+    monotone in that correlation up to the link's nonlinearity)."""
+    n = codes.shape[0] // 2
+    y_fit, y_test = y[:n].double(), y[n:].double()
+    live = (codes[:n] > 0).any(0).nonzero().flatten()
+    if len(live) > candidates:
+        f = codes[:n, live].double()
+        f = (f - f.mean(0)) / f.std(0).clamp_min(1e-12)
+        yc = y_fit - y_fit.mean()
+        corr = (f.T @ yc).abs()
+        live = live[corr.topk(candidates).indices]
+    prior_p = torch.full((len(y_test), 1), float(y_fit.mean()), dtype=torch.float64)
+    prior = float(_bce(prior_p, y_test[:, None]))
+    best_loss, best_latent = prior, -1
+    for i in range(0, len(live), chunk):
+        idx = live[i:i + chunk]
+        w, c, mu, sd = logistic_1d(codes[:n, idx], y_fit)
+        z = (codes[n:, idx].double() - mu) / sd
+        losses = _bce(torch.sigmoid(z * w + c), y_test[:, None])
+        j = int(losses.argmin())
+        if float(losses[j]) < best_loss:
+            best_loss, best_latent = float(losses[j]), int(idx[j])
+    return {"bce": best_loss, "prior_bce": prior, "relative": best_loss / prior,
+            "latent": best_latent}
+
+
+def probe_losses(codes: Tensor, labels: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """best_single_latent_probe for every task with both classes present."""
+    out = {}
+    for task, y in labels.items():
+        frac = float(y.float().mean())
+        if 0.001 < frac < 0.999:
+            out[task] = best_single_latent_probe(codes.cpu(), y.cpu())
+    return out
+
+
+# --------------------------------------------------------------------------- n-grams
+
+
+def suffix_codes(tokens: Tensor, max_n: int = 3, drop_bos: bool = True) -> list[Tensor]:
+    """For n = 1..max_n, an int64 code of the n bytes ending at each position (-1 where the
+    row has fewer than n bytes), flattened like the activations."""
+    t = tokens.long()
+    rows, width = t.shape
+    out = []
+    for n in range(1, max_n + 1):
+        code = torch.full((rows, width), -1, dtype=torch.long)
+        if width >= n:
+            acc = torch.zeros(rows, width - n + 1, dtype=torch.long)
+            valid = torch.ones_like(acc, dtype=torch.bool)
+            for j in range(n):
+                part = t[:, j:width - n + 1 + j]
+                acc = acc * 257 + part
+                valid &= part != BOS
+            code[:, n - 1:] = torch.where(valid, acc, torch.full_like(acc, -1))
+        start = 1 if drop_bos else 0
+        out.append(code[:, start:].reshape(-1))
+    return out
+
+
+def decode_code(code: int, n: int) -> str:
+    chars = []
+    for _ in range(n):
+        code, b = divmod(code, 257)
+        chars.append(chr(b))
+    return "".join(reversed(chars))
+
+
+def ngram_explanations(codes: Tensor, tokens: Tensor, latents: list[int], max_n: int = 3,
+                       top: int = 20, drop_bos: bool = True) -> list[dict[str, Any]]:
+    """Best n-gram explanation per latent; fit on the first half of positions, scored on
+    the second half (precision, recall, F1, and Pearson r of simulated activations)."""
+    n_pos = codes.shape[0]
+    suffix = [c[:n_pos] for c in suffix_codes(tokens, max_n, drop_bos)]
+    half = n_pos // 2
+    out = []
+    for j in latents:
+        a = codes[:, j].float().cpu()
+        fire = a > 0
+        if int(fire[:half].sum()) == 0 or int(fire[half:].sum()) == 0:
+            continue
+        top_pos = a[:half].topk(min(top, int(fire[:half].sum()))).indices
+        best = None
+        for n, code in enumerate(suffix, start=1):
+            for cand in set(code[top_pos].tolist()) - {-1}:
+                match = code[:half] == cand
+                tp = int((match & fire[:half]).sum())
+                prec = tp / max(1, int(match.sum()))
+                rec = tp / max(1, int(fire[:half].sum()))
+                f1 = 2 * prec * rec / (prec + rec) if tp else 0.0
+                if best is None or f1 > best[0]:
+                    best = (f1, n, cand, float(a[:half][match].mean()) if match.any() else 0.0)
+        if best is None:
+            continue
+        f1_fit, n, cand, mean_act = best
+        m_test = suffix[n - 1][half:] == cand
+        tp = int((m_test & fire[half:]).sum())
+        prec = tp / max(1, int(m_test.sum()))
+        rec = tp / max(1, int(fire[half:].sum()))
+        sim = m_test.float() * mean_act
+        out.append({"latent": j, "ngram": decode_code(cand, n), "n": n, "precision": prec,
+                    "recall": rec, "f1": 2 * prec * rec / (prec + rec) if tp else 0.0,
+                    "pearson": metrics.pearson(sim, a[half:]), "fit_f1": f1_fit})
+    return out
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+@torch.no_grad()
+def ablation_sparsity(model: Any, hook: str, tokens: Tensor, acts: Tensor, codes: Tensor,
+                      sae: Any, scale: float, latents: list[int], rows: int = 4,
+                      drop_bos: bool = True) -> list[float]:
+    """Per latent: splice the SAE reconstruction at `hook` for token rows where the latent
+    fires, then the same with that latent zeroed; the logit difference over all positions
+    and vocabulary gives (||d||_1 / ||d||_2)^2 / size in (0, 1] (lower: sparser effect)."""
+    dev = next(model.parameters()).device
+    per_row = tokens.shape[1] - (1 if drop_bos else 0)
+    full = acts.shape[0] // per_row  # only complete token rows can be re-run
+    by_row = acts[: full * per_row].view(full, per_row, acts.shape[-1])
+    out = []
+    for j in latents:
+        fired = torch.unique((codes[: full * per_row, j] > 0).nonzero().flatten() // per_row)
+        fired_rows = fired[:rows].cpu()
+        if len(fired_rows) == 0:
+            continue
+        tok = tokens[fired_rows].to(dev)
+        x = by_row[fired_rows.to(acts.device)].to(dev)
+
+        def run(zero_latent: bool) -> Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            out_ = sae(flat)
+            c = out_.codes.clone()
+            if zero_latent:
+                c[:, j] = 0
+            recon = sae.decode_like(flat, c).view_as(x) / scale
+
+            def hook_fn(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+                new = act.clone()
+                start = 1 if drop_bos else 0
+                new[:, start:] = recon.to(act.dtype)
+                return new
+            return model.run_with_hooks(tok, fwd_hooks=[(hook, hook_fn)]).float()
+
+        d = (run(True) - run(False)).flatten()
+        l2 = d.norm()
+        if l2 > 0:
+            out.append(float((d.abs().sum() / l2) ** 2 / d.numel()))
+    return out

@@ -1,0 +1,122 @@
+"""Power-law and joint scaling-law fits (Gao et al. 2024, Sec. 3).
+
+- `fit_power_law`: y = a x^b by least squares in log-log space;
+- `fit_power_law_offset`: y = a x^b + c, an irreducible term c >= 0;
+- `fit_joint_law`: Gao et al.'s joint law in latents n and sparsity k,
+  L(n, k) = exp(alpha + beta_k ln k + beta_n ln n + gamma ln k ln n) + exp(zeta + eta ln k),
+  fitted by least squares on ln L from several starting points.
+Each returns its parameters and R^2 (of ln y, where the fit is in log space).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy.optimize import least_squares
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    ss_res = float(np.sum((y - pred) ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+
+def _check(x: np.ndarray, y: np.ndarray, need: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.shape != y.shape or x.size < need:
+        raise ValueError(f"need at least {need} matching (x, y) points, got {x.size}")
+    if np.any(x <= 0) or np.any(y <= 0):
+        raise ValueError("power-law fits need positive x and y")
+    return x, y
+
+
+class PowerLaw(NamedTuple):
+    a: float
+    b: float
+    """The exponent."""
+    r2: float
+    """R^2 of ln y."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.a * np.asarray(x, float) ** self.b
+
+
+def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
+    """y = a x^b: ordinary least squares of ln y on ln x."""
+    x, y = _check(x, y, 2)
+    b, ln_a = np.polyfit(np.log(x), np.log(y), 1)
+    pred = ln_a + b * np.log(x)
+    return PowerLaw(float(np.exp(ln_a)), float(b), _r2(np.log(y), pred))
+
+
+class PowerLawOffset(NamedTuple):
+    a: float
+    b: float
+    c: float
+    """Irreducible term."""
+    r2: float
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.a * np.asarray(x, float) ** self.b + self.c
+
+
+def fit_power_law_offset(x: np.ndarray, y: np.ndarray) -> PowerLawOffset:
+    """y = a x^b + c with a, c >= 0, least squares on ln y."""
+    x, y = _check(x, y, 4)
+    lx, ly = np.log(x), np.log(y)
+    start = fit_power_law(x, y)
+
+    def resid(p: np.ndarray) -> np.ndarray:
+        ln_a, b, ln_c = p
+        return np.log(np.exp(ln_a + b * lx) + np.exp(ln_c)) - ly
+
+    best = None
+    for frac in (1e-3, 0.1, 0.5):
+        p0 = [np.log(start.a), start.b, np.log(max(y.min() * frac, 1e-12))]
+        r = least_squares(resid, p0)
+        if best is None or r.cost < best.cost:
+            best = r
+    ln_a, b, ln_c = best.x
+    pred = np.log(np.exp(ln_a + b * lx) + np.exp(ln_c))
+    return PowerLawOffset(float(np.exp(ln_a)), float(b), float(np.exp(ln_c)), _r2(ly, pred))
+
+
+class JointLaw(NamedTuple):
+    alpha: float
+    beta_k: float
+    beta_n: float
+    gamma: float
+    zeta: float
+    eta: float
+    r2: float
+    """R^2 of ln L."""
+
+    def __call__(self, n: np.ndarray, k: np.ndarray) -> np.ndarray:
+        ln_n, ln_k = np.log(np.asarray(n, float)), np.log(np.asarray(k, float))
+        return (np.exp(self.alpha + self.beta_k * ln_k + self.beta_n * ln_n
+                       + self.gamma * ln_k * ln_n) + np.exp(self.zeta + self.eta * ln_k))
+
+
+def fit_joint_law(n: np.ndarray, k: np.ndarray, loss: np.ndarray) -> JointLaw:
+    """Gao et al.'s L(n, k) (Sec. 3.2, Eq. 4 form), best of several starting points."""
+    n, k, loss = (np.asarray(a, float) for a in (n, k, loss))
+    if not (n.shape == k.shape == loss.shape) or n.size < 7:
+        raise ValueError(f"need at least 7 (n, k, L) points for 6 parameters, got {n.size}")
+    if np.any(n <= 0) or np.any(k <= 0) or np.any(loss <= 0):
+        raise ValueError("the joint law needs positive n, k and L")
+    ln_n, ln_k, ln_l = np.log(n), np.log(k), np.log(loss)
+
+    def model(p: np.ndarray) -> np.ndarray:
+        a, bk, bn, g, z, e = p
+        return np.logaddexp(a + bk * ln_k + bn * ln_n + g * ln_k * ln_n, z + e * ln_k)
+
+    best = None
+    floor = np.log(loss.min())
+    for a0, bn0, z0 in ((ln_l.mean(), -0.3, floor - 1), (0.0, -0.5, floor - 3),
+                        (ln_l.max(), -0.1, floor - 0.3), (1.0, -1.0, floor - 5)):
+        r = least_squares(lambda p: model(p) - ln_l, [a0, -0.3, bn0, 0.0, z0, -0.1],
+                          max_nfev=20000)
+        if best is None or r.cost < best.cost:
+            best = r
+    return JointLaw(*(float(v) for v in best.x), _r2(ln_l, model(best.x)))

@@ -1,0 +1,312 @@
+"""ipywidgets explorers for trained SAEs (notebook 05).
+
+- `LatentExplorer`: pick an SAE and a latent (slider, or search by the text that should
+  make it fire); shows its top-activating contexts with per-token highlighting, its
+  activation histogram, and the tokens its decoder direction promotes through the
+  unembedding.
+- `ZFExplorer`: an SAE's ZF plot (Lee et al. 2025) with a slider for the band eps(h-1);
+  selecting a range of ||f~||/||z|| lists those tokens in context.
+- `PrefixExplorer`: a Matryoshka SAE's prefix size: FVU at that size and which of one
+  token's active latents survive the cut.
+Each is plain Python: build it, set widget values, read the outputs (what the tests do).
+Plots are PNG `Image` widgets so they update identically in JupyterLab and in tests.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
+
+from paper_lib import metrics, plots
+from paper_lib.runtime import PROJECT_ROOT
+from paper_lib.sae import SAE, load_sae
+from paper_lib.sae.io import read_cfg
+
+
+def saved_saes(root: Path = PROJECT_ROOT / "data" / "saes") -> dict[str, Path]:
+    """Every saved SAE directory below root, keyed by its path relative to root."""
+    return {str(p.parent.relative_to(root)): p.parent for p in sorted(root.rglob("cfg.json"))}
+
+
+@dataclass
+class ExplorerData:
+    """What the explorers read: raw held-out activations, their token rows, the LM, SAEs."""
+
+    acts: Tensor
+    """[N, d] held-out activations in raw model units."""
+    tokens: Tensor
+    """[rows, T] token rows the activations come from (position 1.. when drop_bos)."""
+    model: Any
+    token_str: Any
+    """token id -> display text."""
+    encode_text: Any
+    """text -> list of token ids (for search)."""
+    saes: dict[str, SAE]
+    drop_bos: bool = True
+    _codes: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_activations(cls, acts_set: Any, saes: dict[str, SAE],
+                         n: int | None = None) -> "ExplorerData":
+        """From an ActivationSet's first n held-out tokens; `saes` must take raw activations
+        (as saved files do)."""
+        return cls(acts_set.eval[:n] / acts_set.scale, acts_set.eval_tokens, acts_set.model,
+                   acts_set.token_str, acts_set.encode_text, saes, acts_set.drop_bos)
+
+    def find(self, text: str) -> Tensor:
+        """Activation indices at which `text` has just been read (its last token)."""
+        target = torch.tensor(self.encode_text(text), dtype=self.tokens.dtype)
+        n = len(target)
+        if n == 0 or n > self.tokens.shape[1]:
+            return torch.zeros(0, dtype=torch.long)
+        windows = self.tokens.unfold(1, n, 1)                       # [rows, T-n+1, n]
+        rows, starts = (windows == target).all(-1).nonzero(as_tuple=True)
+        end = starts + n - 1
+        off = 1 if self.drop_bos else 0
+        per_row = self.tokens.shape[1] - off
+        keep = end >= off
+        idx = rows[keep] * per_row + end[keep] - off
+        return idx[idx < len(self.acts)]
+
+    @staticmethod
+    def load_saes(paths: dict[str, Path], d_in: int) -> dict[str, SAE]:
+        """Load saved SAEs whose d_in matches the activations; others are skipped."""
+        out = {}
+        for name, path in paths.items():
+            if read_cfg(path)["d_in"] == d_in:
+                out[name] = load_sae(path, expected_d_in=d_in).eval()
+        return out
+
+    def codes(self, name: str) -> Tensor:
+        if name not in self._codes:
+            sae = self.saes[name]
+            with torch.no_grad():
+                self._codes[name] = torch.cat([sae.encode(self.acts[i:i + 8192].to(
+                    sae.W_enc.device)).cpu() for i in range(0, len(self.acts), 8192)])
+        return self._codes[name]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        per_row = self.tokens.shape[1] - (1 if self.drop_bos else 0)
+        row, pos = divmod(index, per_row)
+        return row, pos + (1 if self.drop_bos else 0)
+
+    def context_html(self, index: int, acts_row: Tensor | None = None, before: int = 24,
+                     after: int = 6, vmax: float = 1.0) -> str:
+        """The tokens around activation `index`, each shaded by its activation."""
+        row, pos = self.locate(index)
+        per_row = self.tokens.shape[1] - (1 if self.drop_bos else 0)
+        lo, hi = max(0, pos - before), min(self.tokens.shape[1], pos + after + 1)
+        spans = []
+        for p in range(lo, hi):
+            text = html.escape(self.token_str(int(self.tokens[row, p]))).replace("\n", "⏎")
+            a = 0.0
+            if acts_row is not None and (p >= 1 or not self.drop_bos):
+                flat = row * per_row + p - (1 if self.drop_bos else 0)
+                a = float(acts_row[flat]) if flat < len(acts_row) else 0.0
+            alpha = min(1.0, max(0.0, a / vmax)) if vmax > 0 else 0.0
+            border = "border-bottom:2px solid #000;" if p == pos else ""
+            spans.append(f'<span style="background:rgba(220,40,40,{alpha:.2f});{border}'
+                         f'font-family:monospace;white-space:pre">{text}</span>')
+        return "".join(spans)
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class LatentExplorer:
+    """SAE dropdown, latent slider and text search; contexts, histogram, promoted tokens."""
+
+    def __init__(self, data: ExplorerData, n_contexts: int = 8) -> None:
+        self.data, self.n_contexts = data, n_contexts
+        names = list(data.saes)
+        self.sae_dropdown = W.Dropdown(options=names, value=names[0], description="SAE")
+        self.latent_slider = W.IntSlider(0, 0, data.saes[names[0]].cfg.d_sae - 1,
+                                         description="latent", continuous_update=False)
+        self.search = W.Text(placeholder="text that should fire it, e.g. 'def '",
+                             description="search", continuous_update=False)
+        self.status = W.HTML()
+        self.contexts = W.HTML()
+        self.histogram = W.Image(format="png")
+        self.promoted = W.HTML()
+        self.sae_dropdown.observe(self._on_sae, names="value")
+        self.latent_slider.observe(lambda _: self.render(), names="value")
+        self.search.observe(self._on_search, names="value")
+        self.widget = W.VBox([W.HBox([self.sae_dropdown, self.latent_slider]), self.search,
+                              self.status, self.contexts,
+                              W.HBox([self.histogram, self.promoted])])
+        self.render()
+
+    @property
+    def sae(self) -> SAE:
+        return self.data.saes[self.sae_dropdown.value]
+
+    def _on_sae(self, _: Any) -> None:
+        self.latent_slider.max = self.sae.cfg.d_sae - 1
+        self.render()
+
+    def _on_search(self, change: Any) -> None:
+        """Pick the latent with the highest mean activation where the text just ended."""
+        text = change["new"]
+        if not text:
+            return
+        codes = self.data.codes(self.sae_dropdown.value)
+        hits = self.data.find(text)
+        if len(hits) == 0:
+            self.status.value = f"<i>'{html.escape(text)}' does not occur in the held-out text</i>"
+            return
+        best = int(codes[hits].mean(0).argmax())
+        self.status.value = (f"best latent for '{html.escape(text)}': {best} "
+                             f"({len(hits)} occurrences)")
+        self.latent_slider.value = best
+
+    def render(self) -> None:
+        j = self.latent_slider.value
+        codes = self.data.codes(self.sae_dropdown.value)
+        a = codes[:, j]
+        top = a.topk(min(self.n_contexts, int((a > 0).sum()))).indices.tolist() if (a > 0).any() \
+            else []
+        vmax = float(a.max()) if len(top) else 1.0
+        freq = float((a > 0).float().mean())
+        rows = [f"<div>{a[i]:.3f}&nbsp;&nbsp;{self.data.context_html(i, a, vmax=vmax)}</div>"
+                for i in top]
+        self.contexts.value = (f"<b>latent {j}</b> fires on {freq:.2%} of tokens<br>"
+                               + ("".join(rows) or "<i>never fires on the held-out text</i>"))
+        fig, ax = plt.subplots(figsize=(4, 2.6))
+        live = a[a > 0].numpy()
+        ax.hist(live if len(live) else [0.0], bins=30, color="C3")
+        ax.set(title=f"latent {j}: activations when active", xlabel="activation",
+               ylabel="tokens")
+        self.histogram.value = _png(fig)
+        self.promoted.value = self._promoted_tokens(j)
+
+    def _promoted_tokens(self, j: int, top: int = 10) -> str:
+        """Tokens whose logits the decoder direction raises most (logit lens, no LayerNorm)."""
+        w_u = getattr(self.data.model, "W_U", None)
+        if w_u is None:
+            return ""
+        with torch.no_grad():
+            logits = self.sae.W_dec[j].to(w_u.device, w_u.dtype) @ w_u
+        vals, idx = logits.topk(top)
+        items = "".join(f"<li><code>{html.escape(self.data.token_str(int(t)))!r}</code> "
+                        f"{v:+.2f}</li>" for v, t in zip(vals.tolist(), idx.tolist()))
+        return f"<b>promotes</b><ol>{items}</ol>"
+
+
+class ZFExplorer:
+    """ZF plot with a band slider; a ratio range selects tokens to show in context."""
+
+    def __init__(self, data: ExplorerData, max_points: int = 3000) -> None:
+        self.data, self.max_points = data, max_points
+        names = list(data.saes)
+        self.sae_dropdown = W.Dropdown(options=names, value=names[0], description="SAE")
+        self.band = W.FloatSlider(0.5, min=0.05, max=2.0, step=0.05, description="eps(h-1)",
+                                  continuous_update=False)
+        self.ratio_range = W.FloatRangeSlider(value=(0.0, 0.5), min=0.0, max=2.0, step=0.05,
+                                              description="||f~||/||z||", continuous_update=False)
+        self.plot = W.Image(format="png")
+        self.summary = W.HTML()
+        self.contexts = W.HTML()
+        for w in (self.sae_dropdown, self.band):
+            w.observe(lambda _: self.render(), names="value")
+        self.ratio_range.observe(lambda _: self.show_selection(), names="value")
+        self.widget = W.VBox([W.HBox([self.sae_dropdown, self.band]), self.plot, self.summary,
+                              self.ratio_range, self.contexts])
+        self.render()
+
+    def _norms(self) -> tuple[np.ndarray, np.ndarray]:
+        sae = self.data.saes[self.sae_dropdown.value]
+        codes = self.data.codes(self.sae_dropdown.value)
+        with torch.no_grad():
+            x_in, _, _ = sae.prepare(self.data.acts.to(sae.W_enc.device))
+            z = (x_in - sae.b_dec).norm(dim=-1).cpu().numpy()
+            f = metrics.scaled_codes(codes, sae.W_dec.cpu()).norm(dim=-1).numpy()
+        return z, f
+
+    def render(self) -> None:
+        z, f = self._norms()
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+        plots.zf_plot(ax, z, f, bands=(self.band.value,),
+                      title=f"ZF plot: {self.sae_dropdown.value}", max_points=self.max_points)
+        self.plot.value = _png(fig)
+        c = self.band.value
+        ratio2 = (f / np.maximum(z, 1e-12)) ** 2
+        inside = (ratio2 >= 1 / (1 + c)) & ((ratio2 <= 1 / (1 - c)) if c < 1 else True)
+        self.summary.value = (f"median ||f~||/||z|| = {np.median(np.sqrt(ratio2)):.3f}; "
+                              f"{inside.mean():.1%} of tokens inside the eps(h-1) = {c:g} band")
+        self.show_selection()
+
+    def show_selection(self, n: int = 8) -> None:
+        z, f = self._norms()
+        ratio = f / np.maximum(z, 1e-12)
+        lo, hi = self.ratio_range.value
+        pick = np.nonzero((ratio >= lo) & (ratio <= hi))[0]
+        shown = pick[:: max(1, len(pick) // n)][:n]
+        rows = "".join(f"<div>{ratio[i]:.2f}&nbsp;&nbsp;{self.data.context_html(int(i))}</div>"
+                       for i in shown)
+        self.contexts.value = (f"{len(pick)} tokens with ratio in [{lo:.2f}, {hi:.2f}]"
+                               + (rows or ""))
+
+
+class PrefixExplorer:
+    """Prefix size of a Matryoshka SAE: FVU at that size and one token's surviving latents."""
+
+    def __init__(self, data: ExplorerData, sae_name: str, n_eval: int = 4096) -> None:
+        self.data, self.name = data, sae_name
+        self.sae = data.saes[sae_name]
+        ends = getattr(self.sae, "ends", [self.sae.cfg.d_sae])
+        self.prefix = W.SelectionSlider(options=list(ends), value=ends[-1],
+                                        description="prefix size", continuous_update=False)
+        self.token = W.IntSlider(0, 0, min(n_eval, len(data.acts)) - 1, description="token",
+                                 continuous_update=False)
+        self.fvu = W.HTML()
+        self.active = W.HTML()
+        self.plot = W.Image(format="png")
+        self.x = data.acts[:n_eval]
+        for w in (self.prefix, self.token):
+            w.observe(lambda _: self.render(), names="value")
+        self.widget = W.VBox([W.HBox([self.prefix, self.token]), self.fvu, self.plot,
+                              self.active])
+        self._curve = self._fvu_curve(list(ends))
+        self.render()
+
+    def _recon(self, g: int) -> Tensor:
+        with torch.no_grad():
+            x = self.x.to(self.sae.W_enc.device)
+            codes = self.sae.encode(x)
+            codes[:, g:] = 0
+            return self.sae.decode_like(x, codes).cpu()
+
+    def _fvu_curve(self, sizes: list[int]) -> list[float]:
+        return [metrics.fvu(self.x, self._recon(g)) for g in sizes]
+
+    def render(self) -> None:
+        g = self.prefix.value
+        fvu = self._curve[list(self.prefix.options).index(g)]
+        self.fvu.value = f"<b>{self.name}</b>: FVU with the first {g} latents = {fvu:.4f}"
+        fig, ax = plt.subplots(figsize=(4.5, 2.8))
+        ax.plot(list(self.prefix.options), self._curve, "o-")
+        ax.axvline(g, color="C3", ls=":")
+        ax.set(xscale="log", title="FVU by prefix size", xlabel="latents kept",
+               ylabel="FVU (held-out)")
+        self.plot.value = _png(fig)
+        codes = self.data.codes(self.name)[self.token.value]
+        act = codes.nonzero().flatten().tolist()
+        kept = [j for j in act if j < g]
+        cut = [j for j in act if j >= g]
+        self.active.value = (f"token {self.token.value}: "
+                             f"{self.data.context_html(self.token.value)}<br>"
+                             f"active latents kept ({len(kept)}): {kept}<br>"
+                             f"active latents cut ({len(cut)}): {cut}")

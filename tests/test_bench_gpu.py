@@ -1,0 +1,47 @@
+"""The benchmark runs end to end (tiny sizes on CPU; JSON schema), and GPU training works
+under bf16 autocast (skipped without CUDA)."""
+
+import json
+
+import pytest
+import torch
+
+from paper_lib import bench
+from paper_lib.sae import SAEConfig, make_sae
+from paper_lib.train import ShuffledBatches, TrainConfig, train_saes
+from tests.conftest import requires_cuda
+
+
+def test_quick_bench_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--out", str(out), "--skip", "profile"]) == 0
+    rec = json.loads(out.read_text())
+    assert {"env", "topk", "harvest"} <= set(rec)
+    ours = [r for r in rec["topk"] if r["variant"] == "paper_lib sparse (Adam)"][0]
+    assert ours["tokens_per_s"] > 0 and ours["n"] == 512
+    variants = {r["variant"] for r in rec["harvest"]}
+    assert variants == {"harvest (stop_at_layer)", "full forward"}
+
+
+def test_time_train_step_positive():
+    assert bench.time_train_step(SAEConfig("topk", 16, 64, k=4), torch.randn(64, 16), 2, 1) > 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "topafa", "relu"])
+def test_training_on_cuda_bf16(arch):
+    """Every architecture trains on the GPU with bf16 autocast and fp32 master weights."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    dic = torch.nn.functional.normalize(torch.randn(512, 64, device=dev, generator=g), dim=1)
+    idx = torch.rand(8192, 512, device=dev, generator=g).argsort(1)[:, :4]
+    codes = torch.zeros(8192, 512, device=dev).scatter_(1, idx, 1.0)
+    x = codes @ dic
+    extra = {"k": 8} if arch in ("topk", "batchtopk", "matryoshka") else {}
+    extra.update({"l1_coeff": 1e-3} if arch == "relu" else {})
+    sae = make_sae(SAEConfig(arch, 64, 1024, standardize_input=arch == "topafa", **extra)).to(dev)
+    res = train_saes([sae], ShuffledBatches(x, 1024), TrainConfig(steps=200, lr=3e-3,
+                                                                   progress=False),
+                     eval_x=x[:2048], init_x=x[:2048])[0]
+    assert sae.W_enc.dtype == torch.float32
+    assert res.final["fvu"] < 0.5

@@ -1,0 +1,47 @@
+"""Scaling-law fits recover known exponents from synthetic power-law data."""
+
+import numpy as np
+import pytest
+
+from paper_lib import scaling
+
+
+def test_power_law_exact():
+    x = np.array([128, 256, 512, 1024, 2048.0])
+    fit = scaling.fit_power_law(x, 3.0 * x ** -0.25)
+    assert fit.b == pytest.approx(-0.25) and fit.a == pytest.approx(3.0)
+    assert fit.r2 == pytest.approx(1)
+
+
+def test_power_law_noisy():
+    rng = np.random.default_rng(0)
+    x = np.geomspace(100, 1e5, 20)
+    y = 2.0 * x ** -0.4 * np.exp(rng.normal(0, 0.02, x.size))
+    fit = scaling.fit_power_law(x, y)
+    assert fit.b == pytest.approx(-0.4, abs=0.02) and fit.r2 > 0.99
+
+
+def test_power_law_offset_recovers_irreducible_term():
+    x = np.geomspace(10, 1e5, 15)
+    fit = scaling.fit_power_law_offset(x, 5.0 * x ** -0.5 + 0.02)
+    assert fit.b == pytest.approx(-0.5, abs=1e-3) and fit.c == pytest.approx(0.02, rel=1e-2)
+
+
+def test_joint_law_recovers_parameters():
+    """Noise-free data from known (alpha, beta_k, beta_n, gamma, zeta, eta)."""
+    true = scaling.JointLaw(0.5, -0.6, -0.2, 0.02, -4.0, -0.3, 1.0)
+    n, k = np.meshgrid([256, 512, 1024, 2048, 4096], [4, 8, 16, 32, 64])
+    loss = true(n.ravel(), k.ravel())
+    fit = scaling.fit_joint_law(n.ravel(), k.ravel(), loss)
+    assert fit.r2 > 0.9999
+    assert np.allclose(fit(n.ravel(), k.ravel()), loss, rtol=1e-3)
+    assert fit.beta_n == pytest.approx(-0.2, abs=0.02)
+
+
+def test_fit_input_errors():
+    with pytest.raises(ValueError, match="at least 2"):
+        scaling.fit_power_law([1.0], [1.0])
+    with pytest.raises(ValueError, match="positive"):
+        scaling.fit_power_law([1.0, 2.0], [1.0, -1.0])
+    with pytest.raises(ValueError, match="at least 7"):
+        scaling.fit_joint_law([1, 2], [1, 2], [1, 2])
