@@ -155,13 +155,15 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
     return rows
 
 
-def harvest_suite(dev: torch.device, quick: bool) -> list[dict[str, Any]]:
+def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
+                  ) -> list[dict[str, Any]]:
     """Tokens/s of harvest() at blocks.6.hook_resid_pre of a GPT-2-small-shaped model."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from paper_lib.data.harvest import harvest, row_batches
 
-    layers, d, ctx, rows = (2, 64, 32, 8) if quick else (12, 768, 128, 512)
+    layers, d, ctx, default_rows = (2, 64, 32, 8) if quick else (12, 768, 128, 512)
+    rows = rows or default_rows
     cfg = HookedTransformerConfig(n_layers=layers, d_model=d, n_heads=max(1, d // 64),
                                   d_head=min(64, d), d_mlp=4 * d, n_ctx=ctx,
                                   d_vocab=257 if quick else 50257, act_fn="gelu_new",
@@ -183,10 +185,12 @@ def harvest_suite(dev: torch.device, quick: bool) -> list[dict[str, Any]]:
         out.append({"variant": label, "tokens_per_s": n_tok / sec, "seconds": sec,
                     "layers": layers, "d_model": d, "hook": hook, "batch_rows": rows,
                     "n_ctx": ctx})
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # hand cached blocks back before the next (larger) suite
     return out
 
 
-def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, top: int = 15) -> list[dict]:
+def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, top: int = 25) -> list[dict]:
     """Where the time of one sparse TopK step goes (CUDA time per op, or CPU on CPU)."""
     x = torch.randn(batch, cfg.d_in, device=dev)
     step = our_step(cfg, x)
@@ -200,7 +204,7 @@ def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, top: int = 15) -
         for _ in range(3):
             step()
         _sync(dev)
-    key = "device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, "self_device_time_total" if dev.type == "cuda"
                         else "self_cpu_time_total", 0) for e in events) or 1
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/bench/)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip", nargs="*", default=[], choices=["topk", "harvest", "profile"])
+    ap.add_argument("--harvest-rows", type=int, nargs="*", default=[],
+                    help="extra harvest batch sizes (rows of 128 tokens) to compare")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configs = [(32, 512, 8, 256)] if args.quick else [(768, 32768, 32, 4096),
@@ -232,16 +238,25 @@ def main(argv: list[str] | None = None) -> int:
         result["env"]["eai_sparsify"] = version("eai-sparsify")
     except Exception:
         result["env"]["eai_sparsify"] = None
+    suites: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = []
     if "topk" not in args.skip:
         for d, n, k, b in configs:
-            result["topk"] += topk_suite(d, n, k, b, dev, steps, warmup)
-            print(json.dumps(result["topk"][-6:], indent=1), flush=True)
+            suites.append(("topk", lambda d=d, n=n, k=k, b=b:
+                           topk_suite(d, n, k, b, dev, steps, warmup)))
     if "harvest" not in args.skip:
-        result["harvest"] = harvest_suite(dev, args.quick)
-        print(json.dumps(result["harvest"], indent=1), flush=True)
+        suites.append(("harvest", lambda: harvest_suite(dev, args.quick)))
+        for r in args.harvest_rows:
+            suites.append(("harvest", lambda r=r: harvest_suite(dev, args.quick, r)))
     if "profile" not in args.skip:
         d, n, k, b = configs[0]
-        result["profile"] = profile_step(SAEConfig("topk", d, n, k=k), b, dev)
+        suites.append(("profile", lambda: profile_step(SAEConfig("topk", d, n, k=k), b, dev)))
+    for name, run in suites:
+        try:
+            rows = run()
+        except Exception as e:  # record the failure, keep the other suites
+            rows = [{"error": f"{type(e).__name__}: {e}"}]
+        result[name] += rows
+        print(json.dumps(rows, indent=1), flush=True)
     slug = "quick" if args.quick else (result["env"].get("gpu", "cpu").replace(" ", "_"))
     out = args.out or PROJECT_ROOT / "results" / "bench" / f"{slug}.json"
     atomic_write_json(out, result)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from paper_lib.runtime import PROJECT_ROOT, atomic_path, atomic_write_json, env_info
+from paper_lib.runtime import PROJECT_ROOT, atomic_path, atomic_write_json, env_info, output_root
 
 Verdict = Literal["reproduced", "direction only", "not reproduced"]
 Kind = Literal["value", "at_most", "at_least"]
@@ -129,11 +129,11 @@ def _paper_text(paper: float | None, kind: str) -> str:
 class Run:
     """Bookkeeping for one notebook execution."""
 
-    def __init__(self, stem: str, params: Any, root: Path = PROJECT_ROOT) -> None:
+    def __init__(self, stem: str, params: Any, root: Path | None = None) -> None:
         self.stem = stem
         self.params = params
         self.profile = params.profile
-        self.root = Path(root)
+        self.root = Path(root) if root is not None else output_root()
         self.t0 = time.perf_counter()
         self.claims: list[Claim] = []
         self.metrics: dict[str, Any] = {}
@@ -198,6 +198,28 @@ def claims_markdown(claims: list[Claim] | list[dict[str, Any]]) -> str:
         rows.append(f"| `{d['id']}` | {paper} | {round_to(d['ours'], d['tolerance'])} | "
                     f"{d['tolerance']:g} | {d['verdict']} | {d['source']} |")
     return "\n".join(rows)
+
+
+ICONS = {"reproduced": "✅", "direction only": "➖", "not reproduced": "❌"}
+
+
+def findings_markdown(stem: str, profile: str = "smoke", root: Path = PROJECT_ROOT) -> str:
+    """'What we find': the verdicts of the last recorded run of a notebook, from its
+    results JSON (the claims table at the end of the notebook is the authoritative copy)."""
+    path = root / "results" / profile / f"{stem}.json"
+    if not path.exists():
+        return f"_No recorded `{profile}` run of {stem} yet: run the notebook._"
+    rec = json.loads(path.read_text())
+    counts = {v: sum(c["verdict"] == v for c in rec["claims"]) for v in VERDICTS}
+    head = (f"**What we find** (last recorded `{profile}` run, device {rec['env']['device']}, "
+            f"git {rec['env'].get('git', '?')}): " + ", ".join(f"{n} {v}" for v, n in
+                                                              counts.items()) + ".")
+    rows = []
+    for c in rec["claims"]:
+        paper = _paper_text(c["paper"], c.get("kind", "value"))
+        rows.append(f"- {ICONS[c['verdict']]} {c['statement']} — paper {paper}, ours "
+                    f"{round_to(c['ours'], c['tolerance'])} (*{c['verdict']}*)")
+    return "\n".join([head, ""] + rows)
 
 
 def load_results(root: Path = PROJECT_ROOT) -> list[dict[str, Any]]:

@@ -244,7 +244,7 @@ class AmortParams(Params):
     n_test: int = param(1024, "test samples", lo=16)
     l1: float = param(0.01, "L1 weight in MSE + l1 * ||z||_1", lo=0.0)
     n_seeds: int = param(3, "independent seeds (data, dictionary and init)", lo=1)
-    train_steps: int = param(2500, "full-batch Adam steps for amortised encoders", lo=1)
+    train_steps: int = param(3000, "full-batch Adam steps for amortised encoders", lo=1)
     lr: float = param(3e-3, "Adam lr of the amortised encoders (SAE, MLP)", lo=0, lo_open=True)
     sc_steps: int = param(4000, "steps of joint dictionary + code optimisation", lo=1)
     sc_lr: float = param(3e-2, "Adam lr of sparse coding", lo=0, lo_open=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -65,6 +66,7 @@ def loglog_fit(ax: plt.Axes, x: np.ndarray, y: np.ndarray, fit_y: np.ndarray | N
     ax.loglog(x, y, marker, color=color, label=label)
     if fit_y is not None:
         ax.loglog(x, fit_y, "--", color=color, lw=1)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
 
 
 def close(fig: plt.Figure) -> None:

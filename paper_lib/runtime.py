@@ -21,6 +21,12 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def output_root() -> Path:
+    """Where results/ and figures/ are written: the project, unless PAPER_LIB_OUTPUT_ROOT
+    points elsewhere (tests and scratch runs use it to leave committed results alone)."""
+    return Path(os.environ.get("PAPER_LIB_OUTPUT_ROOT", PROJECT_ROOT))
+
+
 def quiet_warnings() -> None:
     """Silence known third-party warnings that would otherwise leak into notebook
     outputs (nbval compares stderr of checked cells)."""
@@ -63,10 +69,10 @@ def git_commit() -> str:
             capture_output=True, text=True, timeout=5,
         ).stdout.strip()
         if out.returncode != 0:
-            return "unknown"
+            return os.environ.get("PAPER_LIB_GIT", "unknown")
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("PAPER_LIB_GIT", "unknown")  # e.g. a copy without .git
 
 
 def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -95,14 +101,33 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
     return info
 
 
+def clean_stale_tmp(path: Path) -> None:
+    """Remove temporary siblings of `path` left by a writer that was killed (SIGKILL skips
+    the cleanup below); there is one writer per target, so any such leftover is stale."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _writable_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot write to {directory}: {e.strerror or e}; choose a writable "
+                      "output directory") from None
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(f"cannot write to {directory}: directory is not writable")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces `path` atomically,
     on error it is removed, so a crash never leaves a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write to {path.parent}: directory is not writable")
+    _writable_dir(path.parent)
+    clean_stale_tmp(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -128,7 +153,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like `atomic_path` for a directory: fill the yielded temporary directory; it
     is swapped in for `path` only when the block finishes without error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _writable_dir(path.parent)
+    clean_stale_tmp(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

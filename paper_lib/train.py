@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from paper_lib import metrics
-from paper_lib.runtime import atomic_path
+from paper_lib.runtime import atomic_path, clean_stale_tmp
 from paper_lib.sae.base import SAE
 
 
@@ -80,6 +80,8 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the end)."""
     checkpoint_every: int = 0
     """Write a checkpoint every this many steps (0: never)."""
+    checkpoint_seconds: float = 0.0
+    """Also write one whenever this much wall time passed since the last (0: never)."""
     checkpoint_path: str = ""
     bf16: bool = True
     """bf16 autocast for the forward pass on CUDA (ignored on CPU)."""
@@ -93,8 +95,8 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be positive")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
-        if self.checkpoint_every and not self.checkpoint_path:
-            raise ValueError("checkpoint_every needs checkpoint_path")
+        if (self.checkpoint_every or self.checkpoint_seconds) and not self.checkpoint_path:
+            raise ValueError("checkpoint_every / checkpoint_seconds need checkpoint_path")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -120,8 +122,8 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, x: Tensor, chunk: int = 8192) -> dict[str, float]:
-    """FVU, L0 and eval-window dead fraction of `sae` on rows x (in eval mode)."""
+def encode_all(sae: SAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
+    """(codes, reconstruction) of rows x in eval mode, chunked to bound memory."""
     was = sae.training
     sae.eval()
     codes, recon = [], []
@@ -130,7 +132,12 @@ def evaluate(sae: SAE, x: Tensor, chunk: int = 8192) -> dict[str, float]:
         codes.append(out.codes.float())
         recon.append(out.recon.float())
     sae.train(was)
-    c, r = torch.cat(codes), torch.cat(recon)
+    return torch.cat(codes), torch.cat(recon)
+
+
+def evaluate(sae: SAE, x: Tensor, chunk: int = 8192) -> dict[str, float]:
+    """FVU, L0 and eval-window dead fraction of `sae` on rows x (in eval mode)."""
+    c, r = encode_all(sae, x, chunk)
     return {"fvu": metrics.fvu(x, r), "l0": metrics.l0(c), "dead_eval": metrics.dead_fraction(c)}
 
 
@@ -164,8 +171,10 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     results = [TrainResult(s) for s in saes]
     start, key = 0, _configs_key(saes, cfg)
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
-    if ckpt is not None and ckpt.exists():
-        start = _load_checkpoint(ckpt, key, saes, opts, since, results)
+    if ckpt is not None:
+        clean_stale_tmp(ckpt)  # a killed run may have left a temporary file behind
+        if ckpt.exists():
+            start = _load_checkpoint(ckpt, key, saes, opts, since, results)
 
     def run_eval(step: int) -> None:
         for sae, res, cnt in zip(saes, results, since):
@@ -179,7 +188,7 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
 
     for sae in saes:
         sae.train()
-    t0 = time.perf_counter()
+    t0 = last_ckpt = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=cfg.desc, disable=not cfg.progress,
                initial=start, total=cfg.steps, mininterval=1.0)
     for step in bar:
@@ -201,16 +210,17 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
             opt.step()
             sae.after_step_()
             with torch.no_grad():
-                fired = (out.codes > 0).any(0)
-                cnt.add_(x.shape[0]).masked_fill_(fired, 0)
+                cnt.add_(x.shape[0]).masked_fill_(out.fired(), 0)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             run_eval(done)
             if eval_x is not None and cfg.progress:
                 bar.set_postfix(fvu=f"{results[0].history[-1]['fvu']:.3f}")
-        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
-                and done != cfg.steps:
+        due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or \
+            (cfg.checkpoint_seconds and time.perf_counter() - last_ckpt >= cfg.checkpoint_seconds)
+        if ckpt is not None and due and done != cfg.steps:
             _save_checkpoint(ckpt, key, done, saes, opts, since, results)
+            last_ckpt = time.perf_counter()
     bar.close()
     run_eval(cfg.steps)
     elapsed = time.perf_counter() - t0
@@ -239,7 +249,11 @@ def _save_checkpoint(path: Path, key: str, step: int, saes: list[SAE], opts: lis
 
 def _load_checkpoint(path: Path, key: str, saes: list[SAE], opts: list, since: list[Tensor],
                      results: list[TrainResult]) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickle
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read safely ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it to start over") from None
     if state.get("key") != key:
         raise ValueError(f"checkpoint {path} belongs to a different configuration; "
                          "delete it or choose another checkpoint_path")
@@ -252,3 +266,59 @@ def _load_checkpoint(path: Path, key: str, saes: list[SAE], opts: list, since: l
         res.history, res.seconds = h, sec
     torch.set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _demo_data(d_in: int, n: int, seed: int) -> Tensor:
+    """Sparse synthetic activations for the command-line demo and the resume test."""
+    from paper_lib.data.synthetic import make_sparse_data
+
+    return make_sparse_data(n, 4 * d_in, d_in, 4, seed).x
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m paper_lib.train`: train one SAE on synthetic activations (or a saved
+    activation tensor) with checkpoints; rerunning the same command resumes."""
+    import argparse
+
+    from paper_lib.runtime import atomic_write_json
+    from paper_lib.sae import SAEConfig, make_sae, save_sae
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--arch", default="topk")
+    ap.add_argument("--d-in", type=int, default=32)
+    ap.add_argument("--d-sae", type=int, default=256)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--acts", type=Path, help="a .safetensors file with an 'acts' tensor")
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--out", type=Path, required=True, help="final metrics JSON")
+    ap.add_argument("--save", type=Path, help="save the trained SAE here (SAELens layout)")
+    args = ap.parse_args(argv)
+    if args.acts is not None:
+        from safetensors.torch import load_file
+
+        x = load_file(str(args.acts))["acts"].float()
+    else:
+        x = _demo_data(args.d_in, 8192, args.seed)
+    cfg = SAEConfig(args.arch, x.shape[1], args.d_sae, k=args.k, seed=args.seed)
+    tc = TrainConfig(steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                     checkpoint_path=str(args.checkpoint), progress=False)
+    res = train_saes([make_sae(cfg)], ShuffledBatches(x, args.batch, args.seed), tc,
+                     eval_x=x[:2048], init_x=x[:2048])[0]
+    weights = b"".join(v.detach().cpu().numpy().tobytes()
+                       for _, v in sorted(res.sae.state_dict().items()))
+    import hashlib
+
+    atomic_write_json(args.out, {"final": res.final,
+                                 "weights_sha256": hashlib.sha256(weights).hexdigest()})
+    if args.save is not None:
+        save_sae(res.sae, args.save)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -59,7 +59,7 @@ class ExplorerData:
                          n: int | None = None) -> "ExplorerData":
         """From an ActivationSet's first n held-out tokens; `saes` must take raw activations
         (as saved files do)."""
-        return cls(acts_set.eval[:n] / acts_set.scale, acts_set.eval_tokens, acts_set.model,
+        return cls((acts_set.eval[:n] / acts_set.scale).cpu(), acts_set.eval_tokens, acts_set.model,
                    acts_set.token_str, acts_set.encode_text, saes, acts_set.drop_bos)
 
     def find(self, text: str) -> Tensor:

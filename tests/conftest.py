@@ -36,3 +36,20 @@ def tiny_lm(tiny_corpus):
                    warmup=5)
     model, manifest = train_lm(cfg, tiny_corpus, "cpu", progress=False)
     return model, manifest
+
+
+class Interrupted(Exception):
+    """Raised by `interrupting_batches` to simulate a run dying mid-training."""
+
+
+def interrupting_batches(x: torch.Tensor, batch_size: int, at_step: int):
+    """ShuffledBatches that raise Interrupted when training asks for step `at_step`."""
+    from paper_lib.train import ShuffledBatches
+
+    class Interrupting(ShuffledBatches):
+        def batch(self, step: int) -> torch.Tensor:
+            if step == at_step:
+                raise Interrupted
+            return super().batch(step)
+
+    return Interrupting(x, batch_size)

@@ -88,3 +88,17 @@ def test_sparse_matches_dense_bf16_cuda():
     assert l_s == pytest.approx(l_d, rel=2e-2)
     assert (ge_s - ge_d).norm() / ge_d.norm() < 3e-2
     assert (gd_s - gd_d).norm() / gd_d.norm() < 3e-2
+
+
+def test_batchtopk_candidate_selection_is_exact():
+    """Per-row candidates plus the saturation fallback select exactly the flat top-(k*B),
+    also when one row dominates the batch."""
+    sae = make_sae(SAEConfig("batchtopk", 8, 64, k=2))
+    for dominated in (False, True):
+        pre = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+        if dominated:
+            pre[3] += 10.0  # row 3 alone holds more than its 4k candidates
+        rows, cols = sae.select(pre, pre[:, :8])
+        want = pre.relu().flatten().topk(32).indices
+        assert sorted((rows * 64 + cols).tolist()) == sorted(want.tolist())
+        assert rows.tolist() == sorted(rows.tolist())

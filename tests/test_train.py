@@ -5,6 +5,7 @@ import torch
 
 from paper_lib.sae import ARCHITECTURES, SAEConfig, make_sae
 from paper_lib.train import ShuffledBatches, TrainConfig, lr_factor, train_saes
+from tests.conftest import Interrupted, interrupting_batches
 
 
 def sparse_data(n=2048, d=16, n_feat=64, k=3, seed=0):
@@ -95,17 +96,8 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
     tc = TrainConfig(steps=40, eval_every=10, checkpoint_every=20, checkpoint_path=str(ck),
                      progress=False)
 
-    class Stop(Exception):
-        pass
-
-    class Interrupting(ShuffledBatches):
-        def batch(self, step):
-            if step == 25:
-                raise Stop
-            return super().batch(step)
-
-    with pytest.raises(Stop):
-        train_saes([make_sae(cfg)], Interrupting(x, 128), tc, eval_x=x)
+    with pytest.raises(Interrupted):
+        train_saes([make_sae(cfg)], interrupting_batches(x, 128, 25), tc, eval_x=x)
     assert ck.exists()
     resumed = train_saes([make_sae(cfg)], ShuffledBatches(x, 128), tc, eval_x=x)[0]
     assert torch.equal(resumed.sae.W_dec, full.sae.W_dec)
@@ -118,16 +110,8 @@ def test_checkpoint_of_other_config_is_refused(tmp_path):
     ck = tmp_path / "ck.pt"
     tc = TrainConfig(steps=10, checkpoint_every=5, checkpoint_path=str(ck), progress=False)
 
-    class Stop(Exception):
-        pass
-
-    class Interrupting(ShuffledBatches):
-        def batch(self, step):
-            if step == 7:
-                raise Stop
-            return super().batch(step)
-
-    with pytest.raises(Stop):
-        train_saes([make_sae(SAEConfig("topk", 16, 64, k=4))], Interrupting(x, 128), tc)
+    with pytest.raises(Interrupted):
+        train_saes([make_sae(SAEConfig("topk", 16, 64, k=4))], interrupting_batches(x, 128, 7),
+                   tc)
     with pytest.raises(ValueError, match="different configuration"):
         train_saes([make_sae(SAEConfig("topk", 16, 64, k=5))], ShuffledBatches(x, 128), tc)

@@ -89,9 +89,10 @@ def load_stdlib_corpus(data_dir: Path = PROJECT_ROOT / "data", val_every: int = 
     datasets.disable_progress_bars()
     root = stdlib_root()
     files = list(files) if files is not None else stdlib_files(root)
-    files.append(pydoc_topics_file(data_dir))
     if not files or all(f.stat().st_size == 0 for f in files):
-        raise ValueError("the corpus is empty: no readable text files were found")
+        raise ValueError("the corpus is empty: no readable text files were found "
+                         f"under {root}")
+    files.append(pydoc_topics_file(data_dir))
     val = [str(f) for i, f in enumerate(files) if i % val_every == 0]
     train = [str(f) for i, f in enumerate(files) if i % val_every != 0]
     if not train or not val:

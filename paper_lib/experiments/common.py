@@ -3,6 +3,8 @@ splice an SAE into its LM, and encode held-out activations in chunks."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -13,9 +15,12 @@ from paper_lib import metrics
 from paper_lib.data.activations import ActivationSet
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, SAEConfig, make_sae, save_sae
-from paper_lib.train import TrainConfig, TrainResult, train_saes
+from paper_lib.train import TrainConfig, TrainResult, encode_all, train_saes
+
+__all__ = ["encode_all", "lm_loss", "lm_loss_fn", "save_trained", "train_on"]
 
 SAE_ROOT = PROJECT_ROOT / "data" / "saes"
+CKPT_ROOT = PROJECT_ROOT / "data" / "ckpt"
 
 
 def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size: int,
@@ -23,30 +28,27 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
              seed: int = 0, eval_n: int = 8192, lr_scale_with_n: bool = False,
              lr_ref_latents: int = 16384,
              eval_every: int = 0, sparsity_warmup_steps: int | None = None,
-             eval_fn: Callable[[SAE], dict[str, float]] | None = None) -> list[TrainResult]:
+             eval_fn: Callable[[SAE], dict[str, float]] | None = None,
+             checkpoint_seconds: float = 60.0) -> list[TrainResult]:
     """Train every config in lockstep on the same batches of `acts` (one harvest, a sweep).
-    The L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default."""
+    The L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default. A
+    checkpoint keyed by the configs and data is written every `checkpoint_seconds` of
+    training under data/ckpt/, so re-running an interrupted notebook resumes where it
+    stopped (0 disables)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
+    key = hashlib.sha256(json.dumps([[c.to_dict() for c in cfgs], steps, batch_size, lr, seed,
+                                     lr_scale_with_n, lr_ref_latents, warm, acts.hook,
+                                     acts.model_info.get("weights_sha256"),
+                                     acts.corpus_sha256], sort_keys=True, default=str)
+                         .encode()).hexdigest()[:16]
     tc = TrainConfig(steps=steps, lr=lr, lr_scale_with_n=lr_scale_with_n,
                      lr_ref_latents=lr_ref_latents, progress=progress,
-                     desc=desc, eval_every=eval_every, sparsity_warmup_steps=warm)
+                     desc=desc, eval_every=eval_every, sparsity_warmup_steps=warm,
+                     checkpoint_seconds=checkpoint_seconds,
+                     checkpoint_path=str(CKPT_ROOT / f"{key}.pt") if checkpoint_seconds else "")
     return train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
                       init_x=acts.eval[:4096], eval_fn=eval_fn)
-
-
-@torch.no_grad()
-def encode_all(sae: SAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """(codes, reconstruction) of x in eval mode, chunked."""
-    was = sae.training
-    sae.eval()
-    codes, recon = [], []
-    for i in range(0, x.shape[0], chunk):
-        out = sae(x[i:i + chunk])
-        codes.append(out.codes.float())
-        recon.append(out.recon.float())
-    sae.train(was)
-    return torch.cat(codes), torch.cat(recon)
 
 
 def lm_loss(acts: ActivationSet, sae: SAE, rows: int = 32) -> metrics.LMLoss:

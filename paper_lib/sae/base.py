@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -123,20 +123,41 @@ class SAEConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-class SAEOutput(NamedTuple):
-    codes: Tensor
-    """[B, n] latent activations after the nonlinearity."""
-    recon: Tensor
-    """[B, d] reconstruction in input units."""
-    pre: Tensor
-    """[B, n] pre-activations (AuxK picks dead latents from these)."""
-    x_in: Tensor
-    """[B, d] the input the SAE sees (standardised when standardize_input)."""
-    recon_in: Tensor
-    """[B, d] reconstruction of x_in (the same tensor as recon unless standardised)."""
-    sel: tuple[Tensor, Tensor, Tensor] | None = None
-    """Sparse path only: (rows, cols, vals) of the active codes, vals carrying gradients
-    (then `codes` is a detached dense copy for bookkeeping)."""
+class SAEOutput:
+    """What `SAE.forward` returns (attribute access, like a named tuple)."""
+
+    __slots__ = ("_codes", "recon", "pre", "x_in", "recon_in", "sel")
+
+    def __init__(self, codes: Tensor | None, recon: Tensor, pre: Tensor, x_in: Tensor,
+                 recon_in: Tensor, sel: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        self._codes = codes
+        self.recon = recon
+        """[B, d] reconstruction in input units."""
+        self.pre = pre
+        """[B, n] pre-activations (AuxK picks dead latents from these)."""
+        self.x_in = x_in
+        """[B, d] the input the SAE sees (standardised when standardize_input)."""
+        self.recon_in = recon_in
+        """[B, d] reconstruction of x_in (the same tensor as recon unless standardised)."""
+        self.sel = sel
+        """Sparse path only: (rows, cols, vals) of the active codes, vals carrying gradients."""
+
+    @property
+    def codes(self) -> Tensor:
+        """[B, n] latent activations. On the sparse path a detached dense copy, built only
+        when read (the training loop itself never needs it)."""
+        if self._codes is None:
+            rows, cols, vals = self.sel
+            self._codes = kernels.to_dense(rows, cols, vals, tuple(self.pre.shape))
+        return self._codes
+
+    def fired(self) -> Tensor:
+        """[n] bool: latents active on at least one row of the batch."""
+        if self.sel is None:
+            return (self._codes > 0).any(0)
+        rows, cols, vals = self.sel
+        out = torch.zeros(self.pre.shape[1], dtype=torch.bool, device=cols.device)
+        return out.index_fill_(0, cols[vals.detach() > 0], True)
 
 
 class SAE(nn.Module):
@@ -217,7 +238,7 @@ class SAE(nn.Module):
                 x_in, self.W_enc, self.b_enc, self.b_dec, lambda p: self.select(p, x_in))
             batch = x_in.shape[0]
             recon_in = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch) + self.b_dec
-            codes = kernels.to_dense(rows, cols, vals, tuple(pre.shape))
+            codes = None  # built lazily from `sel` if anything reads out.codes
             sel = (rows, cols, vals)
         else:
             pre = self.pre_acts(x_in)
@@ -270,15 +291,19 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def set_decoder_(self, w_dec: Tensor) -> None:
-        """Install a given dictionary [n, d] (e.g. the ground truth)."""
+        """Install a given dictionary [n, d] (e.g. the ground truth); renormalised when the
+        architecture keeps unit-norm rows."""
         self.W_dec.copy_(w_dec)
+        if self.cfg.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
     def before_step_(self) -> None:
-        """Remove the gradient component parallel to each unit-norm decoder row."""
+        """Remove the gradient component parallel to each unit-norm decoder row (the rows
+        are unit norm already: after_step_ renormalises after every step, and at init)."""
         if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
-            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+            w, g = self.W_dec, self.W_dec.grad
+            g.sub_(w * (g * w).sum(1, keepdim=True))
 
     @torch.no_grad()
     def after_step_(self) -> None:

@@ -42,12 +42,24 @@ class BatchTopKSAE(SAE):
         return codes
 
     def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
-        flat = pre.relu().flatten()
-        vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()), sorted=False)
+        """The batch's k*B largest ReLU pre-activations, exactly, found among each row's top
+        4k candidates; if some row has all its candidates selected (it might own more),
+        the full flat top-(k*B) decides instead."""
+        acts = pre.relu()
+        batch, n = acts.shape
+        total = min(self.cfg.k * batch, acts.numel())
+        per_row = min(n, 4 * self.cfg.k)
+        cand_vals, cand_cols = acts.topk(per_row, dim=1, sorted=False)
+        vals, pos = cand_vals.flatten().topk(total, sorted=False)
+        rows = pos // per_row
+        if per_row < n and bool((torch.bincount(rows, minlength=batch) >= per_row).any()):
+            vals, flat = acts.flatten().topk(total, sorted=False)
+            rows, cols = flat // n, flat % n
+        else:
+            cols = cand_cols.flatten()[pos]
         self._update_threshold(vals)
-        idx = idx.sort().values  # row-major order: rows ascending
-        n = pre.shape[1]
-        return idx // n, idx % n
+        order = (rows * n + cols).sort().indices  # row-major order: rows ascending
+        return rows[order], cols[order]
 
     def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
         if self.training:

@@ -49,10 +49,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         return out
 
     def prefix_recons_sparse(self, sel: tuple[Tensor, Tensor, Tensor], batch: int) -> list[Tensor]:
-        """Sparse-path twin of prefix_recons from the selection (rows, cols, vals)."""
+        """Sparse-path twin of prefix_recons: each group decodes only its own selections
+        (together one decode's work), then the prefixes are running sums."""
         rows, cols, vals = sel
-        return [kernels.sparse_decode(rows, cols, vals * (cols < end), self.W_dec, batch)
-                + self.b_dec for end in self.ends]
+        group = torch.bucketize(cols, torch.tensor(self.ends, device=cols.device), right=True)
+        out, acc = [], self.b_dec.expand(batch, -1)
+        for g in range(len(self.ends)):
+            idx = (group == g).nonzero().flatten()  # rows stay sorted within the subset
+            acc = acc + kernels.sparse_decode(rows[idx], cols[idx], vals[idx], self.W_dec, batch)
+            out.append(acc)
+        return out
 
     def recon_loss(self, out: SAEOutput) -> Tensor:
         recons = (self.prefix_recons(out.codes) if out.sel is None

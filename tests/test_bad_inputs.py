@@ -1,0 +1,183 @@
+"""The bad-input catalogue: each bad input raises its own clear error (naming the problem
+and, where there is one, the fix) before any compute, and leaves no half-written file."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from paper_lib import scaling
+from paper_lib.config import AFAParams, AmortParams, MatryoshkaParams, TopKParams
+from paper_lib.data import corpus as corp
+from paper_lib.data import harvest as hv
+from paper_lib.data.synthetic import quasi_orthogonal_dictionary
+from paper_lib.sae import SAEConfig, load_sae, make_sae, save_sae
+from paper_lib.sae.io import CFG_FILE, WEIGHTS_FILE
+from paper_lib.train import ShuffledBatches, TrainConfig, train_saes
+from tests.conftest import Interrupted, interrupting_batches
+
+
+def _saved(tmp: Path) -> Path:
+    return save_sae(make_sae(SAEConfig("topk", 8, 16, k=2)), tmp / "sae")
+
+
+def _corrupt_weights(tmp: Path):
+    d = _saved(tmp)
+    data = (d / WEIGHTS_FILE).read_bytes()
+    (d / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    return lambda: load_sae(d)
+
+
+def _cfg_missing_key(tmp: Path):
+    d = _saved(tmp)
+    cfg = json.loads((d / CFG_FILE).read_text())
+    del cfg["d_in"]
+    (d / CFG_FILE).write_text(json.dumps(cfg))
+    return lambda: load_sae(d)
+
+
+def _cfg_not_json(tmp: Path):
+    d = _saved(tmp)
+    (d / CFG_FILE).write_text("{\"d_in\": 8,")
+    return lambda: load_sae(d)
+
+
+def _cfg_not_ours(tmp: Path):
+    d = _saved(tmp)
+    cfg = json.loads((d / CFG_FILE).read_text())
+    del cfg["paper_lib"]
+    (d / CFG_FILE).write_text(json.dumps(cfg))
+    return lambda: load_sae(d)
+
+
+def _wrong_d_in(tmp: Path):
+    d = _saved(tmp)
+    return lambda: load_sae(d, expected_d_in=768)
+
+
+def _unwritable_output(tmp: Path):
+    blocker = tmp / "a_file"
+    blocker.write_text("not a directory")
+    return lambda: save_sae(make_sae(SAEConfig("topk", 8, 16, k=2)), blocker / "sae")
+
+
+def _stale_checkpoint(tmp: Path):
+    x = torch.randn(128, 8)
+    ck = tmp / "ck.pt"
+    tc = TrainConfig(steps=4, checkpoint_every=1, checkpoint_path=str(ck), progress=False)
+
+    with pytest.raises(Interrupted):
+        train_saes([make_sae(SAEConfig("topk", 8, 16, k=2))], interrupting_batches(x, 32, 2),
+                   tc)
+    return lambda: train_saes([make_sae(SAEConfig("topk", 8, 32, k=2))],
+                              ShuffledBatches(x, 32), tc)
+
+
+class _Model:
+    """Just enough of a HookedTransformer for hook validation."""
+
+    class cfg:
+        n_layers = 2
+    hook_dict = {"hook_embed": None, "blocks.0.hook_resid_pre": None,
+                 "blocks.1.hook_resid_pre": None}
+
+
+CASES = [
+    ("unknown notebook parameter", lambda t: lambda: AmortParams.from_profile("smoke", n_sed=3),
+     ValueError, r"unknown parameter\(s\) 'n_sed'"),
+    ("wrong parameter type", lambda t: lambda: TopKParams.from_profile("smoke", steps="many"),
+     ValueError, r"'steps' = 'many' \(str\) is invalid: expected int"),
+    ("negative learning rate", lambda t: lambda: AFAParams.from_profile("smoke", lr=-0.1),
+     ValueError, r"'lr' = -0.1 is out of range: must be > 0"),
+    ("unknown profile", lambda t: lambda: AFAParams.from_profile("cluster"),
+     ValueError, r"'profile' = 'cluster' is invalid"),
+    ("granularity not a power of two",
+     lambda t: lambda: MatryoshkaParams.from_profile("smoke", min_granularity=48),
+     ValueError, r"'min_granularity' = 48 must be a power of two"),
+    ("frontier n not in the sweep", lambda t: lambda: TopKParams.from_profile("smoke",
+                                                                             frontier_n=300),
+     ValueError, r"'frontier_n' = 300 must be one of"),
+    ("k > n", lambda t: lambda: SAEConfig("topk", 8, 16, k=17),
+     ValueError, r"k=17 exceeds d_sae=16"),
+    ("k <= 0", lambda t: lambda: SAEConfig("batchtopk", 8, 16, k=0),
+     ValueError, r"k=0 must be >= 1"),
+    ("unknown architecture", lambda t: lambda: SAEConfig("jumprelu", 8, 16),
+     ValueError, r"unknown architecture 'jumprelu'; choose one of"),
+    ("Matryoshka groups not summing to 1",
+     lambda t: lambda: SAEConfig("matryoshka", 8, 16, k=2, group_fractions=(0.5, 0.25)),
+     ValueError, r"must be positive and sum to 1"),
+    ("unknown hook", lambda t: lambda: hv.stop_layer(_Model, "blocks.0.mlp_out"),
+     ValueError, r"unknown hook 'blocks.0.mlp_out'. Residual-stream hooks"),
+    ("layer out of range", lambda t: lambda: hv.stop_layer(_Model, "blocks.9.hook_resid_pre"),
+     ValueError, r"layer 9 is out of range, the model has 2 layers"),
+    ("NaN activations", lambda t: lambda: hv.check_finite(
+        torch.tensor([[[0.0, math.nan]]]), "blocks.0.hook_resid_pre", 3),
+     ValueError, r"non-finite activations at hook 'blocks.0.hook_resid_pre' in batch 3"),
+    ("empty corpus", lambda t: lambda: corp.load_stdlib_corpus(t, files=[]),
+     ValueError, r"the corpus is empty"),
+    ("text too short for a row", lambda t: lambda: corp.byte_tokens(["ab"], n_ctx=64),
+     ValueError, r"not enough text for one row of 64 tokens"),
+    ("corrupt safetensors", _corrupt_weights, ValueError, r"corrupt or truncated"),
+    ("cfg.json with a missing key", _cfg_missing_key, ValueError,
+     r"lacks required key\(s\) \['d_in'\]"),
+    ("cfg.json not JSON", _cfg_not_json, ValueError, r"is not valid JSON"),
+    ("cfg.json not from paper_lib", _cfg_not_ours, ValueError,
+     r"no 'paper_lib.config' section.*sae_lens"),
+    ("SAE for another model width", _wrong_d_in, ValueError,
+     r"d_in=8 but the activations have d_in=768: wrong hook or model"),
+    ("missing SAE directory", lambda t: lambda: load_sae(t / "nope"), FileNotFoundError,
+     r"no cfg.json in .*not a saved SAE directory"),
+    ("unwritable output directory", _unwritable_output, OSError, r"cannot write to"),
+    ("checkpoint of another configuration", _stale_checkpoint, ValueError,
+     r"belongs to a different configuration; delete it or choose another"),
+    ("batch larger than the data", lambda t: lambda: ShuffledBatches(torch.zeros(10, 2), 64),
+     ValueError, r"batch_size=64 exceeds the 10 rows available"),
+    ("zero training steps", lambda t: lambda: TrainConfig(steps=0), ValueError,
+     r"steps=0 must be positive"),
+    ("coherence below the Welch bound",
+     lambda t: lambda: quasi_orthogonal_dictionary(512, 16, 0.01, seed=0),
+     ValueError, r"below what 512 atoms in 16 dims allow \(Welch bound"),
+    ("power-law fit on non-positive data",
+     lambda t: lambda: scaling.fit_power_law([1.0, 2.0], [0.5, 0.0]),
+     ValueError, r"need positive x and y"),
+    ("k' outside the dictionary", lambda t: lambda: make_sae(
+        SAEConfig("topk", 8, 16, k=2)).encode_at_k(torch.zeros(1, 8), 99),
+     ValueError, r"k'=99 must satisfy 0 < k' <= d_sae=16"),
+]
+
+
+@pytest.mark.parametrize("name, build, exc, pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, build, exc, pattern, tmp_path):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    call = build(tmp_path)
+    after_setup = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(exc, match=pattern):
+        call()
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    changed = set(after) ^ set(after_setup)
+    assert not changed, f"{name}: files appeared or vanished: {changed}"
+    assert not [p for p in after if str(p).endswith(".tmp")]
+    assert before == [] or before == after_setup[: len(before)]
+
+
+def test_catalogue_size():
+    assert len(CASES) >= 20
+
+
+def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
+    """A crash while overwriting a saved SAE leaves the old one intact and loadable."""
+    import paper_lib.sae.io as io
+
+    old = make_sae(SAEConfig("topk", 8, 16, k=2))
+    d = save_sae(old, tmp_path / "sae")
+
+    def broken(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(io, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_sae(make_sae(SAEConfig("topk", 8, 16, k=2, seed=1)), d)
+    assert torch.equal(load_sae(d).W_dec, old.W_dec)
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]
