@@ -97,6 +97,9 @@ class Claim:
     """Whether the qualitative direction of the claim holds in our data."""
     kind: Kind = "value"
     """"value": ours should match paper; "at_most" / "at_least": paper is a bound."""
+    volatile: bool = False
+    """Measured from wall-clock time: recorded, but kept out of nbval-checked output and
+    determinism comparisons (it changes from run to run and machine to machine)."""
     verdict: Verdict = field(init=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +140,7 @@ class Run:
         self.t0 = time.perf_counter()
         self.claims: list[Claim] = []
         self.metrics: dict[str, Any] = {}
+        self.volatile_metrics: list[str] = []
         self.figures: list[str] = []
         self.fig_dir = self.root / "figures" / self.profile
         self.results_path = self.root / "results" / self.profile / f"{stem}.json"
@@ -148,14 +152,18 @@ class Run:
         self.claims.append(c)
         return c
 
-    def metric(self, name: str, value: Any) -> None:
+    def metric(self, name: str, value: Any, volatile: bool = False) -> None:
+        """Record a metric; `volatile` marks wall-clock measurements (see Claim.volatile)."""
         self.metrics[name] = value
+        if volatile:
+            self.volatile_metrics.append(name)
 
     def savefig(self, fig: Any, name: str) -> Path:
         """Save `fig` as PNG and PDF under figures/<profile>/<stem>_<name>.*, atomically."""
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         out = self.fig_dir / f"{self.stem}_{name}"
-        for ext, kw in (("png", {"dpi": 120}), ("pdf", {})):
+        # No creation date in the PDF: reruns produce identical bytes (clean git diffs).
+        for ext, kw in (("png", {"dpi": 120}), ("pdf", {"metadata": {"CreationDate": None}})):
             with atomic_path(out.with_suffix(f".{ext}")) as tmp:
                 fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)
         self.figures.append(str(out.relative_to(self.root)))
@@ -173,6 +181,7 @@ class Run:
             "seconds": round(time.perf_counter() - self.t0, 1),
             "claims": [asdict(c) for c in self.claims],
             "metrics": self.metrics,
+            "volatile_metrics": self.volatile_metrics,
             "figures": self.figures,
         }
 
@@ -183,7 +192,12 @@ class Run:
         return rec
 
     def verdict_lines(self) -> str:
-        return "\n".join(c.line() for c in self.claims)
+        """The machine-stable verdict lines (what nbval checks): timing claims excluded."""
+        return "\n".join(c.line() for c in self.claims if not c.volatile)
+
+    def volatile_lines(self) -> str:
+        """Verdict lines of the wall-clock claims (shown, never checked)."""
+        return "\n".join(c.line() for c in self.claims if c.volatile)
 
     def table(self) -> str:
         return claims_markdown(self.claims)

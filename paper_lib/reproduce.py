@@ -24,7 +24,7 @@ from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 KERNEL = "paper-lib"
-VOLATILE_KEYS = {"seconds", "env", "figures"}
+VOLATILE_KEYS = {"seconds", "env", "figures", "volatile_metrics"}
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -76,7 +76,13 @@ def run_one(nb: Path, profile: str, out_dir: Path, params: dict[str, Any],
 
 
 def comparable(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rec.items() if k not in VOLATILE_KEYS}
+    """What two runs must agree on: everything but timings, environment and the claims and
+    metrics marked volatile (wall-clock measurements)."""
+    out = {k: v for k, v in rec.items() if k not in VOLATILE_KEYS}
+    out["claims"] = [c for c in rec.get("claims", []) if not c.get("volatile")]
+    skip = set(rec.get("volatile_metrics", []))
+    out["metrics"] = {k: v for k, v in rec.get("metrics", {}).items() if k not in skip}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

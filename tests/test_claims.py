@@ -86,3 +86,22 @@ def test_scoreboard_counts(tmp_path):
     run.finish()
     board = claims.scoreboard(tmp_path)
     assert "| smoke | 98_x | 2 | 1 | 1 | 0 |" in board
+
+
+def test_volatile_claims_stay_out_of_checked_lines_and_comparisons(tmp_path):
+    """Wall-clock claims are recorded but excluded from verdict lines and determinism."""
+    from paper_lib.reproduce import comparable
+
+    run = claims.Run("97_t", AmortParams.from_profile("smoke"), root=tmp_path)
+    run.claim("a.stable", "s", 1.0, 1.0, 0.1, "T1")
+    run.claim("a.timing", "t", 1.25, 2.0, 0.25, "T2", direction_holds=True, volatile=True)
+    run.metric("cost", 3.0, volatile=True)
+    run.metric("fvu", 0.1)
+    assert "a.timing" not in run.verdict_lines() and "a.timing" in run.volatile_lines()
+    rec = json.loads(json.dumps(run.finish()))  # as read back from disk
+    other = json.loads(json.dumps(rec))
+    other["claims"][1]["ours"] = 9.0
+    other["metrics"]["cost"] = 7.0
+    assert comparable(rec) == comparable(other)
+    other["metrics"]["fvu"] = 0.2
+    assert comparable(rec) != comparable(other)
