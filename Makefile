@@ -22,9 +22,7 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,browser]"
-	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (paper_lib)" >/dev/null
-	@# quiet the kernel's start-up warning (unencrypted local TCP) in every Papermill/nbval run
-	$(PY) -c "import json, pathlib, sys; p = pathlib.Path(sys.prefix, 'share/jupyter/kernels/$(KERNEL)/kernel.json'); k = json.loads(p.read_text()); k['argv'] += ['--IPKernelApp.log_level=ERROR']; p.write_text(json.dumps(k, indent=1))"
+	$(PY) -m paper_lib.kernelspec
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "venv ready: $$(du -sh $(VENV) | cut -f1)"

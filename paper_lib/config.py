@@ -399,14 +399,19 @@ class MatryoshkaParams(LMParams):
     syn_features: int = param(256, "ground-truth features of the synthetic check", lo=8)
     syn_dim: int = param(64, "dimension of the synthetic check", lo=4)
     syn_steps: int = param(400, "training steps of the synthetic check", lo=1)
+    extra_sizes: tuple[int, ...] = param((512, 1024), "n of further Matryoshka / TopK pairs "
+                                         "(Matryoshka vs pruning at other sizes and k)", lo=16)
+    extra_ks: tuple[int, ...] = param((16, 32), "k paired with extra_sizes", lo=1)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},
-        "gpu": {**_LM_GPU, "d_sae": 16384, "k": 32, "min_granularity": 512, "steps": 2000,
+        "gpu": {**_LM_GPU, "extra_sizes": (8192, 16384), "extra_ks": (32, 64),
+                "d_sae": 16384, "k": 32, "min_granularity": 512, "steps": 2000,
                 "lr": 1e-3, "ce_rows": 256, "rsa_samples": 2048, "n_explain": 128,
                 "cost_sizes": (8192, 16384, 32768), "cost_ks": (32, 64, 128),
                 "cost_batch": 4096, "syn_features": 2048, "syn_dim": 256, "syn_steps": 2000},
-        "paper": {**_LM_PAPER, "d_sae": 32768, "k": 64, "min_granularity": 1024,
+        "paper": {**_LM_PAPER, "extra_sizes": (16384, 65536), "extra_ks": (64, 128),
+                  "d_sae": 32768, "k": 64, "min_granularity": 1024,
                   "steps": 12_000, "lr": 5e-4, "ce_rows": 512, "rsa_samples": 4096,
                   "n_explain": 256, "cost_sizes": (16384, 32768, 65536),
                   "cost_ks": (64, 128, 256, 512), "cost_batch": 4096},
@@ -424,6 +429,12 @@ class MatryoshkaParams(LMParams):
                              f"{self.min_granularity}: a prefix could not hold k latents")
         if self.syn_dim >= self.syn_features:
             raise ValueError("'syn_dim' must be < 'syn_features' (superposition)")
+        if len(self.extra_sizes) != len(self.extra_ks):
+            raise ValueError("'extra_sizes' and 'extra_ks' must have equal length")
+        for n, k in zip(self.extra_sizes, self.extra_ks):
+            if n & (n - 1) or n < 2 * self.min_granularity or k > self.min_granularity:
+                raise ValueError(f"extra pair (n={n}, k={k}): n must be a power of two >= "
+                                 f"2 * min_granularity and k <= min_granularity")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from paper_lib.config import PROFILES
+from paper_lib.kernelspec import KERNEL
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-KERNEL = "paper-lib"
 VOLATILE_KEYS = {"seconds", "env", "figures", "volatile_metrics"}
 
 

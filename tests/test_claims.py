@@ -54,6 +54,8 @@ def test_round_to_tolerance():
 def test_verdict_line_is_rounded():
     c = Claim("a.b", "s", 0.609, 0.6663, 0.05, "Table 1")
     assert c.line() == "a.b: not reproduced (paper 0.609, ours ~0.65, tolerance 0.05)"
+    # the nbval-checked form drops our number, which drifts with the CPU
+    assert c.verdict_line() == "a.b: not reproduced (paper 0.609, tolerance 0.05)"
 
 
 def test_run_writes_results_atomically(tmp_path):

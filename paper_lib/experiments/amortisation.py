@@ -198,12 +198,20 @@ def lm_gap(acts_train: Tensor, acts_eval: Tensor, k: int, n_latents: int, steps:
     x = acts_eval.to(device)
     with torch.no_grad():
         z = sae.encode(x)
-    z_ito = refine_codes(x, z, sae.W_dec, sae.b_dec, 0.0, ito_steps, 3e-3, support=z > 0)
+    trace: list[tuple[int, float]] = []
+
+    def on_step(step: int, codes: Tensor) -> None:
+        if step % 10 == 0 or step == ito_steps:
+            with torch.no_grad():
+                trace.append((step, metrics.fvu(x, sae.decode(codes))))
+    z_ito = refine_codes(x, z, sae.W_dec, sae.b_dec, 0.0, ito_steps, 3e-3, support=z > 0,
+                         on_step=on_step)
     with torch.no_grad():
         fvu_sae = metrics.fvu(x, sae.decode(z))
         fvu_ito = metrics.fvu(x, sae.decode(z_ito))
     return {"fvu_sae": fvu_sae, "fvu_ito": fvu_ito, "l0_sae": metrics.l0(z),
-            "l0_ito": metrics.l0(z_ito), "relative_gap": (fvu_sae - fvu_ito) / fvu_sae}
+            "l0_ito": metrics.l0(z_ito), "relative_gap": (fvu_sae - fvu_ito) / fvu_sae,
+            "trace": trace}
 
 
 def _run_task(task: tuple[Callable[..., Any], tuple, dict]) -> Any:

@@ -1,0 +1,63 @@
+"""Register the `paper-lib` Jupyter kernel that Papermill, nbval and JupyterLab use.
+
+`python -m paper_lib.kernelspec` (run by `make`) installs the kernel into the venv and
+pins the CPU numerics its processes use. Without the pin, PyTorch and MKL pick the
+widest SIMD code path the CPU has (AVX2 on one machine, AVX-512 on the next), which
+sums floats in a different order: a CPU-trained model then drifts from machine to
+machine and the smoke numbers stop matching the committed notebooks. With every x86
+machine held to the AVX2 paths, same thread count, the numbers are bit-identical.
+No torch import here: the variables only act in a process that has not loaded torch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+KERNEL = "paper-lib"
+DISPLAY_NAME = "Python (paper_lib)"
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing, e.g. macOS)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def pinned_cpu_env(flags: set[str]) -> dict[str, str]:
+    """Environment that holds PyTorch (ATen), MKL and oneDNN to their AVX2 code paths.
+
+    Only on CPUs that have AVX2: ATen trusts ATEN_CPU_CAPABILITY without checking the
+    hardware, so forcing it on an older CPU would crash with an illegal instruction.
+    """
+    if "avx2" not in flags:
+        return {}
+    return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def install(name: str = KERNEL, prefix: str = sys.prefix) -> Path:
+    """Install the kernelspec under `prefix` with a quiet log and the pinned CPU env."""
+    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", prefix,
+                    "--name", name, "--display-name", DISPLAY_NAME],
+                   check=True, stdout=subprocess.DEVNULL)
+    path = Path(prefix, "share", "jupyter", "kernels", name, "kernel.json")
+    spec = json.loads(path.read_text())
+    # Quiet the kernel's start-up warning (unencrypted local TCP) in every run.
+    if "--IPKernelApp.log_level=ERROR" not in spec["argv"]:
+        spec["argv"].append("--IPKernelApp.log_level=ERROR")
+    spec["env"] = {**spec.get("env", {}), **pinned_cpu_env(cpu_flags())}
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+if __name__ == "__main__":
+    spec_path = install()
+    print(f"kernel {KERNEL!r}: {spec_path} (env {json.loads(spec_path.read_text())['env']})")

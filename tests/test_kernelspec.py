@@ -1,0 +1,30 @@
+"""The kernelspec pins CPU numerics only where the CPU can run the pinned code path."""
+
+import json
+
+from paper_lib import kernelspec
+
+
+def test_cpu_flags_parsed_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbogomips\t: 1\n")
+    assert kernelspec.cpu_flags(info) == {"fpu", "sse2", "avx", "avx2", "fma"}
+    assert kernelspec.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_pin_only_on_avx2_cpus():
+    assert kernelspec.pinned_cpu_env({"sse2", "avx"}) == {}  # forcing avx2 would crash
+    assert kernelspec.pinned_cpu_env(set()) == {}  # non-x86 / unknown: leave defaults
+    env = kernelspec.pinned_cpu_env({"avx2", "avx512f"})
+    assert env == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_installed_kernel_carries_quiet_log_and_env(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernelspec, "cpu_flags", lambda: {"avx2"})
+    path = kernelspec.install(prefix=str(tmp_path))
+    spec = json.loads(path.read_text())
+    assert spec["argv"].count("--IPKernelApp.log_level=ERROR") == 1
+    assert spec["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    kernelspec.install(prefix=str(tmp_path))  # idempotent
+    assert json.loads(path.read_text())["argv"].count("--IPKernelApp.log_level=ERROR") == 1
