@@ -100,6 +100,10 @@ class Claim:
     volatile: bool = False
     """Measured from wall-clock time: recorded, but kept out of nbval-checked output and
     determinism comparisons (it changes from run to run and machine to machine)."""
+    noisy: str = ""
+    """Why the verdict sits within the spread of our runs (e.g. its sign changed between
+    two machines): such a verdict is shown, but not nbval-checked, since it is not a
+    property of the code. Determinism comparisons (same machine) still include it."""
     verdict: Verdict = field(init=False)
 
     def __post_init__(self) -> None:
@@ -200,8 +204,10 @@ class Run:
 
     def verdict_lines(self) -> str:
         """The machine-stable verdict lines (what nbval checks): no numbers of ours,
-        timing claims excluded. The claims table shows the numbers."""
-        return "\n".join(c.verdict_line() for c in self.claims if not c.volatile)
+        timing claims excluded, noise-level claims named without their verdict. The
+        claims table shows the numbers."""
+        return "\n".join(f"{c.id}: noise level, verdict not checked" if c.noisy
+                         else c.verdict_line() for c in self.claims if not c.volatile)
 
     def volatile_lines(self) -> str:
         """Verdict lines of the wall-clock claims (shown, never checked)."""
@@ -217,8 +223,9 @@ def claims_markdown(claims: list[Claim] | list[dict[str, Any]]) -> str:
     for c in claims:
         d = asdict(c) if isinstance(c, Claim) else c
         paper = _paper_text(d["paper"], d.get("kind", "value"))
+        verdict = d["verdict"] + (" (noise level)" if d.get("noisy") else "")
         rows.append(f"| `{d['id']}` | {paper} | {round_to(d['ours'], d['tolerance'])} | "
-                    f"{d['tolerance']:g} | {d['verdict']} | {d['source']} |")
+                    f"{d['tolerance']:g} | {verdict} | {d['source']} |")
     return "\n".join(rows)
 
 

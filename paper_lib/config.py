@@ -180,16 +180,19 @@ class Params:
 
     def torch_device(self) -> Any:
         """The torch device for this run; the gpu and paper profiles refuse to run on CPU
-        unless device='cpu' is passed explicitly."""
+        unless device='cpu' is passed explicitly. On the CPU, deterministic kernels are
+        switched on (reruns are bit-identical; see runtime.deterministic_on_cpu)."""
         import torch
 
-        from paper_lib.runtime import pick_device
+        from paper_lib.runtime import deterministic_on_cpu, pick_device
 
         if self.profile in ("gpu", "paper") and self.device == "auto" \
                 and not torch.cuda.is_available():
             raise ValueError(f"profile {self.profile!r} needs a CUDA GPU and torch sees none; "
                              "use profile='smoke', or pass device='cpu' to force a (slow) CPU run")
-        return pick_device(self.device)
+        device = pick_device(self.device)
+        deterministic_on_cpu(device)
+        return device
 
     def describe(self) -> str:
         """One line per parameter: name = value  # help."""

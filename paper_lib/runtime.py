@@ -50,6 +50,16 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def deterministic_on_cpu(device: torch.device | str) -> None:
+    """On the CPU, switch torch to its deterministic kernels. With two or more threads some
+    CPU kernels (accumulating index updates, e.g. an embedding's backward) add in whatever
+    order the threads finish, so two trainings of the same LM with the same seed differed
+    in their weights; with this on they are bit-identical, and equal to a one-thread run.
+    Left off on CUDA, where the deterministic variants of our sparse kernels are slow."""
+    if torch.device(device).type == "cpu" and not torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; returns a CPU generator seeded the same way."""
     random.seed(seed)

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from paper_lib import metrics
-from paper_lib.runtime import atomic_path, clean_stale_tmp
+from paper_lib.runtime import atomic_path, clean_stale_tmp, deterministic_on_cpu
 from paper_lib.sae.base import SAE
 
 
@@ -157,6 +157,7 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     With cfg.checkpoint_path, an existing checkpoint for the same configs is resumed.
     """
     device = next(saes[0].parameters()).device
+    deterministic_on_cpu(device)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     opts = []
     for sae in saes:

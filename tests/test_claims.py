@@ -107,3 +107,17 @@ def test_volatile_claims_stay_out_of_checked_lines_and_comparisons(tmp_path):
     assert comparable(rec) == comparable(other)
     other["metrics"]["fvu"] = 0.2
     assert comparable(rec) != comparable(other)
+
+
+def test_noise_level_claims_are_named_but_not_checked(tmp_path):
+    """A noise-level verdict stays in the table and the JSON, not in the checked lines."""
+    run = claims.Run("97_t", AmortParams.from_profile("smoke"), root=tmp_path)
+    run.claim("a.stable", "s", 1.0, 1.0, 0.1, "T1")
+    run.claim("a.coin", "c", None, -0.04, 0.01, "T2", direction_holds=True,
+              noisy="sign changed between machines")
+    assert run.verdict_lines().splitlines() == [
+        "a.stable: reproduced (paper 1, tolerance 0.1)",
+        "a.coin: noise level, verdict not checked"]
+    rec = run.finish()
+    assert rec["claims"][1]["verdict"] == "reproduced"
+    assert "| reproduced (noise level) |" in claims.claims_markdown(rec["claims"])

@@ -119,3 +119,39 @@ def test_notebook_rerun_gives_identical_claims(tmp_path):
     second = _run_notebook(tmp_path / "b")
     assert first["claims"] and comparable(first) == comparable(second)
     assert not (PROJECT_ROOT / "results" / "smoke" / "out.ipynb").exists()
+
+
+def test_cpu_training_switches_on_deterministic_kernels():
+    """CPU runs use torch's deterministic kernels; CUDA runs keep the fast ones."""
+    from paper_lib.runtime import deterministic_on_cpu
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        deterministic_on_cpu("cuda")
+        assert not torch.are_deterministic_algorithms_enabled()
+        deterministic_on_cpu(torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_lm_training_is_bit_identical_across_threads(tiny_corpus):
+    """The same LM trained twice with 2 threads and once with 1 gives the same weights
+    (without the deterministic kernels, two 2-thread trainings of the smoke LM differed)."""
+    from paper_lib.data.lm import LMConfig, train_lm
+
+    # the smoke LM's width: smaller tensors stay under the kernels' parallel grain size
+    cfg = LMConfig("tiny-det", n_layers=1, d_model=128, n_heads=4, n_ctx=128, steps=4,
+                   batch_rows=32, warmup=2)
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (2, 2, 1):
+            torch.set_num_threads(n)
+            model, _ = train_lm(cfg, tiny_corpus, "cpu", progress=False)
+            weights.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for other in weights[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(weights[0], other))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
-from paper_lib.runtime import PROJECT_ROOT, atomic_dir
+from paper_lib.runtime import PROJECT_ROOT, atomic_dir, deterministic_on_cpu
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -142,6 +142,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
     from transformer_lens import HookedTransformer
 
     device = torch.device(device)
+    deterministic_on_cpu(device)
     torch.manual_seed(cfg.seed)
     train_rows = cfg.steps * cfg.batch_rows
     train = byte_tokens(corpus.train["text"], cfg.n_ctx, max_rows=train_rows, seed=cfg.seed)
