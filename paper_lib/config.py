@@ -422,22 +422,25 @@ class MatryoshkaParams(LMParams):
 
     def validate(self) -> None:
         super().validate()
-        for name, v in (("d_sae", self.d_sae), ("min_granularity", self.min_granularity)):
-            if v & (v - 1):
-                raise ValueError(f"parameter {name!r} = {v} must be a power of two")
-        if self.min_granularity > self.d_sae // 2:
-            raise ValueError("'min_granularity' must be at most d_sae / 2")
-        if self.k > self.min_granularity:
-            raise ValueError(f"'k' = {self.k} exceeds 'min_granularity' = "
-                             f"{self.min_granularity}: a prefix could not hold k latents")
-        if self.syn_dim >= self.syn_features:
-            raise ValueError("'syn_dim' must be < 'syn_features' (superposition)")
+        if self.min_granularity & (self.min_granularity - 1):
+            raise ValueError(f"parameter 'min_granularity' = {self.min_granularity} must be a "
+                             "power of two")
         if len(self.extra_sizes) != len(self.extra_ks):
             raise ValueError("'extra_sizes' and 'extra_ks' must have equal length")
-        for n, k in zip(self.extra_sizes, self.extra_ks):
-            if n & (n - 1) or n < 2 * self.min_granularity or k > self.min_granularity:
-                raise ValueError(f"extra pair (n={n}, k={k}): n must be a power of two >= "
-                                 f"2 * min_granularity and k <= min_granularity")
+        # The main (n, k) pair and every extra pair obey the same nesting rules.
+        pairs = [("d_sae", self.d_sae, "k", self.k)]
+        pairs += [(f"extra_sizes[{i}]", n, f"extra_ks[{i}]", k)
+                  for i, (n, k) in enumerate(zip(self.extra_sizes, self.extra_ks))]
+        for n_name, n, k_name, k in pairs:
+            if n & (n - 1):
+                raise ValueError(f"parameter {n_name!r} = {n} must be a power of two")
+            if self.min_granularity > n // 2:
+                raise ValueError(f"'min_granularity' must be at most {n_name} / 2")
+            if k > self.min_granularity:
+                raise ValueError(f"{k_name!r} = {k} exceeds 'min_granularity' = "
+                                 f"{self.min_granularity}: a prefix could not hold k latents")
+        if self.syn_dim >= self.syn_features:
+            raise ValueError("'syn_dim' must be < 'syn_features' (superposition)")
 
 
 @dataclass(frozen=True)

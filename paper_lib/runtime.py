@@ -18,6 +18,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from paper_lib.kernelspec import PINNED_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,9 +96,8 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
-        # SIMD paths pinned by the kernelspec (paper_lib.kernelspec), if any
-        "cpu_numerics": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")
-                         if k in os.environ},
+        # SIMD paths pinned by the kernelspec, if any
+        "cpu_numerics": {k: os.environ[k] for k in PINNED_ENV if k in os.environ},
         "device": str(dev),
         "git": git_commit(),
     }

@@ -30,25 +30,20 @@ def _corrupt_weights(tmp: Path):
     return lambda: load_sae(d)
 
 
-def _cfg_missing_key(tmp: Path):
-    d = _saved(tmp)
-    cfg = json.loads((d / CFG_FILE).read_text())
-    del cfg["d_in"]
-    (d / CFG_FILE).write_text(json.dumps(cfg))
-    return lambda: load_sae(d)
+def _cfg_without(key: str):
+    """A case: a saved SAE whose cfg.json lacks `key`."""
+    def case(tmp: Path):
+        d = _saved(tmp)
+        cfg = json.loads((d / CFG_FILE).read_text())
+        del cfg[key]
+        (d / CFG_FILE).write_text(json.dumps(cfg))
+        return lambda: load_sae(d)
+    return case
 
 
 def _cfg_not_json(tmp: Path):
     d = _saved(tmp)
     (d / CFG_FILE).write_text("{\"d_in\": 8,")
-    return lambda: load_sae(d)
-
-
-def _cfg_not_ours(tmp: Path):
-    d = _saved(tmp)
-    cfg = json.loads((d / CFG_FILE).read_text())
-    del cfg["paper_lib"]
-    (d / CFG_FILE).write_text(json.dumps(cfg))
     return lambda: load_sae(d)
 
 
@@ -120,10 +115,10 @@ CASES = [
     ("text too short for a row", lambda t: lambda: corp.byte_tokens(["ab"], n_ctx=64),
      ValueError, r"not enough text for one row of 64 tokens"),
     ("corrupt safetensors", _corrupt_weights, ValueError, r"corrupt or truncated"),
-    ("cfg.json with a missing key", _cfg_missing_key, ValueError,
+    ("cfg.json with a missing key", _cfg_without("d_in"), ValueError,
      r"lacks required key\(s\) \['d_in'\]"),
     ("cfg.json not JSON", _cfg_not_json, ValueError, r"is not valid JSON"),
-    ("cfg.json not from paper_lib", _cfg_not_ours, ValueError,
+    ("cfg.json not from paper_lib", _cfg_without("paper_lib"), ValueError,
      r"no 'paper_lib.config' section.*sae_lens"),
     ("SAE for another model width", _wrong_d_in, ValueError,
      r"d_in=8 but the activations have d_in=768: wrong hook or model"),
