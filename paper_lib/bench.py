@@ -1,13 +1,15 @@
 """Benchmarks: `python -m paper_lib.bench [--quick] [--out FILE]` writes JSON.
 
 Everything a claim compares is measured in the same run on the same device:
-- TopK training step, tokens/s and peak memory: our sparse path, the dense reference
-  (naive PyTorch), and eai-sparsify's step (its default optimiser, and with Adam) when
-  installed (`pip install -e .[bench]`), at d=768 n=32768 k=32 and d=2304 n=65536 k=64,
-  batch 4096, bf16 autocast with fp32 master weights;
+- TopK training step, tokens/s and peak memory: our sparse path under each exact kernel
+  strategy (`STRATEGIES`), the dense reference (naive PyTorch), and eai-sparsify's step
+  (its default optimiser, and with Adam) when installed (`pip install -e .[bench]`), at
+  d=768 n=32768 k=32 (batch 4096 and 16384) and d=2304 n=65536 k=64 (batch 4096), bf16
+  autocast with fp32 master weights;
 - BatchTopK and Matryoshka steps on the sparse path;
-- harvest tokens/s for a GPT-2-small-shaped model (random weights), hook at layer 6,
-  with stop_at_layer against a full forward;
+- harvest tokens/s for a GPT-2-small-shaped model (random weights), hook at layer 6:
+  `harvest` (blocks 0-5) eager and with torch.compile, run_with_cache with
+  stop_at_layer=7 (blocks 0-6) and a full forward;
 - a profiler breakdown (top CUDA ops) of one sparse TopK step.
 `--quick` runs tiny sizes (the CPU smoke check used by the tests). `time_train_step` is
 also used by notebook 04 for the Matryoshka / TopK cost ratio.
@@ -122,6 +124,10 @@ def bench_step(name: str, make: Callable[[], Callable[[], None]], tokens: int,
             "peak_memory_gib": _peak(dev)}
 
 
+# Exact kernel alternatives of the sparse path (paper_lib.sae.kernels.strategy).
+STRATEGIES = [("index", "full"), ("csr", "full"), ("index", "chunked"), ("csr", "chunked")]
+
+
 def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int,
                warmup: int) -> list[dict[str, Any]]:
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -129,17 +135,18 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
     cfg = SAEConfig("topk", d, n, k=k)
     rows = []
 
-    def ours(sparse: bool) -> Callable[[], None]:
-        with kernels.use_sparse(sparse):
-            step = our_step(cfg, x)
-
+    def ours(sparse: bool, grads: str = "index", topk: str = "full") -> Callable[[], None]:
         def run() -> None:
-            with kernels.use_sparse(sparse):
+            with kernels.use_sparse(sparse), kernels.strategy(grads, topk):
                 step()
+        step = our_step(cfg, x)
         return run
 
-    rows.append(bench_step("paper_lib sparse (Adam)", lambda: ours(True), batch, dev, steps,
-                           warmup))
+    for grads, topk in STRATEGIES:
+        label = "" if (grads, topk) == ("index", "full") else f", {grads} grads, {topk} topk"
+        row = bench_step(f"paper_lib sparse{label} (Adam)", lambda g=grads, t=topk:
+                         ours(True, g, t), batch, dev, steps, warmup)
+        rows.append({**row, "grads": grads, "topk": topk})
     rows.append(bench_step("naive dense PyTorch (Adam)", lambda: ours(False), batch, dev, steps,
                            warmup))
     for opt in ("signum", "adam"):
@@ -174,14 +181,25 @@ def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
     tokens = torch.randint(0, cfg.d_vocab, (rows * 4, ctx), device=dev)
     n_tok = rows * 4 * (ctx - 1)
     out = []
+    def each_batch(fn: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():  # as harvest does: no autograd bookkeeping
+                for i in range(0, tokens.shape[0], rows):
+                    fn(tokens[i:i + rows])
+        return run
+
+    def ours(compile: bool) -> Callable[[], None]:
+        return lambda: harvest(model, row_batches(tokens, rows), hook, n_tok, out_device=dev,
+                               out_dtype=cfg.dtype, progress=False, compile=compile)
+
     for label, fn in (
-        ("harvest (stop_at_layer)", lambda: harvest(model, row_batches(tokens, rows), hook,
-                                                    n_tok, out_device=dev,
-                                                    out_dtype=cfg.dtype, progress=False)),
-        ("full forward", lambda: [model(tokens[i:i + rows], return_type=None)
-                                  for i in range(0, tokens.shape[0], rows)]),
+        ("harvest (stop_at_layer)", ours(False)),
+        ("harvest (stop_at_layer, torch.compile)", ours(True)),
+        ("run_with_cache, stop_at_layer=L+1", each_batch(
+            lambda t: model.run_with_cache(t, names_filter=[hook], stop_at_layer=layers // 2 + 1))),
+        ("full forward", each_batch(lambda t: model(t, return_type=None))),
     ):
-        sec = _timed(fn, dev, 3 if quick else 5, 1)
+        sec = _timed(fn, dev, 3 if quick else 5, 1)  # the warm-up call compiles
         out.append({"variant": label, "tokens_per_s": n_tok / sec, "seconds": sec,
                     "layers": layers, "d_model": d, "hook": hook, "batch_rows": rows,
                     "n_ctx": ctx})
@@ -227,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra harvest batch sizes (rows of 128 tokens) to compare")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configs = [(32, 512, 8, 256)] if args.quick else [(768, 32768, 32, 4096),
-                                                      (2304, 65536, 64, 4096)]
+    # The 16384 batch shows what the per-step costs (fp32 Adam over all 2 d n weights,
+    # about 0.5 ms on an H100 at d=768 n=32768) amount to per token at a larger batch.
+    configs = [(32, 2048, 8, 256)] if args.quick else [(768, 32768, 32, 4096),
+                                                       (768, 32768, 32, 16384),
+                                                       (2304, 65536, 64, 4096)]
     steps, warmup = (3, 1) if args.quick else (args.steps, 5)
     result: dict[str, Any] = {"env": env_info(dev), "python": platform.python_version(),
                               "quick": args.quick, "topk": [], "harvest": [], "profile": []}

@@ -17,10 +17,14 @@ def test_quick_bench_writes_json(tmp_path):
     assert bench.main(["--quick", "--out", str(out), "--skip", "profile"]) == 0
     rec = json.loads(out.read_text())
     assert {"env", "topk", "harvest"} <= set(rec)
-    ours = [r for r in rec["topk"] if r["variant"] == "paper_lib sparse (Adam)"][0]
-    assert ours["tokens_per_s"] > 0 and ours["n"] == 512
+    ours = [r for r in rec["topk"] if r["variant"].startswith("paper_lib sparse")
+            and "grads" in r]
+    assert {(r["grads"], r["topk"]) for r in ours} == set(bench.STRATEGIES)
+    assert all(r["tokens_per_s"] > 0 and r["n"] == 2048 for r in ours), ours
     variants = {r["variant"] for r in rec["harvest"]}
-    assert variants == {"harvest (stop_at_layer)", "full forward"}
+    assert variants == {"harvest (stop_at_layer)", "harvest (stop_at_layer, torch.compile)",
+                        "run_with_cache, stop_at_layer=L+1", "full forward"}
+    assert all(r["tokens_per_s"] > 0 for r in rec["harvest"]), rec["harvest"]
 
 
 def test_time_train_step_positive():

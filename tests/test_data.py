@@ -93,11 +93,13 @@ def test_lm_cache_reuse_and_invalidation(tiny_corpus, tmp_path, monkeypatch):
         lmmod.load_embedded_lm("embedded-huge", data_dir=tmp_path)
 
 
-def test_harvest_equals_full_forward(tiny_lm):
-    """Activations from run_with_cache(stop_at_layer=L+1) equal a full forward's."""
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre",
+                                  "blocks.0.hook_mlp_out", "hook_embed"])
+def test_harvest_equals_full_forward(tiny_lm, hook):
+    """Harvested activations equal a full forward's cache, for the residual shortcut
+    (stop_at_layer=L) and the run_with_cache path alike."""
     model, _ = tiny_lm
     tokens = corp.byte_tokens(["def f(x):\n    return x * 2\n" * 20], n_ctx=32)
-    hook = "blocks.1.hook_resid_pre"
     got = hv.harvest(model, hv.row_batches(tokens, 2), hook, tokens.shape[0] * 31,
                      progress=False)
     _, cache = model.run_with_cache(tokens)
@@ -106,6 +108,21 @@ def test_harvest_equals_full_forward(tiny_lm):
     with_bos = hv.harvest(model, hv.row_batches(tokens, 2), hook, 64, drop_bos=False,
                           progress=False)
     assert torch.allclose(with_bos[0], cache[hook][0, 0], atol=1e-5)
+
+
+def test_harvest_runs_no_block_at_or_above_the_residual_hook(tiny_lm):
+    """blocks.L.hook_resid_pre needs blocks 0..L-1 only; block L must not run."""
+    model, _ = tiny_lm
+    ran = []
+    handles = [b.register_forward_hook(lambda m, i, o, j=j: ran.append(j))
+               for j, b in enumerate(model.blocks)]
+    try:
+        hv.harvest(model, [corp.byte_tokens(["abc" * 50], n_ctx=32)[:1]],
+                   "blocks.1.hook_resid_pre", 8, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0]
 
 
 def test_hook_errors(tiny_lm):
@@ -222,3 +239,14 @@ def test_paper_path_with_local_standins(tmp_path, monkeypatch):
                                 data_files=str(data), stream=True)
     assert streamed.train is None
     assert streamed.batches(64, 0).batch(0).shape == (64, 32)
+
+
+def test_compiled_harvest_equals_eager(tiny_lm):
+    model, _ = tiny_lm
+    tokens = corp.byte_tokens(["def f(x):\n    return x * 2\n" * 20], n_ctx=32)
+    hook = "blocks.1.hook_resid_pre"
+    n = tokens.shape[0] * 31
+    eager = hv.harvest(model, hv.row_batches(tokens, 2), hook, n, progress=False)
+    compiled = hv.harvest(model, hv.row_batches(tokens, 2), hook, n, progress=False,
+                          compile=True)
+    assert torch.allclose(compiled, eager, atol=1e-4)

@@ -27,10 +27,16 @@ def _grads(sae, x, dead, sparse: bool):
         n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
 
 
+STRATEGIES = [("index", "full"), ("csr", "full"), ("index", "chunked"), ("csr", "chunked")]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_dead", [False, True], ids=["no_dead", "auxk"])
-def test_sparse_matches_dense(case, with_dead):
-    """Loss terms and every parameter gradient agree (float32, 1e-4 relative)."""
+@pytest.mark.parametrize("grads,topk", STRATEGIES, ids=["-".join(s) for s in STRATEGIES])
+def test_sparse_matches_dense(case, with_dead, grads, topk, monkeypatch):
+    """Loss terms and every parameter gradient agree (float32, 1e-4 relative), for every
+    kernel strategy (chunks of 16 so the 48 latents form 3 blocks)."""
+    monkeypatch.setattr(kernels, "TOPK_CHUNK", 16)
     arch = "topk" if case == "topk_multi" else case
     sae = make_sae(SAEConfig(arch, 12, 48, seed=3, **CASES[case]))
     with torch.no_grad():
@@ -43,7 +49,8 @@ def test_sparse_matches_dense(case, with_dead):
     dead = torch.zeros(48, dtype=torch.bool)
     if with_dead:
         dead[::3] = True
-    terms_s, g_s = _grads(sae, x, dead, True)
+    with kernels.strategy(grads=grads, topk=topk):
+        terms_s, g_s = _grads(sae, x, dead, True)
     terms_d, g_d = _grads(twin, x, dead, False)
     assert terms_s.keys() == terms_d.keys()
     for k in terms_s:
@@ -70,16 +77,54 @@ def test_row_topk_and_offsets():
     assert kernels.offsets_from_rows(torch.tensor([0, 0, 2]), 3).tolist() == [0, 2, 2]
 
 
+def test_chunked_topk_is_exact_with_ties_and_one_hot_block():
+    """Block-wise candidates give each row's k largest values, also when all of them sit
+    in one block and when values tie."""
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(6, 64, generator=gen)
+    pre[1, 16:24] += 10.0                # row 1: its top 8 all in block 1
+    pre[2] = torch.tensor([1.0, 2.0] * 32)  # row 2: 32-way ties
+    idx = kernels.chunked_topk_indices(pre, 8, 16)
+    got = pre.gather(1, idx).sort(dim=1).values
+    want = pre.topk(8, dim=1).values.sort(dim=1).values
+    assert torch.equal(got, want)
+    assert sorted(idx[1].tolist()) == list(range(16, 24))
+    assert all(len(set(r)) == 8 for r in idx.tolist())  # no column picked twice
+
+
+def test_csr_decode_hand_case():
+    """The CSR decoder on the hand case above, and its gradients: dW_dec row c = sum of
+    vals * g over the rows selecting c; d vals = <g[row], W_dec[col]>."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], requires_grad=True)
+    vals = torch.tensor([1.0, 0.5, 3.0], requires_grad=True)
+    with kernels.strategy(grads="csr"):
+        out = kernels.sparse_decode(torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), vals, w,
+                                    batch=2)
+    assert out.tolist() == [[2.0, 1.0], [0.0, 3.0]]
+    out.backward(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert w.grad.tolist() == [[1.0, 2.0], [9.0, 12.0], [0.5, 1.0]]
+    assert vals.grad.tolist() == [1.0, 6.0, 4.0]
+
+
+def test_strategy_rejects_unknown_names():
+    with pytest.raises(ValueError, match="grads='dense'.*index, csr"):
+        with kernels.strategy(grads="dense"):
+            pass
+    assert kernels.current_strategy() == {"grads": "index", "topk": "full"}
+
+
 @requires_cuda
-def test_sparse_matches_dense_bf16_cuda():
-    """On the GPU under bf16 autocast the two paths agree within bf16 tolerance."""
+@pytest.mark.parametrize("grads,topk", STRATEGIES, ids=["-".join(s) for s in STRATEGIES])
+def test_strategies_match_dense_bf16_cuda(grads, topk):
+    """Every kernel strategy agrees with the dense reference on the GPU under bf16."""
     dev = torch.device("cuda")
     sae = make_sae(SAEConfig("topk", 256, 4096, k=32, seed=0)).to(dev)
     twin = copy.deepcopy(sae)
     x = torch.randn(1024, 256, device=dev)
     res = []
     for model, sparse in ((sae, True), (twin, False)):
-        with kernels.use_sparse(sparse), torch.autocast("cuda", dtype=torch.bfloat16):
+        with kernels.use_sparse(sparse), kernels.strategy(grads, topk), \
+                torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
             loss = sum(model.loss(out, None).values())
         loss.float().backward()

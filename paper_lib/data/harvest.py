@@ -1,8 +1,9 @@
 """Harvest activations at a hook, cache them on disk, and serve training batches.
 
-`harvest` runs `run_with_cache(names_filter=[hook], stop_at_layer=L + 1)` under
-`torch.inference_mode` (blocks above the hook never run), batched, with a NaN/inf check
-that says where a bad value appeared. `ActivationCache` stores harvests as memory-mapped
+`harvest` runs the model under `torch.inference_mode`, batched, up to the hook only: for
+`blocks.L.hook_resid_pre` (the default) the residual returned by `stop_at_layer=L` (blocks
+0..L-1; no hook machinery), for any other hook `run_with_cache(names_filter=[hook],
+stop_at_layer=L + 1)`. A NaN/inf check says where a bad value appeared. `ActivationCache` stores harvests as memory-mapped
 .npy shards plus a manifest (model, hook, dtype, token count, checksums) and rebuilds
 anything truncated or stale. `StreamingActivations` feeds the trainer from a shuffling
 buffer refilled by the LM, for runs too large to hold in memory (the paper profile).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -54,6 +56,29 @@ def stop_layer(model: Any, hook: str) -> int | None:
     return 0 if hook in ("hook_embed", "hook_pos_embed") else None
 
 
+_COMPILED: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def activations_at(model: Any, tokens: Tensor, hook: str, stop: int | None,
+                   compile: bool = False) -> Tensor:
+    """[B, T, d] activations at `hook` (validated, `stop` from `stop_layer`). The residual
+    entering block L is what `stop_at_layer=L` returns, so block L itself never runs:
+    one block fewer than run_with_cache needs (at GPT-2 small's layer 6, 6 blocks not 7).
+    A user's hook on that very point (an edit to harvest) keeps the run_with_cache path.
+    `compile` runs that residual forward through torch.compile (fuses the LayerNorm and
+    GELU element-wise work; compiled once per model, not under inference_mode)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
+    if m and not model.hook_dict[hook].fwd_hooks:
+        fwd = model
+        if compile:
+            fwd = _COMPILED.get(model)
+            if fwd is None:
+                fwd = _COMPILED[model] = torch.compile(model)
+        return fwd(tokens, stop_at_layer=int(m.group(1)))
+    _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop)
+    return cache[hook]
+
+
 def check_finite(x: Tensor, hook: str, batch_index: int) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
@@ -63,11 +88,21 @@ def check_finite(x: Tensor, hook: str, batch_index: int) -> None:
                          "and the input tokens")
 
 
-@torch.inference_mode()
 def harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: int,
             drop_bos: bool = True, out_device: str | torch.device = "cpu",
-            out_dtype: torch.dtype = torch.float32, progress: bool = True) -> Tensor:
-    """[n_tokens, d_model] activations at `hook` from successive token batches [B, T]."""
+            out_dtype: torch.dtype = torch.float32, progress: bool = True,
+            compile: bool = False) -> Tensor:
+    """[n_tokens, d_model] activations at `hook` from successive token batches [B, T].
+    `compile`: see `activations_at` (torch.compile's guards fail under inference_mode, so
+    a compiled harvest runs under no_grad)."""
+    with torch.no_grad() if compile else torch.inference_mode():
+        return _harvest(model, token_batches, hook, n_tokens, drop_bos, out_device, out_dtype,
+                        progress, compile)
+
+
+def _harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: int,
+             drop_bos: bool, out_device: str | torch.device, out_dtype: torch.dtype,
+             progress: bool, compile: bool) -> Tensor:
     stop = stop_layer(model, hook)
     dev = next(model.parameters()).device
     out = torch.empty(n_tokens, model.cfg.d_model, dtype=out_dtype, device=out_device)
@@ -75,8 +110,7 @@ def harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: in
     bar = tqdm(total=n_tokens, desc=f"harvest {hook}", disable=not progress, unit="tok",
                mininterval=1.0)
     for i, tokens in enumerate(token_batches):
-        _, cache = model.run_with_cache(tokens.to(dev), names_filter=[hook], stop_at_layer=stop)
-        act = cache[hook]
+        act = activations_at(model, tokens.to(dev), hook, stop, compile)
         check_finite(act, hook, i)
         if drop_bos:
             act = act[:, 1:]

@@ -10,11 +10,22 @@ away (`use_sparse(False)`), and tests check both give the same loss and gradient
 
 Gradient of b_dec through the encoder: x_c = x - b_dec, so dL/db_dec = -W_enc (dL/db_enc),
 one matrix-vector product instead of a dense backward through the encoder.
+
+Two exact alternatives per piece, picked with `strategy(...)` (which is fastest depends on
+the GPU; `python -m paper_lib.bench` times every combination in one run):
+- weight gradients (and decoding): "index" scatters with index_add / embedding_bag
+  (atomics); "csr" builds the selection as a CSR matrix S [B, n] and uses sparse x dense
+  products (cuSPARSE on CUDA): decode S W_dec, dW_dec = S^T g, dW_enc = x_c^T G, and the
+  gradient of the selected values as a sampled product (SDDMM), in the autocast dtype;
+- TopK selection: "full" is torch.topk over each row; "chunked" takes the top k of each
+  block of `TOPK_CHUNK` columns, then the top k of those candidates (exact: a row's k
+  largest entries are each among their block's k largest).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -50,6 +61,60 @@ def use_sparse(enabled: bool | None) -> Iterator[None]:
         _MODE = old
 
 
+GRADS = ("index", "csr")
+TOPK = ("full", "chunked")
+TOPK_CHUNK = 1024
+_STRATEGY = {"grads": "index", "topk": "full"}
+
+
+def current_strategy() -> dict[str, str]:
+    return dict(_STRATEGY)
+
+
+@contextlib.contextmanager
+def strategy(grads: str | None = None, topk: str | None = None) -> Iterator[None]:
+    """Choose the sparse path's gradient/decoding kernels (GRADS) and TopK selection
+    (TOPK) inside the block; None keeps the current choice. Read at forward time."""
+    for name, value, allowed in (("grads", grads, GRADS), ("topk", topk, TOPK)):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
+    old = dict(_STRATEGY)
+    _STRATEGY.update({k: v for k, v in (("grads", grads), ("topk", topk)) if v is not None})
+    try:
+        yield
+    finally:
+        _STRATEGY.update(old)
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's, else t's own."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
+    """CSR matrix of a selection sorted by (row, col) (see `sort_selection`)."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    with warnings.catch_warnings():  # "CSR support is in beta": not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+
+
+def sort_selection(rows: Tensor, cols: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(rows, cols) ordered by row, then column, as CSR kernels expect."""
+    order = (rows * n + cols).argsort()
+    return rows[order], cols[order]
+
+
+def _spmm(a: Tensor, b: Tensor) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.mm(a, b)
+
+
 Select = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
@@ -63,6 +128,9 @@ class SparseEncode(torch.autograd.Function):
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, w_enc)
         rows, cols = select(pre.detach())
+        ctx.grads, ctx.dtype = _STRATEGY["grads"], pre.dtype
+        if ctx.grads == "csr":
+            rows, cols = sort_selection(rows, cols, pre.shape[1])
         flat = rows * pre.shape[1] + cols
         vals = pre.view(-1).index_select(0, flat).relu()  # 1-D gather: cheaper than pre[r, c]
         ctx.save_for_backward(x_c, w_enc, rows, cols, vals)
@@ -79,9 +147,13 @@ class SparseEncode(torch.autograd.Function):
             g_vals = torch.zeros_like(vals)
         gp = g_vals * (vals > 0)                                   # [m] grad at selections
         g_b_enc = torch.zeros(n, dtype=gp.dtype, device=gp.device).index_add_(0, cols, gp)
-        g_w_t = torch.zeros(n, x_c.shape[1], dtype=x_c.dtype, device=x_c.device)
-        g_w_t.index_add_(0, cols, x_c.index_select(0, rows).mul_(gp[:, None].to(x_c.dtype)))
-        g_w = g_w_t.T
+        if ctx.grads == "csr":  # dW_enc^T = G^T x_c, G the [B, n] CSR of selected grads
+            g_sel = csr(rows, cols, gp.to(ctx.dtype), (x_c.shape[0], n))
+            g_w = _spmm(g_sel.t(), x_c.to(ctx.dtype)).T
+        else:
+            g_w_t = torch.zeros(n, x_c.shape[1], dtype=x_c.dtype, device=x_c.device)
+            g_w_t.index_add_(0, cols, x_c.index_select(0, rows).mul_(gp[:, None].to(x_c.dtype)))
+            g_w = g_w_t.T
         g_x_c = None
         if g_pre is not None:  # AuxK / multi-TopK read pre directly: dense fallback
             g_w = g_w + x_c.T @ g_pre.to(x_c.dtype)
@@ -104,18 +176,69 @@ def offsets_from_rows(rows: Tensor, batch: int) -> Tensor:
 
 
 def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: int) -> Tensor:
-    """[B, d] = sum over selections of vals * W_dec[cols], without the dense [B, n] codes."""
+    """[B, d] = sum over selections of vals * W_dec[cols], without the dense [B, n] codes.
+    Selections sorted by row (by row and column for the "csr" strategy)."""
+    if _STRATEGY["grads"] == "csr":
+        return CsrDecode.apply(rows, cols, vals, w_dec, batch)
     return F.embedding_bag(cols, w_dec, offsets_from_rows(rows, batch), mode="sum",
                            per_sample_weights=vals.to(w_dec.dtype))
 
 
+class CsrDecode(torch.autograd.Function):
+    """S W_dec with S the [B, n] CSR of the selection; backward: dW_dec = S^T g and
+    d vals = (g W_dec^T) sampled at the selection (SDDMM), never a dense [B, n]."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
+                batch: int) -> Tensor:
+        dt = compute_dtype(w_dec)
+        w = w_dec.to(dt)
+        s = csr(rows, cols, vals.detach().to(dt), (batch, w_dec.shape[0]))
+        ctx.save_for_backward(w, rows, cols)
+        ctx.s, ctx.vals_dtype, ctx.w_dtype = s, vals.dtype, w_dec.dtype
+        return _spmm(s, w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore
+        w, rows, cols = ctx.saved_tensors
+        s = ctx.s
+        g = g.to(w.dtype)
+        g_vals = g_w = None
+        if ctx.needs_input_grad[2]:
+            pattern = csr(rows, cols, torch.zeros_like(s.values()), tuple(s.shape))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                g_vals = torch.sparse.sampled_addmm(pattern, g, w.T, beta=0.0).values()
+            g_vals = g_vals.to(ctx.vals_dtype)
+        if ctx.needs_input_grad[3]:
+            g_w = _spmm(s.t(), g).to(ctx.w_dtype)
+        return None, None, g_vals, g_w, None
+
+
+
 def row_topk(k: int) -> Select:
-    """Selection of each row's k largest entries, as row-sorted (rows, cols)."""
+    """Selection of each row's k largest entries, as row-sorted (rows, cols), by the
+    current "topk" strategy."""
     def select(pre: Tensor) -> tuple[Tensor, Tensor]:
-        idx = pre.topk(k, dim=-1, sorted=False).indices
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        batch, n = pre.shape
+        if _STRATEGY["topk"] == "chunked" and k <= TOPK_CHUNK and n % TOPK_CHUNK == 0 \
+                and n >= 2 * TOPK_CHUNK:
+            idx = chunked_topk_indices(pre, k, TOPK_CHUNK)
+        else:
+            idx = pre.topk(k, dim=-1, sorted=False).indices
+        rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
         return rows, idx.flatten()
     return select
+
+
+def chunked_topk_indices(pre: Tensor, k: int, chunk: int) -> Tensor:
+    """[B, k] column indices of each row's k largest entries, via each block's top k."""
+    batch, n = pre.shape
+    blocks = n // chunk
+    c_vals, c_idx = pre.view(batch, blocks, chunk).topk(k, dim=-1, sorted=False)
+    c_idx = c_idx + torch.arange(0, n, chunk, device=pre.device)[None, :, None]
+    pos = c_vals.reshape(batch, blocks * k).topk(k, dim=-1, sorted=False).indices
+    return c_idx.reshape(batch, blocks * k).gather(1, pos)
 
 
 def to_dense(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
