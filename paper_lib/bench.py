@@ -10,7 +10,10 @@ Everything a claim compares is measured in the same run on the same device:
 - harvest tokens/s for a GPT-2-small-shaped model (random weights), hook at layer 6:
   `harvest` (blocks 0-5) eager and with torch.compile, run_with_cache with
   stop_at_layer=7 (blocks 0-6) and a full forward;
-- a profiler breakdown (top CUDA ops) of one sparse TopK step.
+- a profiler breakdown (top CUDA ops) of one sparse TopK step;
+- the device's copy bandwidth and matrix-product throughput, measured in the same run, and
+  for every TopK row the step floor they imply (`step_floor_seconds`): how far each
+  implementation is from what fp32 Adam and the dense encoder alone cost.
 `--quick` runs tiny sizes (the CPU smoke check used by the tests). `time_train_step` is
 also used by notebook 04 for the Matryoshka / TopK cost ratio.
 """
@@ -112,6 +115,34 @@ def sparsify_step(d: int, n: int, k: int, x: torch.Tensor, optimizer: str) -> Ca
     return step
 
 
+# Bytes per fp32 parameter of one fused Adam step: read param, grad, m, v; write param, m, v.
+ADAM_BYTES_PER_PARAM = 7 * 4
+
+
+def device_peaks(dev: torch.device, quick: bool) -> dict[str, float]:
+    """Measured in this run: copy bandwidth (bytes read + written per second) and matrix
+    product throughput (bf16 on CUDA, fp32 on CPU), the two numbers a step floor needs."""
+    size, m = (1 << 22, 256) if quick else (1 << 28, 8192)
+    a = torch.empty(size, dtype=torch.float32, device=dev)
+    b = torch.empty_like(a)
+    copy_s = _timed(lambda: b.copy_(a), dev, 5, 2)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    x = torch.randn(m, m, dtype=dt, device=dev)
+    mm_s = _timed(lambda: x @ x, dev, 5, 2)
+    return {"copy_bytes_per_s": 2 * size * 4 / copy_s, "matmul_flop_per_s": 2 * m**3 / mm_s,
+            "matmul_dtype": str(dt).removeprefix("torch.")}
+
+
+def step_floor_seconds(d: int, n: int, batch: int, peaks: dict[str, float]) -> float:
+    """A lower bound on one TopK training step with fp32 Adam: the optimiser's memory
+    traffic over all 2dn + n + d parameters, writing their fp32 gradients once, and the
+    dense encoder product (2 B d n FLOP) at the measured peaks. Top-k selection, decoding,
+    the sparse gradients and the decoder constraint are counted as free."""
+    params = 2 * d * n + n + d
+    memory = (ADAM_BYTES_PER_PARAM + 4) * params / peaks["copy_bytes_per_s"]
+    return memory + 2 * batch * d * n / peaks["matmul_flop_per_s"]
+
+
 def bench_step(name: str, make: Callable[[], Callable[[], None]], tokens: int,
                dev: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     _peak_reset(dev)
@@ -129,7 +160,7 @@ STRATEGIES = [("index", "full"), ("csr", "full"), ("index", "chunked"), ("csr", 
 
 
 def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int,
-               warmup: int) -> list[dict[str, Any]]:
+               warmup: int, peaks: dict[str, float] | None = None) -> list[dict[str, Any]]:
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(batch, d, device=dev, generator=gen)
     cfg = SAEConfig("topk", d, n, k=k)
@@ -159,6 +190,9 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
                                lambda c=c: our_step(c, x), batch, dev, steps, warmup))
     for r in rows:
         r.update({"d": d, "n": n, "k": k, "batch": batch})
+        if peaks and "tokens_per_s" in r:
+            floor = batch / step_floor_seconds(d, n, batch, peaks)
+            r.update({"floor_tokens_per_s": floor, "fraction_of_floor": r["tokens_per_s"] / floor})
     return rows
 
 
@@ -261,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         result["env"]["eai_sparsify"] = None
     suites: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = []
     if "topk" not in args.skip:
+        result["peaks"] = peaks = device_peaks(dev, args.quick)
         for d, n, k, b in configs:
             suites.append(("topk", lambda d=d, n=n, k=k, b=b:
-                           topk_suite(d, n, k, b, dev, steps, warmup)))
+                           topk_suite(d, n, k, b, dev, steps, warmup, peaks)))
     if "harvest" not in args.skip:
         suites.append(("harvest", lambda: harvest_suite(dev, args.quick)))
         for r in args.harvest_rows:

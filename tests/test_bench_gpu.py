@@ -25,6 +25,8 @@ def test_quick_bench_writes_json(tmp_path):
     assert variants == {"harvest (stop_at_layer)", "harvest (stop_at_layer, torch.compile)",
                         "run_with_cache, stop_at_layer=L+1", "full forward"}
     assert all(r["tokens_per_s"] > 0 for r in rec["harvest"]), rec["harvest"]
+    assert rec["peaks"]["copy_bytes_per_s"] > 0 and rec["peaks"]["matmul_flop_per_s"] > 0
+    assert all(0 < r["fraction_of_floor"] for r in ours)
 
 
 def test_time_train_step_positive():
@@ -49,3 +51,14 @@ def test_training_on_cuda_bf16(arch):
                      eval_x=x[:2048], init_x=x[:2048])[0]
     assert sae.W_enc.dtype == torch.float32
     assert res.final["fvu"] < 0.5
+
+
+def test_step_floor_hand_case():
+    """d = n = batch = 1: 4 parameters -> Adam moves 28 B each (112 B) plus 16 B of fp32
+    gradients, and the encoder product is 2 FLOP: 128 s at 1 B/s plus 2 s at 1 FLOP/s."""
+    peaks = {"copy_bytes_per_s": 1.0, "matmul_flop_per_s": 1.0}
+    assert bench.step_floor_seconds(1, 1, 1, peaks) == 130.0
+    # d=768, n=32768, batch 4096 at 3 TB/s and 790 TFLOP/s (the H100 figures in KINDS):
+    # 50.4 M params * 32 B = 1.61 GB -> 0.537 ms; 206 GFLOP -> 0.261 ms.
+    h100 = {"copy_bytes_per_s": 3.0e12, "matmul_flop_per_s": 790e12}
+    assert bench.step_floor_seconds(768, 32768, 4096, h100) == pytest.approx(7.98e-4, rel=1e-3)

@@ -303,7 +303,8 @@ class SAE(nn.Module):
         are unit norm already: after_step_ renormalises after every step, and at init)."""
         if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
             w, g = self.W_dec, self.W_dec.grad
-            g.sub_(w * (g * w).sum(1, keepdim=True))
+            # g -= w <g, w> row-wise, with no [n, d] temporaries (two passes, not five)
+            g.addcmul_(w, torch.einsum("nd,nd->n", g, w).unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def after_step_(self) -> None:
