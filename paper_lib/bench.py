@@ -269,6 +269,29 @@ def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, top: int = 25) -
     return rows
 
 
+def summary(result: dict[str, Any]) -> str:
+    """Markdown tables of a benchmark JSON: steps (with the floor), harvest, profile."""
+    lines = ["| step | d | n | k | batch | M tok/s | peak GiB | of floor |", "|---" * 8 + "|"]
+    for r in result.get("topk", []):
+        if "error" in r:
+            lines.append(f"| {r.get('variant', '?')} | | | | | error: {r['error'][:60]} | | |")
+            continue
+        frac = r.get("fraction_of_floor")
+        peak = r.get("peak_memory_gib")
+        lines.append(f"| {r['variant']} | {r['d']} | {r['n']} | {r['k']} | {r['batch']} | "
+                     f"{r['tokens_per_s'] / 1e6:.2f} | {'' if peak is None else f'{peak:.1f}'} | "
+                     f"{'' if frac is None else f'{frac:.0%}'} |")
+    if result.get("harvest"):
+        lines += ["", "| harvest | M tok/s |", "|---|---|"]
+        lines += [f"| {r.get('variant', r.get('error'))} (rows {r.get('batch_rows')}) | "
+                  f"{r.get('tokens_per_s', 0) / 1e6:.2f} |" for r in result["harvest"]]
+    if result.get("profile"):
+        lines += ["", "| op | us/step | share |", "|---|---|---|"]
+        lines += [f"| {r['op'][:70]} | {r['self_us_per_step']:.0f} | {r['share']:.1%} |"
+                  for r in result["profile"] if "op" in r]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke check)")
@@ -277,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["topk", "harvest", "profile"])
     ap.add_argument("--harvest-rows", type=int, nargs="*", default=[],
                     help="extra harvest batch sizes (rows of 128 tokens) to compare")
+    ap.add_argument("--summary", type=Path, default=None,
+                    help="print Markdown tables of an existing benchmark JSON and exit")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(json.loads(args.summary.read_text())))
+        return 0
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The 16384 batch shows what the per-step costs (fp32 Adam over all 2 d n weights,
     # about 0.5 ms on an H100 at d=768 n=32768) amount to per token at a larger batch.

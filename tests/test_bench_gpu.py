@@ -27,6 +27,9 @@ def test_quick_bench_writes_json(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in rec["harvest"]), rec["harvest"]
     assert rec["peaks"]["copy_bytes_per_s"] > 0 and rec["peaks"]["matmul_flop_per_s"] > 0
     assert all(0 < r["fraction_of_floor"] for r in ours)
+    table = bench.summary(rec)
+    assert "| paper_lib sparse, csr grads, chunked topk (Adam) | 32 | 2048 | 8 | 256 |" in table
+    assert "| harvest (stop_at_layer, torch.compile) (rows 8) |" in table
 
 
 def test_time_train_step_positive():
