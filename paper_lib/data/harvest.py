@@ -3,9 +3,9 @@
 `harvest` runs the model under `torch.inference_mode`, batched, up to the hook only: for
 `blocks.L.hook_resid_pre` (the default) the residual returned by `stop_at_layer=L` (blocks
 0..L-1; no hook machinery), for any other hook `run_with_cache(names_filter=[hook],
-stop_at_layer=L + 1)`. A NaN/inf check says where a bad value appeared. `ActivationCache` stores harvests as memory-mapped
-.npy shards plus a manifest (model, hook, dtype, token count, checksums) and rebuilds
-anything truncated or stale. `StreamingActivations` feeds the trainer from a shuffling
+stop_at_layer=L + 1)`. A NaN/inf check says where a bad value appeared.
+`ActivationCache` stores harvests as memory-mapped .npy shards plus a manifest (model,
+hook, dtype, token count, checksums) and rebuilds anything truncated or stale. `StreamingActivations` feeds the trainer from a shuffling
 buffer refilled by the LM, for runs too large to hold in memory (the paper profile).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -56,9 +55,6 @@ def stop_layer(model: Any, hook: str) -> int | None:
     return 0 if hook in ("hook_embed", "hook_pos_embed") else None
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
-
-
 def activations_at(model: Any, tokens: Tensor, hook: str, stop: int | None,
                    compile: bool = False) -> Tensor:
     """[B, T, d] activations at `hook` (validated, `stop` from `stop_layer`). The residual
@@ -70,10 +66,10 @@ def activations_at(model: Any, tokens: Tensor, hook: str, stop: int | None,
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
     if m and not model.hook_dict[hook].fwd_hooks:
         fwd = model
-        if compile:
-            fwd = _COMPILED.get(model)
+        if compile:  # kept in the model's __dict__: not a submodule, freed with the model
+            fwd = model.__dict__.get("_compiled_forward")
             if fwd is None:
-                fwd = _COMPILED[model] = torch.compile(model)
+                fwd = model.__dict__["_compiled_forward"] = torch.compile(model)
         return fwd(tokens, stop_at_layer=int(m.group(1)))
     _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop)
     return cache[hook]
