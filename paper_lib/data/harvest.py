@@ -5,8 +5,9 @@
 0..L-1; no hook machinery), for any other hook `run_with_cache(names_filter=[hook],
 stop_at_layer=L + 1)`. A NaN/inf check says where a bad value appeared.
 `ActivationCache` stores harvests as memory-mapped .npy shards plus a manifest (model,
-hook, dtype, token count, checksums) and rebuilds anything truncated or stale. `StreamingActivations` feeds the trainer from a shuffling
-buffer refilled by the LM, for runs too large to hold in memory (the paper profile).
+hook, dtype, token count, checksums) and rebuilds anything truncated or stale.
+`StreamingActivations` feeds the trainer from a shuffling buffer refilled by the LM, for
+runs too large to hold in memory (the paper profile).
 """
 
 from __future__ import annotations
