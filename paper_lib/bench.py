@@ -201,7 +201,7 @@ def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
     """Tokens/s of harvest() at blocks.6.hook_resid_pre of a GPT-2-small-shaped model."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from paper_lib.data.harvest import harvest, row_batches
+    from paper_lib.data.harvest import harvest, row_batches, stop_layer
 
     layers, d, ctx, default_rows = (2, 64, 32, 8) if quick else (12, 768, 128, 512)
     rows = rows or default_rows
@@ -214,7 +214,9 @@ def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
     hook = f"blocks.{layers // 2}.hook_resid_pre"
     tokens = torch.randint(0, cfg.d_vocab, (rows * 4, ctx), device=dev)
     n_tok = rows * 4 * (ctx - 1)
+    stop = stop_layer(model, hook)
     out = []
+
     def each_batch(fn: Callable[[torch.Tensor], Any]) -> Callable[[], None]:
         def run() -> None:
             with torch.inference_mode():  # as harvest does: no autograd bookkeeping
@@ -230,7 +232,7 @@ def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
         ("harvest (stop_at_layer)", ours(False)),
         ("harvest (stop_at_layer, torch.compile)", ours(True)),
         ("run_with_cache, stop_at_layer=L+1", each_batch(
-            lambda t: model.run_with_cache(t, names_filter=[hook], stop_at_layer=layers // 2 + 1))),
+            lambda t: model.run_with_cache(t, names_filter=[hook], stop_at_layer=stop))),
         ("full forward", each_batch(lambda t: model(t, return_type=None))),
     ):
         sec = _timed(fn, dev, 3 if quick else 5, 1)  # the warm-up call compiles

@@ -94,12 +94,19 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return t.dtype
 
 
+@contextlib.contextmanager
+def _quiet_csr() -> Iterator[None]:
+    """torch warns that CSR support is in beta on first use: not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
 def csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
     """CSR matrix of a selection sorted by (row, col) (see `sort_selection`)."""
     crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
-    with warnings.catch_warnings():  # "CSR support is in beta": not the user's concern
-        warnings.simplefilter("ignore", UserWarning)
+    with _quiet_csr():
         return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
 
 
@@ -110,8 +117,7 @@ def sort_selection(rows: Tensor, cols: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def _spmm(a: Tensor, b: Tensor) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+    with _quiet_csr():
         return torch.sparse.mm(a, b)
 
 
@@ -194,26 +200,24 @@ class CsrDecode(torch.autograd.Function):
         dt = compute_dtype(w_dec)
         w = w_dec.to(dt)
         s = csr(rows, cols, vals.detach().to(dt), (batch, w_dec.shape[0]))
-        ctx.save_for_backward(w, rows, cols)
+        ctx.save_for_backward(w)
         ctx.s, ctx.vals_dtype, ctx.w_dtype = s, vals.dtype, w_dec.dtype
         return _spmm(s, w)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
-        w, rows, cols = ctx.saved_tensors
+        (w,) = ctx.saved_tensors
         s = ctx.s
         g = g.to(w.dtype)
         g_vals = g_w = None
         if ctx.needs_input_grad[2]:
-            pattern = csr(rows, cols, torch.zeros_like(s.values()), tuple(s.shape))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                g_vals = torch.sparse.sampled_addmm(pattern, g, w.T, beta=0.0).values()
+            # S supplies only the pattern: beta=0 drops its values.
+            with _quiet_csr():
+                g_vals = torch.sparse.sampled_addmm(s, g, w.T, beta=0.0).values()
             g_vals = g_vals.to(ctx.vals_dtype)
         if ctx.needs_input_grad[3]:
             g_w = _spmm(s.t(), g).to(ctx.w_dtype)
         return None, None, g_vals, g_w, None
-
 
 
 def row_topk(k: int) -> Select:
