@@ -21,6 +21,7 @@ also used by notebook 04 for the Matryoshka / TopK cost ratio.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -156,7 +157,7 @@ def bench_step(name: str, make: Callable[[], Callable[[], None]], tokens: int,
 
 
 # Exact kernel alternatives of the sparse path (paper_lib.sae.kernels.strategy).
-STRATEGIES = [("index", "full"), ("csr", "full"), ("index", "chunked"), ("csr", "chunked")]
+STRATEGIES = list(itertools.product(kernels.GRADS, kernels.TOPK))
 
 
 def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int,
@@ -244,20 +245,23 @@ def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
     return out
 
 
-def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, top: int = 25) -> list[dict]:
-    """Where the time of one sparse TopK step goes (CUDA time per op, or CPU on CPU)."""
+def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, grads: str = "index",
+                 top: int = 25) -> list[dict]:
+    """Where the time of one sparse TopK step goes under the `grads` kernel strategy
+    (CUDA time per op, or CPU on CPU)."""
     x = torch.randn(batch, cfg.d_in, device=dev)
     step = our_step(cfg, x)
-    for _ in range(3):
-        step()
-    _sync(dev)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
+    with kernels.use_sparse(True), kernels.strategy(grads=grads):
         for _ in range(3):
             step()
         _sync(dev)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+            _sync(dev)
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, "self_device_time_total" if dev.type == "cuda"
@@ -267,7 +271,7 @@ def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, top: int = 25) -
         self_t = getattr(e, "self_device_time_total" if dev.type == "cuda"
                          else "self_cpu_time_total", 0)
         rows.append({"op": e.key, "self_us_per_step": self_t / 3, "share": self_t / total,
-                     "calls_per_step": e.count / 3})
+                     "calls_per_step": e.count / 3, "grads": grads})
     return rows
 
 
@@ -288,9 +292,14 @@ def summary(result: dict[str, Any]) -> str:
         lines += [f"| {r.get('variant', r.get('error'))} (rows {r.get('batch_rows')}) | "
                   f"{r.get('tokens_per_s', 0) / 1e6:.2f} |" for r in result["harvest"]]
     if result.get("profile"):
-        lines += ["", "| op | us/step | share |", "|---|---|---|"]
-        lines += [f"| {r['op'][:70]} | {r['self_us_per_step']:.0f} | {r['share']:.1%} |"
-                  for r in result["profile"] if "op" in r]
+        lines += ["", "| grads | op | us/step | share |", "|---|---|---|---|"]
+        shown: dict[str, int] = {}
+        for r in result["profile"]:
+            g = r.get("grads", "index")
+            shown[g] = shown.get(g, 0) + 1
+            if "op" in r and shown[g] <= 12:
+                lines.append(f"| {g} | {r['op'][:70]} | {r['self_us_per_step']:.0f} | "
+                             f"{r['share']:.1%} |")
     return "\n".join(lines)
 
 
@@ -335,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
             suites.append(("harvest", lambda r=r: harvest_suite(dev, args.quick, r)))
     if "profile" not in args.skip:
         d, n, k, b = configs[0]
-        suites.append(("profile", lambda: profile_step(SAEConfig("topk", d, n, k=k), b, dev)))
+        for g in kernels.GRADS:
+            suites.append(("profile", lambda g=g: profile_step(SAEConfig("topk", d, n, k=k), b,
+                                                               dev, grads=g)))
     for name, run in suites:
         try:
             rows = run()

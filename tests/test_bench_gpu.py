@@ -32,6 +32,15 @@ def test_quick_bench_writes_json(tmp_path):
     assert "| harvest (stop_at_layer, torch.compile) (rows 8) |" in table
 
 
+@pytest.mark.parametrize("grads", ["index", "gemm"])
+def test_profile_step_uses_the_strategy(grads):
+    """The profile runs the requested kernels: only gemm's backward holds GemmDecode."""
+    rows = bench.profile_step(SAEConfig("topk", 16, 256, k=4), 32, torch.device("cpu"),
+                              grads=grads, top=200)
+    assert rows and all(r["grads"] == grads and r["self_us_per_step"] >= 0 for r in rows)
+    assert any("GemmDecode" in r["op"] for r in rows) == (grads == "gemm")
+
+
 def test_time_train_step_positive():
     assert bench.time_train_step(SAEConfig("topk", 16, 64, k=4), torch.randn(64, 16), 2, 1) > 0
 

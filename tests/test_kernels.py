@@ -1,6 +1,7 @@
 """The sparse training path against its dense reference twin: same loss, same gradients."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def _grads(sae, x, dead, sparse: bool):
         n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
 
 
-STRATEGIES = [("index", "full"), ("csr", "full"), ("index", "chunked"), ("csr", "chunked")]
+STRATEGIES = list(itertools.product(kernels.GRADS, kernels.TOPK))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -61,6 +62,24 @@ def test_sparse_matches_dense(case, with_dead, grads, topk, monkeypatch):
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
 
 
+@pytest.mark.parametrize("grads", kernels.GRADS)
+def test_input_gradient_matches_dense(grads):
+    """d loss / d x through the sparse encoder (with AuxK's dense part) equals the dense
+    reference's, for every strategy."""
+    sae = make_sae(SAEConfig("topk", 12, 48, k=5, seed=1))
+    twin = copy.deepcopy(sae)
+    x = torch.randn(24, 12)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::4] = True
+    got = []
+    for model, sparse in ((sae, True), (twin, False)):
+        xi = x.clone().requires_grad_()
+        with kernels.use_sparse(sparse), kernels.strategy(grads=grads):
+            sum(model.loss(model(xi), dead).values()).backward()
+        got.append(xi.grad)
+    assert torch.allclose(got[0], got[1], rtol=1e-4, atol=1e-6)
+
+
 def test_sparse_decode_hand_case():
     """Rows 0 and 1 select decoder rows {0, 2} and {1}: sums of weighted rows."""
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
@@ -92,12 +111,13 @@ def test_chunked_topk_is_exact_with_ties_and_one_hot_block():
     assert all(len(set(r)) == 8 for r in idx.tolist())  # no column picked twice
 
 
-def test_csr_decode_hand_case():
-    """The CSR decoder on the hand case above, and its gradients: dW_dec row c = sum of
-    vals * g over the rows selecting c; d vals = <g[row], W_dec[col]>."""
+@pytest.mark.parametrize("grads", kernels.GRADS)
+def test_decode_gradients_hand_case(grads):
+    """Each strategy's decoder on the hand case above, and its gradients: dW_dec row c =
+    sum of vals * g over the rows selecting c; d vals = <g[row], W_dec[col]>."""
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], requires_grad=True)
     vals = torch.tensor([1.0, 0.5, 3.0], requires_grad=True)
-    with kernels.strategy(grads="csr"):
+    with kernels.strategy(grads=grads):
         out = kernels.sparse_decode(torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), vals, w,
                                     batch=2)
     assert out.tolist() == [[2.0, 1.0], [0.0, 3.0]]
@@ -107,7 +127,7 @@ def test_csr_decode_hand_case():
 
 
 def test_strategy_rejects_unknown_names():
-    with pytest.raises(ValueError, match="grads='dense'.*index, csr"):
+    with pytest.raises(ValueError, match="grads='dense'.*index, csr, gemm"):
         with kernels.strategy(grads="dense"):
             pass
     assert kernels.current_strategy() == {"grads": "index", "topk": "full"}

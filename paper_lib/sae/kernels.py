@@ -17,6 +17,11 @@ the GPU; `python -m paper_lib.bench` times every combination in one run):
   (atomics); "csr" builds the selection as a CSR matrix S [B, n] and uses sparse x dense
   products (cuSPARSE on CUDA): decode S W_dec, dW_dec = S^T g, dW_enc = x_c^T G, and the
   gradient of the selected values as a sampled product (SDDMM), in the autocast dtype;
+  "gemm" decodes with embedding_bag (a gather: no atomics) and writes S and G into dense
+  [B, n] matrices for the backward, so both weight gradients and the selected values'
+  gradient are dense matrix products (2 B d n FLOP each) in the autocast dtype: more
+  FLOP than the sparse kernels, but on a GPU whose matrix units far outrun its atomics
+  that can be the cheaper trade;
 - TopK selection: "full" is torch.topk over each row; "chunked" takes the top k of each
   block of `TOPK_CHUNK` columns, then the top k of those candidates (exact: a row's k
   largest entries are each among their block's k largest).
@@ -61,7 +66,7 @@ def use_sparse(enabled: bool | None) -> Iterator[None]:
         _MODE = old
 
 
-GRADS = ("index", "csr")
+GRADS = ("index", "csr", "gemm")
 TOPK = ("full", "chunked")
 TOPK_CHUNK = 1024
 _STRATEGY = {"grads": "index", "topk": "full"}
@@ -153,23 +158,28 @@ class SparseEncode(torch.autograd.Function):
             g_vals = torch.zeros_like(vals)
         gp = g_vals * (vals > 0)                                   # [m] grad at selections
         g_b_enc = torch.zeros(n, dtype=gp.dtype, device=gp.device).index_add_(0, cols, gp)
-        if ctx.grads == "csr":  # dW_enc^T = G^T x_c, G the [B, n] CSR of selected grads
+        if g_pre is not None:  # AuxK / multi-TopK read pre directly: dense fallback
+            g_b_enc = g_b_enc + g_pre.sum(0).to(g_b_enc.dtype)
+        dense = None  # G [B, n]: the gemm strategy's operand, or for the input gradient
+        if ctx.grads == "gemm" or ctx.needs_input_grad[0]:
+            dt = ctx.dtype if ctx.grads == "gemm" else x_c.dtype
+            dense = scatter_dense(rows * n + cols, gp.to(dt), (x_c.shape[0], n))
+            if g_pre is not None:
+                dense += g_pre.to(dt)
+        if ctx.grads == "gemm":  # one product, AuxK's dense part included
+            g_w = x_c.to(dense.dtype).T @ dense
+        elif ctx.grads == "csr":  # dW_enc^T = G^T x_c, G the [B, n] CSR of selected grads
             g_sel = csr(rows, cols, gp.to(ctx.dtype), (x_c.shape[0], n))
             g_w = _spmm(g_sel.t(), x_c.to(ctx.dtype)).T
         else:
             g_w_t = torch.zeros(n, x_c.shape[1], dtype=x_c.dtype, device=x_c.device)
             g_w_t.index_add_(0, cols, x_c.index_select(0, rows).mul_(gp[:, None].to(x_c.dtype)))
             g_w = g_w_t.T
-        g_x_c = None
-        if g_pre is not None:  # AuxK / multi-TopK read pre directly: dense fallback
+        if g_pre is not None and ctx.grads != "gemm":
             g_w = g_w + x_c.T @ g_pre.to(x_c.dtype)
-            g_b_enc = g_b_enc + g_pre.sum(0).to(g_b_enc.dtype)
+        g_x_c = None
         if ctx.needs_input_grad[0]:
-            dense = torch.zeros(x_c.shape[0], n, dtype=x_c.dtype, device=x_c.device)
-            dense.index_put_((rows, cols), gp.to(x_c.dtype))
-            if g_pre is not None:
-                dense = dense + g_pre.to(x_c.dtype)
-            g_x_c = dense @ w_enc.T
+            g_x_c = (dense @ w_enc.to(dense.dtype).T).to(x_c.dtype)
         g_b_dec = -(w_enc @ g_b_enc.to(w_enc.dtype)) if ctx.needs_input_grad[3] else None
         return (g_x_c, g_w.to(w_enc.dtype) if ctx.needs_input_grad[1] else None,
                 g_b_enc if ctx.needs_input_grad[2] else None, g_b_dec, None)
@@ -186,6 +196,8 @@ def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch
     Selections sorted by row (by row and column for the "csr" strategy)."""
     if _STRATEGY["grads"] == "csr":
         return CsrDecode.apply(rows, cols, vals, w_dec, batch)
+    if _STRATEGY["grads"] == "gemm":
+        return GemmDecode.apply(rows, cols, vals, w_dec, batch)
     return F.embedding_bag(cols, w_dec, offsets_from_rows(rows, batch), mode="sum",
                            per_sample_weights=vals.to(w_dec.dtype))
 
@@ -220,6 +232,40 @@ class CsrDecode(torch.autograd.Function):
         return None, None, g_vals, g_w, None
 
 
+class GemmDecode(torch.autograd.Function):
+    """embedding_bag decoding; backward by dense products over S [B, n] (the codes, in
+    the compute dtype): dW_dec = S^T g, d vals = (g W_dec^T) read at the selection."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
+                batch: int) -> Tensor:
+        ctx.save_for_backward(rows, cols, vals, w_dec)
+        ctx.dtype = compute_dtype(w_dec)
+        with torch.no_grad():
+            return F.embedding_bag(cols, w_dec, offsets_from_rows(rows, batch), mode="sum",
+                                   per_sample_weights=vals.to(w_dec.dtype))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore
+        rows, cols, vals, w = ctx.saved_tensors
+        flat = rows * w.shape[0] + cols
+        g = g.to(ctx.dtype)
+        g_vals = g_w = None
+        if ctx.needs_input_grad[2]:
+            g_vals = (g @ w.to(ctx.dtype).T).view(-1).index_select(0, flat).to(vals.dtype)
+        if ctx.needs_input_grad[3]:
+            s = scatter_dense(flat, vals.detach().to(ctx.dtype), (g.shape[0], w.shape[0]))
+            g_w = (s.T @ g).to(w.dtype)
+        return None, None, g_vals, g_w, None
+
+
+def scatter_dense(flat: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Dense matrix with `values` at the (distinct) flat positions, zeros elsewhere."""
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    out.view(-1).index_copy_(0, flat, values)
+    return out
+
+
 def row_topk(k: int) -> Select:
     """Selection of each row's k largest entries, as row-sorted (rows, cols), by the
     current "topk" strategy."""
@@ -247,9 +293,7 @@ def chunked_topk_indices(pre: Tensor, k: int, chunk: int) -> Tensor:
 
 def to_dense(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
     """Dense [B, n] codes from a selection (detached: bookkeeping only)."""
-    out = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
-    out.index_put_((rows, cols), vals.detach())
-    return out
+    return scatter_dense(rows * shape[1] + cols, vals.detach(), shape)
 
 
 def per_row_sum(rows: Tensor, values: Tensor, batch: int) -> Tensor:
