@@ -33,6 +33,7 @@ import torch
 
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_json, env_info
 from paper_lib.sae import SAEConfig, kernels, make_sae
+from paper_lib.train import make_adam, make_step
 
 
 def _sync(dev: torch.device) -> None:
@@ -64,24 +65,12 @@ def _peak(dev: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
 
 
-def our_step(cfg: SAEConfig, x: torch.Tensor, bf16: bool = True) -> Callable[[], None]:
-    """One training step exactly as paper_lib.train runs it (no dead latents)."""
-    dev = x.device
-    sae = make_sae(cfg).to(dev).train()
-    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=1e-4,
-                           betas=(0.9, 0.999), eps=6.25e-10, fused=dev.type == "cuda")
-    use_bf16 = bf16 and dev.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            out = sae(x)
-            loss = sum(t.float() for t in sae.loss(out, None).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.before_step_()
-        opt.step()
-        sae.after_step_()
-    return step
+def our_step(cfg: SAEConfig, x: torch.Tensor, bf16: bool = True, compile: bool = False
+             ) -> Callable[[], None]:
+    """One training step exactly as paper_lib.train runs it (`make_step`; no dead latents)."""
+    sae = make_sae(cfg).to(x.device).train()
+    step = make_step(sae, make_adam(sae, lr=1e-4), bf16, compile)
+    return lambda: step(x, None)
 
 
 def time_train_step(cfg: SAEConfig, x: torch.Tensor, steps: int = 10, warmup: int = 3,
@@ -167,11 +156,12 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
     cfg = SAEConfig("topk", d, n, k=k)
     rows = []
 
-    def ours(sparse: bool, grads: str = "index", topk: str = "full") -> Callable[[], None]:
+    def ours(sparse: bool, grads: str = "index", topk: str = "full", compile: bool = False
+             ) -> Callable[[], None]:
         def run() -> None:
             with kernels.use_sparse(sparse), kernels.strategy(grads, topk):
                 step()
-        step = our_step(cfg, x)
+        step = our_step(cfg, x, compile=compile)
         return run
 
     for grads, topk in STRATEGIES:
@@ -179,6 +169,8 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
         row = bench_step(f"paper_lib sparse{label} (Adam)", lambda g=grads, t=topk:
                          ours(True, g, t), batch, dev, steps, warmup)
         rows.append({**row, "grads": grads, "topk": topk})
+    rows.append(bench_step("paper_lib sparse, torch.compile (Adam)",
+                           lambda: ours(True, compile=True), batch, dev, steps, warmup))
     rows.append(bench_step("naive dense PyTorch (Adam)", lambda: ours(False), batch, dev, steps,
                            warmup))
     for opt in ("signum", "adam"):

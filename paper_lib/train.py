@@ -6,7 +6,8 @@ eps 6.25e-10), optional lr ~ 1/sqrt(n) scaling, linear warmup and linear decay, 
 decoder constraint (parallel-gradient removal, renormalisation), dead-latent tracking in
 tokens since last firing (feeding AuxK), bf16 autocast on CUDA, periodic evaluation
 (FVU, L0, dead fraction and any extra metrics), a tqdm bar, and atomic checkpoints from
-which an interrupted run resumes with identical results.
+which an interrupted run resumes with identical results. `make_step` is the step itself
+(also timed by paper_lib.bench), optionally with torch.compile.
 Architectures differ only in their loss terms (paper_lib.sae); there is one loop.
 """
 
@@ -85,6 +86,9 @@ class TrainConfig:
     checkpoint_path: str = ""
     bf16: bool = True
     """bf16 autocast for the forward pass on CUDA (ignored on CPU)."""
+    compile: bool = False
+    """torch.compile each SAE's forward pass and loss (fuses the elementwise work; the
+    first steps pay the compilation; sparse kernels run between compiled pieces)."""
     progress: bool = True
     desc: str = "train SAEs"
 
@@ -141,9 +145,62 @@ def evaluate(sae: SAE, x: Tensor, chunk: int = 8192) -> dict[str, float]:
     return {"fvu": metrics.fvu(x, r), "l0": metrics.l0(c), "dead_eval": metrics.dead_fraction(c)}
 
 
+# TrainConfig fields that do not change what a run computes (compile: at most the float
+# rounding), so a checkpoint written under one value resumes under another.
+_BOOKKEEPING = ("progress", "desc", "checkpoint_every", "checkpoint_seconds", "checkpoint_path",
+                "compile")
+
+
 def _configs_key(saes: list[SAE], cfg: TrainConfig) -> str:
-    return json.dumps({"saes": [s.cfg.to_dict() for s in saes], "train": asdict(cfg)},
+    train = {k: v for k, v in asdict(cfg).items() if k not in _BOOKKEEPING}
+    return json.dumps({"saes": [s.cfg.to_dict() for s in saes], "train": train},
                       sort_keys=True, default=str)
+
+
+def make_adam(sae: SAE, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 6.25e-10) -> torch.optim.Adam:
+    """Adam over the SAE's trainable parameters (fused on CUDA; defaults: Gao et al.)."""
+    params = [p for p in sae.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
+                            fused=params[0].device.type == "cuda")
+
+
+def forward_loss(sae: SAE, x: Tensor, dead: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+    """Named loss terms of one batch and the [n] mask of latents that fired in it: the
+    part of a step that `TrainConfig.compile` hands to torch.compile."""
+    out = sae(x)
+    return sae.loss(out, dead), out.fired()
+
+
+_compiled_forward_loss = None
+
+
+def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: bool = False
+              ) -> Callable[..., Tensor]:
+    """The training step, `step(x, dead, l1_scale=1.0) -> fired`: forward and loss (bf16
+    autocast on CUDA), backward, parallel-gradient removal, Adam, decoder renormalisation.
+    `dead` [n] bool feeds AuxK; `l1_scale` ramps the L1 penalty."""
+    global _compiled_forward_loss
+    fl = forward_loss
+    if compile:
+        if _compiled_forward_loss is None:  # one compiled function; dynamo guards per SAE
+            _compiled_forward_loss = torch.compile(forward_loss)
+        fl = _compiled_forward_loss
+    use_bf16 = bf16 and next(sae.parameters()).device.type == "cuda"
+
+    def step(x: Tensor, dead: Tensor | None, l1_scale: float = 1.0) -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            terms, fired = fl(sae, x, dead)
+        if "l1" in terms and l1_scale != 1.0:
+            terms["l1"] = terms["l1"] * l1_scale
+        loss = sum(t.float() for t in terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.before_step_()
+        opt.step()
+        sae.after_step_()
+        return fired
+    return step
 
 
 def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
@@ -158,16 +215,14 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     """
     device = next(saes[0].parameters()).device
     deterministic_on_cpu(device)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
     opts = []
     for sae in saes:
         if init_x is not None:
             sae.init_from_data_(init_x.to(device))
         lr = cfg.lr * (math.sqrt(cfg.lr_ref_latents / sae.cfg.d_sae) if cfg.lr_scale_with_n else 1)
-        params = [p for p in sae.parameters() if p.requires_grad]
-        opts.append(torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                     fused=device.type == "cuda"))
+        opts.append(make_adam(sae, lr, (cfg.beta1, cfg.beta2), cfg.eps))
     base_lrs = [o.param_groups[0]["lr"] for o in opts]
+    steps = [make_step(s, o, cfg.bf16, cfg.compile) for s, o in zip(saes, opts)]
     since = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in saes]
     results = [TrainResult(s) for s in saes]
     start, key = 0, _configs_key(saes, cfg)
@@ -195,23 +250,14 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     for step in bar:
         x = data.batch(step).to(device, non_blocking=True)
         f = lr_factor(step, cfg)
-        for sae, opt, base, cnt in zip(saes, opts, base_lrs, since):
+        l1_scale = (step + 1) / cfg.sparsity_warmup_steps \
+            if step < cfg.sparsity_warmup_steps else 1.0
+        for sae, opt, base, cnt, train_step in zip(saes, opts, base_lrs, since, steps):
             for g in opt.param_groups:
                 g["lr"] = base * f
-            dead = cnt >= sae.cfg.dead_tokens
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                out = sae(x)
-                terms = sae.loss(out, dead)
-            if "l1" in terms and step < cfg.sparsity_warmup_steps:
-                terms["l1"] = terms["l1"] * ((step + 1) / cfg.sparsity_warmup_steps)
-            loss = sum(t.float() for t in terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.before_step_()
-            opt.step()
-            sae.after_step_()
+            fired = train_step(x, cnt >= sae.cfg.dead_tokens, l1_scale)
             with torch.no_grad():
-                cnt.add_(x.shape[0]).masked_fill_(out.fired(), 0)
+                cnt.add_(x.shape[0]).masked_fill_(fired, 0)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             run_eval(done)

@@ -21,6 +21,8 @@ def test_quick_bench_writes_json(tmp_path):
             and "grads" in r]
     assert {(r["grads"], r["topk"]) for r in ours} == set(bench.STRATEGIES)
     assert all(r["tokens_per_s"] > 0 and r["n"] == 2048 for r in ours), ours
+    assert any(r["variant"] == "paper_lib sparse, torch.compile (Adam)" and r["tokens_per_s"] > 0
+               for r in rec["topk"])
     variants = {r["variant"] for r in rec["harvest"]}
     assert variants == {"harvest (stop_at_layer)", "harvest (stop_at_layer, torch.compile)",
                         "run_with_cache, stop_at_layer=L+1", "full forward"}
@@ -46,9 +48,12 @@ def test_time_train_step_positive():
 
 
 @requires_cuda
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "topafa", "relu"])
-def test_training_on_cuda_bf16(arch):
-    """Every architecture trains on the GPU with bf16 autocast and fp32 master weights."""
+@pytest.mark.parametrize("arch,compile", [("topk", False), ("batchtopk", False),
+                                          ("matryoshka", False), ("topafa", False),
+                                          ("relu", False), ("topk", True)])
+def test_training_on_cuda_bf16(arch, compile):
+    """Every architecture trains on the GPU with bf16 autocast and fp32 master weights
+    (TopK also with TrainConfig.compile)."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     dic = torch.nn.functional.normalize(torch.randn(512, 64, device=dev, generator=g), dim=1)
@@ -59,6 +64,7 @@ def test_training_on_cuda_bf16(arch):
     extra.update({"l1_coeff": 1e-3} if arch == "relu" else {})
     sae = make_sae(SAEConfig(arch, 64, 1024, standardize_input=arch == "topafa", **extra)).to(dev)
     res = train_saes([sae], ShuffledBatches(x, 1024), TrainConfig(steps=200, lr=3e-3,
+                                                                   compile=compile,
                                                                    progress=False),
                      eval_x=x[:2048], init_x=x[:2048])[0]
     assert sae.W_enc.dtype == torch.float32

@@ -115,3 +115,37 @@ def test_checkpoint_of_other_config_is_refused(tmp_path):
                    tc)
     with pytest.raises(ValueError, match="different configuration"):
         train_saes([make_sae(SAEConfig("topk", 16, 64, k=5))], ShuffledBatches(x, 128), tc)
+
+
+def test_checkpoint_resumes_when_only_bookkeeping_changed(tmp_path):
+    """A run interrupted with one progress / description / checkpoint cadence resumes under
+    another (those settings change no number), to the uninterrupted weights."""
+    x = sparse_data()
+    ck = tmp_path / "ck.pt"
+    cfg = SAEConfig("topk", 16, 64, k=4)
+    full = train_saes([make_sae(cfg)], ShuffledBatches(x, 128),
+                      TrainConfig(steps=40, progress=False), eval_x=x)[0]
+    first = TrainConfig(steps=40, checkpoint_every=20, checkpoint_path=str(ck), progress=False,
+                        desc="first")
+    with pytest.raises(Interrupted):
+        train_saes([make_sae(cfg)], interrupting_batches(x, 128, 25), first, eval_x=x)
+    again = TrainConfig(steps=40, checkpoint_seconds=30.0, checkpoint_path=str(ck),
+                        progress=True, desc="again")
+    resumed = train_saes([make_sae(cfg)], ShuffledBatches(x, 128), again, eval_x=x)[0]
+    assert torch.equal(resumed.sae.W_dec, full.sae.W_dec)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_compiled_step_matches_eager(arch):
+    """TrainConfig.compile changes where the arithmetic runs, not what it computes: the
+    same training (L1 warm-up and AuxK included) within float rounding."""
+    x = sparse_data()
+    cfg = SAEConfig(arch, 16, 64, k=4 if arch == "topk" else 0, l1_coeff=1e-3, seed=2,
+                    dead_tokens=256)
+    res = [train_saes([make_sae(cfg)], ShuffledBatches(x, 128),
+                      TrainConfig(steps=12, sparsity_warmup_steps=6, compile=c, progress=False),
+                      eval_x=x)[0] for c in (False, True)]
+    for name, p in res[0].sae.named_parameters():
+        q = dict(res[1].sae.named_parameters())[name]
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), name
+    assert res[0].final["fvu"] == pytest.approx(res[1].final["fvu"], rel=1e-4)

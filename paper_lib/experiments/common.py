@@ -29,12 +29,12 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
              lr_ref_latents: int = 16384,
              eval_every: int = 0, sparsity_warmup_steps: int | None = None,
              eval_fn: Callable[[SAE], dict[str, float]] | None = None,
-             checkpoint_seconds: float = 60.0) -> list[TrainResult]:
+             checkpoint_seconds: float = 60.0, compile: bool = False) -> list[TrainResult]:
     """Train every config in lockstep on the same batches of `acts` (one harvest, a sweep).
     The L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default. A
     checkpoint keyed by the configs and data is written every `checkpoint_seconds` of
     training under data/ckpt/, so re-running an interrupted notebook resumes where it
-    stopped (0 disables)."""
+    stopped (0 disables). `compile`: torch.compile each SAE's forward and loss."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
     key = hashlib.sha256(json.dumps([[c.to_dict() for c in cfgs], steps, batch_size, lr, seed,
@@ -45,7 +45,7 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
     tc = TrainConfig(steps=steps, lr=lr, lr_scale_with_n=lr_scale_with_n,
                      lr_ref_latents=lr_ref_latents, progress=progress,
                      desc=desc, eval_every=eval_every, sparsity_warmup_steps=warm,
-                     checkpoint_seconds=checkpoint_seconds,
+                     checkpoint_seconds=checkpoint_seconds, compile=compile,
                      checkpoint_path=str(CKPT_ROOT / f"{key}.pt") if checkpoint_seconds else "")
     return train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
                       init_x=acts.eval[:4096], eval_fn=eval_fn)

@@ -155,9 +155,10 @@ class SAEOutput:
         """[n] bool: latents active on at least one row of the batch."""
         if self.sel is None:
             return (self._codes > 0).any(0)
-        rows, cols, vals = self.sel
-        out = torch.zeros(self.pre.shape[1], dtype=torch.bool, device=cols.device)
-        return out.index_fill_(0, cols[vals.detach() > 0], True)
+        _, cols, vals = self.sel
+        # fixed shapes (no boolean-mask indexing), so torch.compile traces it whole
+        hits = torch.zeros(self.pre.shape[1], dtype=torch.float32, device=cols.device)
+        return hits.index_add_(0, cols, (vals.detach() > 0).float()) > 0
 
 
 class SAE(nn.Module):

@@ -109,8 +109,7 @@ def _quiet_csr() -> Iterator[None]:
 
 def csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
     """CSR matrix of a selection sorted by (row, col) (see `sort_selection`)."""
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=rows.device))
     with _quiet_csr():
         return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
 
@@ -186,9 +185,9 @@ class SparseEncode(torch.autograd.Function):
 
 
 def offsets_from_rows(rows: Tensor, batch: int) -> Tensor:
-    """Bag offsets for embedding_bag from row ids sorted ascending."""
-    counts = torch.bincount(rows, minlength=batch)
-    return torch.cumsum(counts, 0) - counts
+    """Bag offsets for embedding_bag from row ids sorted ascending: where each row starts
+    (a binary search with a fixed output shape, which torch.compile traces)."""
+    return torch.searchsorted(rows, torch.arange(batch, device=rows.device))
 
 
 def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: int) -> Tensor:
