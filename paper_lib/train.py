@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--out", type=Path, required=True, help="final metrics JSON")
     ap.add_argument("--save", type=Path, help="save the trained SAE here (SAELens layout)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the forward pass and loss (worth it on a GPU)")
     args = ap.parse_args(argv)
     if args.acts is not None:
         from safetensors.torch import load_file
@@ -353,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         x = _demo_data(args.d_in, 8192, args.seed)
     cfg = SAEConfig(args.arch, x.shape[1], args.d_sae, k=args.k, seed=args.seed)
     tc = TrainConfig(steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                     checkpoint_path=str(args.checkpoint), progress=False)
+                     checkpoint_path=str(args.checkpoint), progress=False,
+                     compile=args.compile)
     res = train_saes([make_sae(cfg)], ShuffledBatches(x, args.batch, args.seed), tc,
                      eval_x=x[:2048], init_x=x[:2048])[0]
     weights = b"".join(v.detach().cpu().numpy().tobytes()

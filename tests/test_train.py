@@ -135,17 +135,25 @@ def test_checkpoint_resumes_when_only_bookkeeping_changed(tmp_path):
     assert torch.equal(resumed.sae.W_dec, full.sae.W_dec)
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
 def test_compiled_step_matches_eager(arch):
     """TrainConfig.compile changes where the arithmetic runs, not what it computes: the
     same training (L1 warm-up and AuxK included) within float rounding."""
     x = sparse_data()
-    cfg = SAEConfig(arch, 16, 64, k=4 if arch == "topk" else 0, l1_coeff=1e-3, seed=2,
+    cfg = SAEConfig(arch, 16, 64, k=0 if arch == "relu" else 4, l1_coeff=1e-3, seed=2,
                     dead_tokens=256)
-    res = [train_saes([make_sae(cfg)], ShuffledBatches(x, 128),
+    def build():
+        sae = make_sae(cfg)
+        with torch.no_grad():
+            sae.b_enc[:8] = -20.0  # 8 latents never fire, die after 2 steps, and feed AuxK
+        return sae
+
+    res = [train_saes([build()], ShuffledBatches(x, 128),
                       TrainConfig(steps=12, sparsity_warmup_steps=6, compile=c, progress=False),
                       eval_x=x)[0] for c in (False, True)]
     for name, p in res[0].sae.named_parameters():
         q = dict(res[1].sae.named_parameters())[name]
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), name
     assert res[0].final["fvu"] == pytest.approx(res[1].final["fvu"], rel=1e-4)
+    if arch != "relu":
+        assert all(r.final["dead_train"] > 0 for r in res)

@@ -273,9 +273,11 @@ class SAE(nn.Module):
     def auxk_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
         """Gao et al. App. B.1: the top k_aux dead latents reconstruct the residual
         e = x - x_hat (detached): L_aux = alpha * ||e - e_hat||^2."""
-        if not self.cfg.auxk or dead_mask is None or not bool(dead_mask.any()):
+        if not self.cfg.auxk or dead_mask is None:
             return {}
-        k_aux = min(self.cfg.k_aux, int(dead_mask.sum()))
+        k_aux = min(self.cfg.k_aux, count_true(dead_mask))
+        if k_aux == 0:
+            return {}
         pre_dead = out.pre.masked_fill(~dead_mask, float("-inf"))
         vals, idx = pre_dead.topk(k_aux, dim=-1)
         e_hat = torch.zeros_like(out.pre).scatter(-1, idx, vals.relu()) @ self.W_dec
@@ -312,6 +314,13 @@ class SAE(nn.Module):
         """Renormalise decoder rows to unit norm."""
         if self.cfg.unit_norm_decoder and self.W_dec.requires_grad:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+@torch.compiler.disable
+def count_true(mask: Tensor) -> int:
+    """How many entries of a bool mask are set, as a Python int (a device sync). Kept out
+    of torch.compile's graphs: its value decides shapes (AuxK's k), so it cannot be traced."""
+    return int(mask.sum())
 
 
 def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:

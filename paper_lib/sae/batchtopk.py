@@ -41,6 +41,7 @@ class BatchTopKSAE(SAE):
         self._update_threshold(vals)
         return codes
 
+    @torch.compiler.disable  # data-dependent shapes and branch: selection stays eager
     def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
         """The batch's k*B largest ReLU pre-activations, exactly, found among each row's top
         4k candidates; if some row has all its candidates selected (it might own more),
