@@ -13,6 +13,7 @@ Architectures differ only in their loss terms (paper_lib.sae); there is one loop
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -172,7 +173,9 @@ def forward_loss(sae: SAE, x: Tensor, dead: Tensor | None) -> tuple[dict[str, Te
     return sae.loss(out, dead), out.fired()
 
 
-_compiled_forward_loss = None
+@functools.cache
+def _compiled_forward_loss() -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+    return torch.compile(forward_loss)  # one compiled function; dynamo guards per SAE
 
 
 def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: bool = False
@@ -180,12 +183,7 @@ def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: 
     """The training step, `step(x, dead, l1_scale=1.0) -> fired`: forward and loss (bf16
     autocast on CUDA), backward, parallel-gradient removal, Adam, decoder renormalisation.
     `dead` [n] bool feeds AuxK; `l1_scale` ramps the L1 penalty."""
-    global _compiled_forward_loss
-    fl = forward_loss
-    if compile:
-        if _compiled_forward_loss is None:  # one compiled function; dynamo guards per SAE
-            _compiled_forward_loss = torch.compile(forward_loss)
-        fl = _compiled_forward_loss
+    fl = _compiled_forward_loss() if compile else forward_loss
     use_bf16 = bf16 and next(sae.parameters()).device.type == "cuda"
 
     def step(x: Tensor, dead: Tensor | None, l1_scale: float = 1.0) -> Tensor:
