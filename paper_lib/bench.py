@@ -256,12 +256,10 @@ def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, grads: str = "in
             _sync(dev)
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-    total = sum(getattr(e, "self_device_time_total" if dev.type == "cuda"
-                        else "self_cpu_time_total", 0) for e in events) or 1
+    total = sum(getattr(e, key, 0) for e in events) or 1
     rows = []
     for e in events[:top]:
-        self_t = getattr(e, "self_device_time_total" if dev.type == "cuda"
-                         else "self_cpu_time_total", 0)
+        self_t = getattr(e, key, 0)
         rows.append({"op": e.key, "self_us_per_step": self_t / 3, "share": self_t / total,
                      "calls_per_step": e.count / 3, "grads": grads})
     return rows

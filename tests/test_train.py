@@ -142,6 +142,7 @@ def test_compiled_step_matches_eager(arch):
     x = sparse_data()
     cfg = SAEConfig(arch, 16, 64, k=0 if arch == "relu" else 4, l1_coeff=1e-3, seed=2,
                     dead_tokens=256)
+
     def build():
         sae = make_sae(cfg)
         with torch.no_grad():

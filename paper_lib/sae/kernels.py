@@ -197,6 +197,11 @@ def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch
         return CsrDecode.apply(rows, cols, vals, w_dec, batch)
     if _STRATEGY["grads"] == "gemm":
         return GemmDecode.apply(rows, cols, vals, w_dec, batch)
+    return bag_decode(rows, cols, vals, w_dec, batch)
+
+
+def bag_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: int) -> Tensor:
+    """The gather form of decoding: one embedding_bag sum of weighted decoder rows per row."""
     return F.embedding_bag(cols, w_dec, offsets_from_rows(rows, batch), mode="sum",
                            per_sample_weights=vals.to(w_dec.dtype))
 
@@ -241,8 +246,7 @@ class GemmDecode(torch.autograd.Function):
         ctx.save_for_backward(rows, cols, vals, w_dec)
         ctx.dtype = compute_dtype(w_dec)
         with torch.no_grad():
-            return F.embedding_bag(cols, w_dec, offsets_from_rows(rows, batch), mode="sum",
-                                   per_sample_weights=vals.to(w_dec.dtype))
+            return bag_decode(rows, cols, vals, w_dec, batch)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
