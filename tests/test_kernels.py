@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from paper_lib.sae import SAEConfig, kernels, make_sae
+from paper_lib.sae import SAEConfig, batchtopk, kernels, make_sae
 from tests.conftest import requires_cuda
 
 CASES = {
@@ -126,6 +126,22 @@ def test_decode_gradients_hand_case(grads):
     assert vals.grad.tolist() == [1.0, 6.0, 4.0]
 
 
+@pytest.mark.parametrize("grads", kernels.GRADS)
+def test_grouped_decode_hand_case(grads):
+    """Nested groups ending at columns 1 and 3: each selection decodes into its own
+    (row, group) slot; gradients read g at that slot: dW_dec row c = vals * g[row, group(c)],
+    d vals = <g[row, group], W_dec[col]>."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], requires_grad=True)
+    vals = torch.tensor([1.0, 0.5, 3.0], requires_grad=True)
+    with kernels.strategy(grads=grads):
+        out = kernels.sparse_decode(torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), vals, w,
+                                    batch=2, ends=(1, 3))
+    assert out.tolist() == [[[1.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 3.0]]]
+    out.backward(torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]))
+    assert w.grad.tolist() == [[1.0, 2.0], [21.0, 24.0], [1.5, 2.0]]
+    assert vals.grad.tolist() == [1.0, 14.0, 8.0]
+
+
 def test_strategy_rejects_unknown_names():
     with pytest.raises(ValueError, match="grads='dense'.*index, csr, gemm"):
         with kernels.strategy(grads="dense"):
@@ -155,15 +171,45 @@ def test_strategies_match_dense_bf16_cuda(grads, topk):
     assert (gd_s - gd_d).norm() / gd_d.norm() < 3e-2
 
 
-def test_batchtopk_candidate_selection_is_exact():
-    """Per-row candidates plus the saturation fallback select exactly the flat top-(k*B),
-    also when one row dominates the batch."""
+def _flat_topk_positions(pre: torch.Tensor, total: int) -> list[int]:
+    return sorted(pre.relu().flatten().topk(total).indices.tolist())
+
+
+@pytest.mark.parametrize("sample", [1 << 18, 64])
+def test_batchtopk_selection_is_exact(monkeypatch, sample):
+    """The sampled-threshold selection gives exactly the flat top-(k*B) in row-major order:
+    with the sample being every entry, a strided sample (stride > 1), a batch that one row
+    dominates, and a sample that aimed too high (forced: the all-positives fallback)."""
+    monkeypatch.setattr(batchtopk, "SAMPLE", sample)
     sae = make_sae(SAEConfig("batchtopk", 8, 64, k=2))
-    for dominated in (False, True):
-        pre = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
-        if dominated:
-            pre[3] += 10.0  # row 3 alone holds more than its 4k candidates
-        rows, cols = sae.select(pre, pre[:, :8])
-        want = pre.relu().flatten().topk(32).indices
-        assert sorted((rows * 64 + cols).tolist()) == sorted(want.tolist())
-        assert rows.tolist() == sorted(rows.tolist())
+    for case in ("plain", "dominated", "aimed_high"):
+        pre = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+        if case == "dominated":
+            pre[3] += 10.0  # row 3 alone holds the 64 largest of the 128 kept values
+        with monkeypatch.context() as m:
+            if case == "aimed_high":
+                m.setattr(batchtopk, "sample_threshold", lambda *a: 1e9)
+            rows, cols = sae.select(pre, pre[:, :8])
+        flat = (rows * 64 + cols).tolist()
+        assert flat == _flat_topk_positions(pre, 128), case  # same set, row-major order
+        if case == "dominated":
+            assert int((rows == 3).sum()) == 64
+
+
+def test_batchtopk_keeps_only_positive_entries():
+    """Fewer positive pre-activations than k*B: exactly those are kept (zero codes would
+    add nothing), and the learned threshold is the smallest of them."""
+    sae = make_sae(SAEConfig("batchtopk", 8, 16, k=4))
+    pre = torch.full((4, 16), -1.0)
+    pre[0, 5], pre[2, 1], pre[2, 9] = 0.5, 2.0, 0.25
+    rows, cols = sae.select(pre, pre[:, :8])
+    assert rows.tolist() == [0, 2, 2] and cols.tolist() == [5, 1, 9]
+    assert float(sae.threshold) == 0.25
+
+
+def test_sample_stride_is_coprime_to_row_length():
+    """Hand cases: 2^20 entries / 2^18 samples = stride 4, which shares a factor with rows
+    of 1024, so 5 (a stride of 4 would only ever sample columns 0, 4, 8, ...)."""
+    assert batchtopk.sample_stride(1 << 20, 1024) == 5
+    assert batchtopk.sample_stride(3 << 18, 1000) == 3
+    assert batchtopk.sample_stride(1000, 10) == 1

@@ -135,7 +135,7 @@ def test_checkpoint_resumes_when_only_bookkeeping_changed(tmp_path):
     assert torch.equal(resumed.sae.W_dec, full.sae.W_dec)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "relu"])
 def test_compiled_step_matches_eager(arch):
     """TrainConfig.compile changes where the arithmetic runs, not what it computes: the
     same training (L1 warm-up and AuxK included) within float rounding."""

@@ -126,10 +126,11 @@ class SAEConfig:
 class SAEOutput:
     """What `SAE.forward` returns (attribute access, like a named tuple)."""
 
-    __slots__ = ("_codes", "recon", "pre", "x_in", "recon_in", "sel")
+    __slots__ = ("_codes", "recon", "pre", "x_in", "recon_in", "sel", "prefixes")
 
     def __init__(self, codes: Tensor | None, recon: Tensor, pre: Tensor, x_in: Tensor,
-                 recon_in: Tensor, sel: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+                 recon_in: Tensor, sel: tuple[Tensor, Tensor, Tensor] | None = None,
+                 prefixes: Tensor | None = None) -> None:
         self._codes = codes
         self.recon = recon
         """[B, d] reconstruction in input units."""
@@ -141,6 +142,9 @@ class SAEOutput:
         """[B, d] reconstruction of x_in (the same tensor as recon unless standardised)."""
         self.sel = sel
         """Sparse path only: (rows, cols, vals) of the active codes, vals carrying gradients."""
+        self.prefixes = prefixes
+        """Sparse path of a nested SAE only: [B, G, d] reconstructions of x_in from each
+        nested prefix of the latents, smallest first (the last is recon_in)."""
 
     @property
     def codes(self) -> Tensor:
@@ -165,6 +169,8 @@ class SAE(nn.Module):
     """Base class. Subclasses implement `activation` and may add `extra_loss`."""
 
     architecture: ClassVar[str] = ""
+    nested_ends: tuple[int, ...] | None = None
+    """Nested dictionaries (Matryoshka): where each prefix of the latents ends."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -232,13 +238,19 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor) -> SAEOutput:
         x_in, mu, sd = self.prepare(x)
-        sel = None
+        sel = prefixes = None
         if self.training and self.sparse_capable and \
                 kernels.want_sparse(self.expected_density()):
             vals, rows, cols, pre = kernels.SparseEncode.apply(
                 x_in, self.W_enc, self.b_enc, self.b_dec, lambda p: self.select(p, x_in))
             batch = x_in.shape[0]
-            recon_in = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch) + self.b_dec
+            if self.nested_ends is None:
+                recon_in = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch) + self.b_dec
+            else:  # every prefix's reconstruction from one grouped decode
+                parts = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch,
+                                              self.nested_ends)
+                prefixes = parts.cumsum(1) + self.b_dec
+                recon_in = prefixes[:, -1]
             codes = None  # built lazily from `sel` if anything reads out.codes
             sel = (rows, cols, vals)
         else:
@@ -246,7 +258,7 @@ class SAE(nn.Module):
             codes = self.activation(pre, x_in)
             recon_in = self.decode(codes)
         recon = recon_in if mu is None else recon_in * sd + mu
-        return SAEOutput(codes, recon, pre, x_in, recon_in, sel)
+        return SAEOutput(codes, recon, pre, x_in, recon_in, sel, prefixes)
 
     def scaled_code_norm(self, out: SAEOutput) -> Tensor:
         """[B] ||f~|| = ||codes * ||W_dec,i|| ||, differentiable on both paths."""

@@ -8,6 +8,8 @@ activation over training batches. Decoder rows unit-norm; AuxK as in TopK.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,24 +45,26 @@ class BatchTopKSAE(SAE):
 
     @torch.compiler.disable  # data-dependent shapes and branch: selection stays eager
     def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's k*B largest ReLU pre-activations, exactly, found among each row's top
-        4k candidates; if some row has all its candidates selected (it might own more),
-        the full flat top-(k*B) decides instead."""
-        acts = pre.relu()
-        batch, n = acts.shape
-        total = min(self.cfg.k * batch, acts.numel())
-        per_row = min(n, 4 * self.cfg.k)
-        cand_vals, cand_cols = acts.topk(per_row, dim=1, sorted=False)
-        vals, pos = cand_vals.flatten().topk(total, sorted=False)
-        rows = pos // per_row
-        if per_row < n and bool((torch.bincount(rows, minlength=batch) >= per_row).any()):
-            vals, flat = acts.flatten().topk(total, sorted=False)
-            rows, cols = flat // n, flat % n
-        else:
-            cols = cand_cols.flatten()[pos]
+        """The batch's k*B largest ReLU pre-activations, exactly, in row-major order.
+
+        A strided sample of pre gives a threshold a little below the (k*B)-th largest
+        value; the entries above it (about 1.3 k*B, in row-major order from `nonzero`) are
+        the only candidates, and their top k*B is the answer. If the sample aimed too high
+        (fewer candidates than k*B: rare by its margin), every positive entry is a
+        candidate. Entries at or below zero are never kept: their codes would be zero."""
+        batch, n = pre.shape
+        total = min(self.cfg.k * batch, pre.numel())
+        flat = pre.view(-1)
+        theta = sample_threshold(flat, total / flat.numel(), n)
+        pos = (flat > theta).nonzero().squeeze(1) if theta > 0 else None
+        if pos is None or pos.numel() < total:
+            pos = (flat > 0).nonzero().squeeze(1)
+        vals = flat[pos]
+        if pos.numel() > total:
+            keep = vals.topk(total, sorted=False).indices.sort().values  # back in row order
+            pos, vals = pos[keep], vals[keep]
         self._update_threshold(vals)
-        order = (rows * n + cols).sort().indices  # row-major order: rows ascending
-        return rows[order], cols[order]
+        return pos // n, pos % n
 
     def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
         if self.training:
@@ -70,3 +74,24 @@ class BatchTopKSAE(SAE):
 
     def extra_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
         return self.auxk_loss(out, dead_mask)
+
+
+SAMPLE = 1 << 18
+
+
+def sample_stride(numel: int, n: int) -> int:
+    """Step between sampled entries: about numel / SAMPLE, coprime to the row length n."""
+    stride = max(1, numel // SAMPLE)
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
+def sample_threshold(flat: Tensor, frac: float, n: int) -> float:
+    """A value that about 1.3 x frac of the entries exceed (at least frac of them with
+    high probability), from a strided sample of SAMPLE entries. The stride shares no
+    factor with the row length n, so the sample visits every column, not a few."""
+    sample = flat[::sample_stride(flat.numel(), n)]
+    hits = frac * sample.numel()
+    rank = min(sample.numel(), math.ceil(1.2 * hits + 3 * math.sqrt(hits) + 8))
+    return float(sample.topk(rank, sorted=False).values.min())

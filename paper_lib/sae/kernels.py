@@ -190,14 +190,29 @@ def offsets_from_rows(rows: Tensor, batch: int) -> Tensor:
     return torch.searchsorted(rows, torch.arange(batch, device=rows.device))
 
 
-def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: int) -> Tensor:
+def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: int,
+                  ends: tuple[int, ...] | None = None) -> Tensor:
     """[B, d] = sum over selections of vals * W_dec[cols], without the dense [B, n] codes.
-    Selections sorted by row (by row and column for the "csr" strategy)."""
+    Selections sorted by row (by row and column for the "csr" strategy, or with `ends`).
+
+    With `ends` (nested group ends m_1 < ... < m_G = n, as a Matryoshka SAE has) the
+    result is [B, G, d]: group g's own decode, over columns [m_{g-1}, m_g), each
+    selection landing in its (row, group) bag, so all G cost one decode; their running sum
+    over g gives every nested prefix's reconstruction."""
+    n_groups = 1 if ends is None else len(ends)
+    bags = rows
+    if n_groups > 1:  # group of each column from G-1 comparisons: no index tensor to ship
+        group = torch.zeros_like(cols)
+        for end in ends[:-1]:
+            group += cols >= end
+        bags = rows * n_groups + group  # ascending: selections are (row, column)-sorted
     if _STRATEGY["grads"] == "csr":
-        return CsrDecode.apply(rows, cols, vals, w_dec, batch)
-    if _STRATEGY["grads"] == "gemm":
-        return GemmDecode.apply(rows, cols, vals, w_dec, batch)
-    return bag_decode(rows, cols, vals, w_dec, batch)
+        out = CsrDecode.apply(bags, cols, vals, w_dec, batch * n_groups)
+    elif _STRATEGY["grads"] == "gemm":
+        out = GemmDecode.apply(bags, cols, vals, w_dec, batch, tuple(ends or (w_dec.shape[0],)))
+    else:
+        out = bag_decode(bags, cols, vals, w_dec, batch * n_groups)
+    return out if ends is None else out.view(batch, n_groups, -1)
 
 
 def bag_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: int) -> Tensor:
@@ -237,29 +252,40 @@ class CsrDecode(torch.autograd.Function):
 
 
 class GemmDecode(torch.autograd.Function):
-    """embedding_bag decoding; backward by dense products over S [B, n] (the codes, in
-    the compute dtype): dW_dec = S^T g, d vals = (g W_dec^T) read at the selection."""
+    """embedding_bag decoding into (row, group) bags; backward by dense products over S
+    [B, n] (the codes, in the compute dtype), one per group over its own columns so that
+    all of them together cost one product: dW_dec = S^T g, d vals = (g W_dec^T) read at
+    the selection. One group (`ends` = (n,)) is plain decoding."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
-                batch: int) -> Tensor:
-        ctx.save_for_backward(rows, cols, vals, w_dec)
-        ctx.dtype = compute_dtype(w_dec)
+    def forward(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
+                batch: int, ends: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(bags, cols, vals, w_dec)
+        ctx.dtype, ctx.ends = compute_dtype(w_dec), ends
         with torch.no_grad():
-            return bag_decode(rows, cols, vals, w_dec, batch)
+            return bag_decode(bags, cols, vals, w_dec, batch * len(ends))
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
-        rows, cols, vals, w = ctx.saved_tensors
-        flat = rows * w.shape[0] + cols
-        g = g.to(ctx.dtype)
+        bags, cols, vals, w = ctx.saved_tensors
+        n, ends = w.shape[0], ctx.ends
+        g = g.to(ctx.dtype).view(-1, len(ends), w.shape[1])  # [B, G, d]
+        flat = bags.div(len(ends), rounding_mode="floor") * n + cols
+        spans = list(zip((0,) + ends[:-1], ends))
         g_vals = g_w = None
         if ctx.needs_input_grad[2]:
-            g_vals = (g @ w.to(ctx.dtype).T).view(-1).index_select(0, flat).to(vals.dtype)
+            wt = w.to(ctx.dtype)
+            g_codes = _cat([g[:, j] @ wt[a:b].T for j, (a, b) in enumerate(spans)], 1)
+            g_vals = g_codes.view(-1).index_select(0, flat).to(vals.dtype)
         if ctx.needs_input_grad[3]:
-            s = scatter_dense(flat, vals.detach().to(ctx.dtype), (g.shape[0], w.shape[0]))
-            g_w = (s.T @ g).to(w.dtype)
-        return None, None, g_vals, g_w, None
+            s = scatter_dense(flat, vals.detach().to(ctx.dtype), (g.shape[0], n))
+            g_w = _cat([s[:, a:b].T @ g[:, j] for j, (a, b) in enumerate(spans)], 0)
+            g_w = g_w.to(w.dtype)
+        return None, None, g_vals, g_w, None, None
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)  # one part: no copy
 
 
 def scatter_dense(flat: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:

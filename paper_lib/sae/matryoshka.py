@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from paper_lib.sae import kernels
 from paper_lib.sae.base import SAEConfig, SAEOutput
 from paper_lib.sae.batchtopk import BatchTopKSAE
 
@@ -38,6 +37,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.ends = group_ends(cfg.d_sae, cfg.group_fractions)
+        self.nested_ends = tuple(self.ends)  # the sparse path decodes all prefixes at once
 
     def prefix_recons(self, codes: Tensor) -> list[Tensor]:
         """Reconstruction from each nested prefix [B, d], smallest first."""
@@ -48,20 +48,8 @@ class MatryoshkaSAE(BatchTopKSAE):
             start = end
         return out
 
-    def prefix_recons_sparse(self, sel: tuple[Tensor, Tensor, Tensor], batch: int) -> list[Tensor]:
-        """Sparse-path twin of prefix_recons: each group decodes only its own selections
-        (together one decode's work), then the prefixes are running sums."""
-        rows, cols, vals = sel
-        group = torch.bucketize(cols, torch.tensor(self.ends, device=cols.device), right=True)
-        out, acc = [], self.b_dec.expand(batch, -1)
-        for g in range(len(self.ends)):
-            idx = (group == g).nonzero().flatten()  # rows stay sorted within the subset
-            acc = acc + kernels.sparse_decode(rows[idx], cols[idx], vals[idx], self.W_dec, batch)
-            out.append(acc)
-        return out
-
     def recon_loss(self, out: SAEOutput) -> Tensor:
-        recons = (self.prefix_recons(out.codes) if out.sel is None
-                  else self.prefix_recons_sparse(out.sel, out.x_in.shape[0]))
-        losses = [(out.x_in - r).pow(2).sum(-1).mean() for r in recons]
-        return torch.stack(losses).mean()
+        """Mean over the G prefixes of each prefix's reconstruction loss."""
+        prefixes = (out.prefixes if out.prefixes is not None
+                    else torch.stack(self.prefix_recons(out.codes), 1))
+        return (out.x_in[:, None] - prefixes).pow(2).sum(-1).mean(0).mean()
