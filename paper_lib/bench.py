@@ -8,8 +8,9 @@ Everything a claim compares is measured in the same run on the same device:
   autocast with fp32 master weights;
 - BatchTopK and Matryoshka steps on the sparse path;
 - harvest tokens/s for a GPT-2-small-shaped model (random weights), hook at layer 6:
-  `harvest` (blocks 0-5) eager and with torch.compile, run_with_cache with
-  stop_at_layer=7 (blocks 0-6) and a full forward;
+  `harvest` (blocks 0-5) by the fused forward and by TransformerLens' forward, each eager
+  and with torch.compile, run_with_cache with stop_at_layer=7 (blocks 0-6) and a full
+  forward;
 - a profiler breakdown (top CUDA ops) of one sparse TopK step;
 - the device's copy bandwidth and matrix-product throughput, measured in the same run, and
   for every TopK row the step floor they imply (`step_floor_seconds`): how far each
@@ -217,13 +218,16 @@ def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
                     fn(tokens[i:i + rows])
         return run
 
-    def ours(compile: bool) -> Callable[[], None]:
+    def ours(compile: bool, fused: bool) -> Callable[[], None]:
         return lambda: harvest(model, row_batches(tokens, rows), hook, n_tok, out_device=dev,
-                               out_dtype=cfg.dtype, progress=False, compile=compile)
+                               out_dtype=cfg.dtype, progress=False, compile=compile,
+                               fused=fused)
 
     for label, fn in (
-        ("harvest (stop_at_layer)", ours(False)),
-        ("harvest (stop_at_layer, torch.compile)", ours(True)),
+        ("harvest (fused forward)", ours(False, True)),
+        ("harvest (fused forward, torch.compile)", ours(True, True)),
+        ("harvest (TransformerLens, stop_at_layer=L)", ours(False, False)),
+        ("harvest (TransformerLens, stop_at_layer=L, torch.compile)", ours(True, False)),
         ("run_with_cache, stop_at_layer=L+1", each_batch(
             lambda t: model.run_with_cache(t, names_filter=[hook], stop_at_layer=stop))),
         ("full forward", each_batch(lambda t: model(t, return_type=None))),

@@ -24,14 +24,16 @@ def test_quick_bench_writes_json(tmp_path):
     assert any(r["variant"] == "paper_lib sparse, torch.compile (Adam)" and r["tokens_per_s"] > 0
                for r in rec["topk"])
     variants = {r["variant"] for r in rec["harvest"]}
-    assert variants == {"harvest (stop_at_layer)", "harvest (stop_at_layer, torch.compile)",
+    assert variants == {"harvest (fused forward)", "harvest (fused forward, torch.compile)",
+                        "harvest (TransformerLens, stop_at_layer=L)",
+                        "harvest (TransformerLens, stop_at_layer=L, torch.compile)",
                         "run_with_cache, stop_at_layer=L+1", "full forward"}
     assert all(r["tokens_per_s"] > 0 for r in rec["harvest"]), rec["harvest"]
     assert rec["peaks"]["copy_bytes_per_s"] > 0 and rec["peaks"]["matmul_flop_per_s"] > 0
     assert all(0 < r["fraction_of_floor"] for r in ours)
     table = bench.summary(rec)
     assert "| paper_lib sparse, csr grads, chunked topk (Adam) | 32 | 2048 | 8 | 256 |" in table
-    assert "| harvest (stop_at_layer, torch.compile) (rows 8) |" in table
+    assert "| harvest (fused forward, torch.compile) (rows 8) |" in table
 
 
 @pytest.mark.parametrize("grads", ["index", "gemm"])

@@ -1,9 +1,9 @@
 """Harvest activations at a hook, cache them on disk, and serve training batches.
 
 `harvest` runs the model under `torch.inference_mode`, batched, up to the hook only: for
-`blocks.L.hook_resid_pre` (the default) the residual returned by `stop_at_layer=L` (blocks
-0..L-1; no hook machinery), for any other hook `run_with_cache(names_filter=[hook],
-stop_at_layer=L + 1)`. A NaN/inf check says where a bad value appeared.
+`blocks.L.hook_resid_pre` (the default) the residual entering block L (blocks 0..L-1, by
+the hook-free forward of `paper_lib.data.fused` where the model allows it), for any other
+hook `run_with_cache(names_filter=[hook], stop_at_layer=L + 1)`. A NaN/inf check says where a bad value appeared.
 `ActivationCache` stores harvests as memory-mapped .npy shards plus a manifest (model,
 hook, dtype, token count, checksums) and rebuilds anything truncated or stale.
 `StreamingActivations` feeds the trainer from a shuffling buffer refilled by the LM, for
@@ -12,6 +12,7 @@ runs too large to hold in memory (the paper profile).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from paper_lib.data import fused as fsd
 from paper_lib.runtime import atomic_dir
 
 MANIFEST = "manifest.json"
@@ -57,23 +59,35 @@ def stop_layer(model: Any, hook: str) -> int | None:
 
 
 def activations_at(model: Any, tokens: Tensor, hook: str, stop: int | None,
-                   compile: bool = False) -> Tensor:
-    """[B, T, d] activations at `hook` (validated, `stop` from `stop_layer`). The residual
-    entering block L is what `stop_at_layer=L` returns, so block L itself never runs:
-    one block fewer than run_with_cache needs (at GPT-2 small's layer 6, 6 blocks not 7).
-    A user's hook on that very point (an edit to harvest) keeps the run_with_cache path.
-    `compile` runs that residual forward through torch.compile (fuses the LayerNorm and
-    GELU element-wise work; compiled once per model, not under inference_mode)."""
+                   compile: bool = False, fused: bool = True) -> Tensor:
+    """[B, T, d] activations at `hook` (validated, `stop` from `stop_layer`).
+
+    The residual entering block L is computed without running block L (one block fewer
+    than run_with_cache needs: 6 not 7 at GPT-2 small's layer 6), by `fused.fused_resid`
+    (whole-tensor kernels, flash attention; checked against TransformerLens once per model)
+    when `fused` and the model allows it, else by `model(tokens, stop_at_layer=L)`. Any
+    other hook, or a hook attached anywhere in the model, takes run_with_cache or
+    TransformerLens' forward. `compile` runs the residual forward through torch.compile
+    (compiled once, not under inference_mode)."""
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
     if m and not model.hook_dict[hook].fwd_hooks:
+        layer = int(m.group(1))
+        if fused and fsd.fused_forward_for(model, tokens, layer) is not None:
+            fwd = _compiled_fused() if compile else fsd.fused_resid
+            return fwd(model, tokens, layer)
         fwd = model
         if compile:  # kept in the model's __dict__: not a submodule, freed with the model
             fwd = model.__dict__.get("_compiled_forward")
             if fwd is None:
                 fwd = model.__dict__["_compiled_forward"] = torch.compile(model)
-        return fwd(tokens, stop_at_layer=int(m.group(1)))
+        return fwd(tokens, stop_at_layer=layer)
     _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop)
     return cache[hook]
+
+
+@functools.cache
+def _compiled_fused() -> Callable[..., Tensor]:
+    return torch.compile(fsd.fused_resid)
 
 
 def check_finite(x: Tensor, hook: str, batch_index: int) -> None:
@@ -88,18 +102,18 @@ def check_finite(x: Tensor, hook: str, batch_index: int) -> None:
 def harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: int,
             drop_bos: bool = True, out_device: str | torch.device = "cpu",
             out_dtype: torch.dtype = torch.float32, progress: bool = True,
-            compile: bool = False) -> Tensor:
+            compile: bool = False, fused: bool = True) -> Tensor:
     """[n_tokens, d_model] activations at `hook` from successive token batches [B, T].
-    `compile`: see `activations_at` (torch.compile's guards fail under inference_mode, so
-    a compiled harvest runs under no_grad)."""
+    `compile`, `fused`: see `activations_at` (torch.compile's guards fail under
+    inference_mode, so a compiled harvest runs under no_grad)."""
     with torch.no_grad() if compile else torch.inference_mode():
         return _harvest(model, token_batches, hook, n_tokens, drop_bos, out_device, out_dtype,
-                        progress, compile)
+                        progress, compile, fused)
 
 
 def _harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: int,
              drop_bos: bool, out_device: str | torch.device, out_dtype: torch.dtype,
-             progress: bool, compile: bool) -> Tensor:
+             progress: bool, compile: bool, fused: bool) -> Tensor:
     stop = stop_layer(model, hook)
     dev = next(model.parameters()).device
     out = torch.empty(n_tokens, model.cfg.d_model, dtype=out_dtype, device=out_device)
@@ -107,7 +121,7 @@ def _harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: i
     bar = tqdm(total=n_tokens, desc=f"harvest {hook}", disable=not progress, unit="tok",
                mininterval=1.0)
     for i, tokens in enumerate(token_batches):
-        act = activations_at(model, tokens.to(dev), hook, stop, compile)
+        act = activations_at(model, tokens.to(dev), hook, stop, compile, fused)
         check_finite(act, hook, i)
         if drop_bos:
             act = act[:, 1:]
