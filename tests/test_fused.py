@@ -8,6 +8,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from paper_lib.data import fused
 from paper_lib.data import harvest as hv
+from tests.conftest import requires_cuda
 
 
 def random_model(dtype=torch.float32, **overrides) -> HookedTransformer:
@@ -113,3 +114,11 @@ def test_disagreeing_fused_forward_warns_and_falls_back(monkeypatch):
         again = hv.harvest(model, hv.row_batches(t, 2), hook, n, progress=False)
     want = hv.harvest(model, hv.row_batches(t, 2), hook, n, progress=False, fused=False)
     assert torch.equal(got, want) and torch.equal(again, want)
+
+
+@requires_cuda
+def test_fused_resid_cuda_bf16_within_rounding():
+    """On the GPU (flash attention under bf16) the fused residual matches TransformerLens'."""
+    model = random_model(torch.bfloat16, n_ctx=128).to("cuda", print_details=False)
+    with torch.inference_mode():
+        assert fused.verify_fused(model, tokens(model).cuda(), 3) is None
