@@ -48,7 +48,7 @@ class BatchTopKSAE(SAE):
         """The batch's k*B largest ReLU pre-activations, exactly, in row-major order.
 
         A strided sample of pre gives a threshold a little below the (k*B)-th largest
-        value; the entries above it (about 1.3 k*B, in row-major order from `nonzero`) are
+        value; the entries above it (1.2-1.7 k*B, in row-major order from `nonzero`) are
         the only candidates, and their top k*B is the answer. If the sample aimed too high
         (fewer candidates than k*B: rare by its margin), every positive entry is a
         candidate. Entries at or below zero are never kept: their codes would be zero."""
@@ -88,8 +88,9 @@ def sample_stride(numel: int, n: int) -> int:
 
 
 def sample_threshold(flat: Tensor, frac: float, n: int) -> float:
-    """A value that about 1.3 x frac of the entries exceed (at least frac of them with
-    high probability), from a strided sample of SAMPLE entries. The stride shares no
+    """A value that 1.2-1.7 x frac of the entries exceed (at least frac of them with
+    high probability: 3 standard deviations of the sampled count, plus 8), from a strided
+    sample of about SAMPLE entries. The stride shares no
     factor with the row length n, so the sample visits every column, not a few."""
     sample = flat[::sample_stride(flat.numel(), n)]
     hits = frac * sample.numel()

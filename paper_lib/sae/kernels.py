@@ -269,7 +269,7 @@ class GemmDecode(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore
         bags, cols, vals, w = ctx.saved_tensors
         n, ends = w.shape[0], ctx.ends
-        g = g.to(ctx.dtype).view(-1, len(ends), w.shape[1])  # [B, G, d]
+        g = g.to(ctx.dtype).reshape(-1, len(ends), w.shape[1])  # [B, G, d]
         flat = bags.div(len(ends), rounding_mode="floor") * n + cols
         spans = list(zip((0,) + ends[:-1], ends))
         g_vals = g_w = None
