@@ -114,17 +114,18 @@ def verify_fused(model: Any, tokens: Tensor, layer: int) -> str | None:
     return None if err <= tol else f"relative error {err:.2e} > {tol:g}"
 
 
-def fused_forward_for(model: Any, tokens: Tensor, layer: int) -> Callable[..., Tensor] | None:
-    """`fused_resid` when this model passes the checks (decided once per model and
-    remembered on it), else None. A model that fails the comparison warns once."""
-    state = model.__dict__.setdefault("_fused_state", {})
-    if unsupported_reason(model) is not None:  # hooks can come and go: checked every time
-        return None
-    if "ok" not in state:
+def use_fused(model: Any, tokens: Tensor, layer: int) -> bool:
+    """Whether `fused_resid` may stand in for this model's forward now: it passes
+    `unsupported_reason` (checked every call: hooks come and go) and its one-time
+    comparison with TransformerLens (remembered on the model; a failure warns once)."""
+    if unsupported_reason(model) is not None:
+        return False
+    ok = model.__dict__.get("_fused_ok")
+    if ok is None:
         problem = verify_fused(model, tokens, layer)
-        state["ok"] = problem is None
+        ok = model.__dict__["_fused_ok"] = problem is None
         if problem:
             warnings.warn(f"the fused harvest forward disagrees with TransformerLens for this "
                           f"model ({problem}); harvesting through TransformerLens instead",
                           RuntimeWarning, stacklevel=3)
-    return fused_resid if state["ok"] else None
+    return ok

@@ -72,7 +72,7 @@ def activations_at(model: Any, tokens: Tensor, hook: str, stop: int | None,
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
     if m and not model.hook_dict[hook].fwd_hooks:
         layer = int(m.group(1))
-        if fused and fsd.fused_forward_for(model, tokens, layer) is not None:
+        if fused and fsd.use_fused(model, tokens, layer):
             fwd = _compiled_fused() if compile else fsd.fused_resid
             return fwd(model, tokens, layer)
         fwd = model

@@ -56,8 +56,8 @@ class BatchTopKSAE(SAE):
         total = min(self.cfg.k * batch, pre.numel())
         flat = pre.view(-1)
         theta = sample_threshold(flat, total / flat.numel(), n)
-        pos = (flat > theta).nonzero().squeeze(1) if theta > 0 else None
-        if pos is None or pos.numel() < total:
+        pos = (flat > max(theta, 0.0)).nonzero().squeeze(1)
+        if pos.numel() < total and theta > 0:  # the sample aimed too high
             pos = (flat > 0).nonzero().squeeze(1)
         vals = flat[pos]
         if pos.numel() > total:

@@ -37,7 +37,11 @@ class MatryoshkaSAE(BatchTopKSAE):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.ends = group_ends(cfg.d_sae, cfg.group_fractions)
-        self.nested_ends = tuple(self.ends)  # the sparse path decodes all prefixes at once
+
+    @property
+    def nested_ends(self) -> tuple[int, ...]:  # type: ignore[override]
+        """The group ends: the sparse path decodes all prefixes at once."""
+        return tuple(self.ends)
 
     def prefix_recons(self, codes: Tensor) -> list[Tensor]:
         """Reconstruction from each nested prefix [B, d], smallest first."""
