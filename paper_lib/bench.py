@@ -15,8 +15,8 @@ Everything a claim compares is measured in the same run on the same device:
 - the device's copy bandwidth and matrix-product throughput, measured in the same run, and
   for every TopK row the step floor they imply (`step_floor_seconds`): how far each
   implementation is from what fp32 Adam and the dense encoder alone cost.
-`--quick` runs tiny sizes (the CPU smoke check used by the tests). `time_train_step` is
-also used by notebook 04 for the Matryoshka / TopK cost ratio.
+`--quick` runs tiny sizes (the CPU smoke check used by the tests). `time_step_pair` (two
+SAEs' steps interleaved round by round) gives notebook 04 its Matryoshka / TopK cost ratio.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_json, env_info
@@ -74,10 +75,47 @@ def our_step(cfg: SAEConfig, x: torch.Tensor, bf16: bool = True, compile: bool =
     return lambda: step(x, None)
 
 
-def time_train_step(cfg: SAEConfig, x: torch.Tensor, steps: int = 10, warmup: int = 3,
-                    bf16: bool = True) -> float:
-    """Median seconds per training step of a fresh SAE on the fixed batch x [B, d]."""
-    return _timed(our_step(cfg, x, bf16), x.device, steps, warmup)
+class PairTiming(NamedTuple):
+    seconds_a: float
+    """median seconds per step of A"""
+    seconds_b: float
+    ratios: list[float]
+    """B's step time over A's, one per round"""
+
+    @property
+    def ratio(self) -> float:
+        """Median per-round ratio B / A."""
+        return float(np.median(self.ratios))
+
+
+def time_pair(step_a: Callable[[], None], step_b: Callable[[], None], dev: torch.device,
+              rounds: int = 15, warmup: int = 3) -> PairTiming:
+    """Time two steps interleaved, one of each per round (alternating which goes first),
+    so a host that speeds up or slows down mid-measurement (a shared CPU, GPU clocks)
+    moves both alike and their per-round ratio stays put."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be at least 1")
+    for _ in range(warmup):
+        step_a()
+        step_b()
+    ta, tb = [], []
+    for r in range(rounds):
+        for step, out in ((step_a, ta), (step_b, tb))[:: 1 if r % 2 == 0 else -1]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            step()
+            _sync(dev)
+            out.append(time.perf_counter() - t0)
+    return PairTiming(float(np.median(ta)), float(np.median(tb)),
+                      [b / a for a, b in zip(ta, tb)])
+
+
+def time_step_pair(cfg_a: SAEConfig, cfg_b: SAEConfig, x: torch.Tensor, rounds: int = 15,
+                   warmup: int = 3, bf16: bool = True) -> PairTiming:
+    """Training steps of two fresh SAEs on the fixed batch x [B, d], interleaved
+    (`time_pair`): the cost of B relative to A."""
+    return time_pair(our_step(cfg_a, x, bf16), our_step(cfg_b, x, bf16), x.device, rounds,
+                     warmup)
 
 
 def sparsify_step(d: int, n: int, k: int, x: torch.Tensor, optimizer: str) -> Callable[[], None]:

@@ -399,6 +399,8 @@ class MatryoshkaParams(LMParams):
                                         lo=16)
     cost_ks: tuple[int, ...] = param((16, 32, 64), "k values of the cost benchmark", lo=1)
     cost_batch: int = param(1024, "batch size of the cost benchmark", lo=1)
+    cost_rounds: int = param(15, "timed rounds of the cost benchmark (one TopK and one "
+                             "Matryoshka step each, interleaved)", lo=3)
     syn_features: int = param(256, "ground-truth features of the synthetic check", lo=8)
     syn_dim: int = param(64, "dimension of the synthetic check", lo=4)
     syn_steps: int = param(400, "training steps of the synthetic check", lo=1)

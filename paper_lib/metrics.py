@@ -6,6 +6,7 @@ All functions are pure; none is hidden inside a model's forward.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -161,6 +162,47 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b) / den) if den > 0 else 0.0
 
 
+# --------------------------------------------------------------------------- trends
+
+
+def average_ranks(a) -> np.ndarray:
+    """1-based ranks of a 1-D sequence; tied values share the mean of their positions."""
+    a = np.asarray(a, dtype=float)
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(1, len(a) + 1)
+    for v in np.unique(a):  # ties: replace positional ranks by their mean
+        tied = a == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation: Pearson correlation of average ranks (ties share a
+    rank, so a tied variable cannot pass on the order of another). 0 when either side is
+    constant (no monotone trend can be read off it)."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    if len(ra) != len(rb):
+        raise ValueError(f"spearman: {len(ra)} values against {len(rb)}")
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+def spearman_interval(x, samples: list, reps: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of spearman(x, medians): point i's value is the median of its
+    repeated measurements samples[i] (e.g. per-round timing ratios), resampled with
+    replacement `reps` times. Says whether a trend over noisy points is more than noise."""
+    rng = np.random.default_rng(seed)
+    arrs = [np.asarray(s, dtype=float) for s in samples]
+    if len(arrs) != len(x) or any(len(s) == 0 for s in arrs):
+        raise ValueError("spearman_interval: one non-empty sample per x value")
+    stats = [spearman(x, [np.median(rng.choice(s, len(s))) for s in arrs]) for _ in range(reps)]
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 # --------------------------------------------------------------------------- downstream loss
 
 
@@ -183,30 +225,83 @@ class LMLoss(NamedTuple):
         return self.spliced - self.clean
 
 
-@torch.inference_mode()
-def lm_losses(model: torch.nn.Module, tokens: torch.Tensor, hook: str,
-              reconstruct: Callable[[torch.Tensor], torch.Tensor],
-              batch_size: int = 32, skip_bos: bool = True) -> LMLoss:
-    """Mean next-token CE over `tokens` [B, T] clean, with `reconstruct(act)` spliced in
-    at `hook`, and with the hook zero-ablated. The BOS position keeps its clean value
-    when `skip_bos` (the SAE never saw it)."""
+def _resid_pre_layer(model: torch.nn.Module, hook: str) -> int | None:
+    """L when `hook` is blocks.L.hook_resid_pre of a model whose blocks take the residual
+    alone (TransformerLens' start_at_layer), else None."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
+    cfg = getattr(model, "cfg", None)
+    if m is None or cfg is None or getattr(cfg, "positional_embedding_type", "") == "shortformer":
+        return None
+    return int(m.group(1))
 
-    def splice(fn: Callable[[torch.Tensor], torch.Tensor]):
-        def hook_fn(act: torch.Tensor, hook=None) -> torch.Tensor:  # noqa: ARG001
-            new = fn(act.reshape(-1, act.shape[-1]).float()).reshape(act.shape).to(act.dtype)
-            if skip_bos:
-                new[:, 0] = act[:, 0]
-            return new
-        return hook_fn
 
-    totals = [0.0, 0.0, 0.0]
-    n = 0
-    for i in range(0, tokens.shape[0], batch_size):
-        tok = tokens[i:i + batch_size]
-        for j, fn in enumerate((None, reconstruct, torch.zeros_like)):
-            hooks = [] if fn is None else [(hook, splice(fn))]
-            loss = model.run_with_hooks(tok, return_type="loss", loss_per_token=True,
-                                        fwd_hooks=hooks)
-            totals[j] += float(loss.float().sum())
-        n += tok.shape[0] * (tok.shape[1] - 1)
-    return LMLoss(*(t / n for t in totals))
+class SpliceEval:
+    """Next-token CE of `model` on fixed token rows [B, T]: clean, with a reconstruction
+    spliced in at `hook`, and with the hook zero-ablated (`LMLoss`). Built once and called
+    once per reconstruction (many SAEs, many prefix sizes): the clean and zero-ablated CE
+    are computed on the first call only, and at blocks.L.hook_resid_pre the residual
+    entering block L is kept (up to `cache_bytes`), so each reconstruction runs blocks L
+    and up only, via start_at_layer. Any other hook splices through run_with_hooks. The
+    BOS position keeps its clean value when `skip_bos` (the SAE never saw it)."""
+
+    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, hook: str,
+                 batch_size: int = 32, skip_bos: bool = True, cache_bytes: float = 2**30):
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be [rows, T] with T >= 2, got {tuple(tokens.shape)}")
+        if hook not in getattr(model, "hook_dict", {hook: None}):
+            raise ValueError(f"unknown hook {hook!r}: pick one of model.hook_dict")
+        self.model, self.hook, self.skip_bos = model, hook, skip_bos
+        self.batches = list(tokens.split(batch_size))
+        self.layer = _resid_pre_layer(model, hook)
+        d = getattr(getattr(model, "cfg", None), "d_model", 0)
+        dtype = next(model.parameters()).dtype
+        self.keep_resid = (self.layer is not None
+                           and tokens.numel() * d * dtype.itemsize <= cache_bytes)
+        self._resid: list[torch.Tensor] = []
+        self._clean_zero: tuple[float, float] | None = None
+        self.n = tokens.shape[0] * (tokens.shape[1] - 1)
+
+    def _replace(self, act: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+        # a copy: `fn` may work in place, and `act` may be the kept residual
+        flat = act.reshape(-1, act.shape[-1]).to(torch.float32, copy=True)
+        new = fn(flat).reshape(act.shape).to(act.dtype)
+        if self.skip_bos:
+            new[:, 0] = act[:, 0]
+        return new
+
+    def _resid_at(self, i: int) -> torch.Tensor:
+        if i < len(self._resid):
+            return self._resid[i]
+        resid = self.model(self.batches[i], stop_at_layer=self.layer)
+        if self.keep_resid:
+            self._resid.append(resid)
+        return resid
+
+    def _ce(self, i: int, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> float:
+        """Summed CE of batch i with `fn` (None: clean) replacing the hook's activation."""
+        tok = self.batches[i]
+        if self.layer is not None:
+            resid = self._resid_at(i)
+            loss = self.model(resid if fn is None else self._replace(resid, fn),
+                              start_at_layer=self.layer, tokens=tok, return_type="loss",
+                              loss_per_token=True)
+        else:
+            hooks = [] if fn is None else [(self.hook, lambda a, hook=None: self._replace(a, fn))]
+            loss = self.model.run_with_hooks(tok, return_type="loss", loss_per_token=True,
+                                             fwd_hooks=hooks)
+        return float(loss.float().sum())
+
+    @torch.inference_mode()
+    def __call__(self, reconstruct: Callable[[torch.Tensor], torch.Tensor]) -> LMLoss:
+        first = self._clean_zero is None
+        totals = [0.0, 0.0, 0.0]
+        for i in range(len(self.batches)):
+            if first:
+                totals[0] += self._ce(i, None)
+                totals[2] += self._ce(i, torch.zeros_like)
+            totals[1] += self._ce(i, reconstruct)
+        if first:
+            self._clean_zero = (totals[0] / self.n, totals[2] / self.n)
+        clean, zero = self._clean_zero
+        return LMLoss(clean, totals[1] / self.n, zero)

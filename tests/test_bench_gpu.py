@@ -45,8 +45,34 @@ def test_profile_step_uses_the_strategy(grads):
     assert any("GemmDecode" in r["op"] for r in rows) == (grads == "gemm")
 
 
-def test_time_train_step_positive():
-    assert bench.time_train_step(SAEConfig("topk", 16, 64, k=4), torch.randn(64, 16), 2, 1) > 0
+def test_time_pair_ratio_survives_host_drift(monkeypatch):
+    """B takes exactly twice A's time while the host slows 1.5x after every pair of steps
+    (timing A's rounds, then B's, would read 2 * 1.5^3 = 6.75): each per-round ratio is
+    exactly 2, the medians are those of the drifting times, and the order alternates
+    (A B, B A, A B) after the warm-up pair."""
+    clock, speed, calls = [0.0], [1.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def step(name, cost):
+        def run():
+            calls.append(name)
+            clock[0] += cost * speed[0]
+            if len(calls) % 2 == 0:
+                speed[0] *= 1.5
+        return run
+
+    t = bench.time_pair(step("a", 1.0), step("b", 2.0), torch.device("cpu"), rounds=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert t.ratios == pytest.approx([2.0, 2.0, 2.0]) and t.ratio == pytest.approx(2.0)
+    assert t.seconds_a == pytest.approx(2.25) and t.seconds_b == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="rounds"):
+        bench.time_pair(step("a", 1), step("b", 1), torch.device("cpu"), rounds=0)
+
+
+def test_time_step_pair_runs_real_steps():
+    t = bench.time_step_pair(SAEConfig("topk", 16, 64, k=4), SAEConfig("topk", 16, 128, k=4),
+                             torch.randn(64, 16), rounds=2, warmup=1)
+    assert len(t.ratios) == 2 and t.seconds_a > 0 and t.seconds_b > 0 and t.ratio > 0
 
 
 @requires_cuda

@@ -115,12 +115,111 @@ def test_lm_loss_arithmetic():
     assert loss.recovered == pytest.approx(0.75) and loss.delta == pytest.approx(0.5)
 
 
-def test_lm_losses_identity_splice(tiny_lm):
+def _reference_losses(model, tokens, hook, fn):
+    """Clean / spliced / zero CE by three plain full forwards with a TransformerLens hook
+    (BOS position left clean), the definition SpliceEval must agree with."""
+    def swap(f):
+        def hook_fn(act, hook=None):
+            new = f(act.clone())
+            new[:, 0] = act[:, 0]
+            return new
+        return hook_fn
+    out = []
+    for f in (None, fn, torch.zeros_like):
+        hooks = [] if f is None else [(hook, swap(f))]
+        with torch.no_grad():
+            out.append(float(model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)))
+    return out
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre",
+                                  "blocks.0.hook_mlp_out"])
+def test_splice_eval_matches_full_forwards(tiny_lm, hook):
+    """Kept-residual (resid_pre) and hooked (other hooks) paths give the CE of three full
+    forwards, on every call, with batches that split the rows unevenly."""
+    model, _ = tiny_lm
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (5, 24), generator=gen)
+    tokens[:, 0] = 256
+    ev = metrics.SpliceEval(model, tokens, hook, batch_size=2)
+    for scale in (0.5, 0.9, 0.5):
+        got = ev(lambda a, s=scale: a * s)
+        want = _reference_losses(model, tokens, hook, lambda a, s=scale: a * s)
+        assert list(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_splice_eval_runs_lower_blocks_once(tiny_lm):
+    """At blocks.1.hook_resid_pre block 0 runs once per batch however many reconstructions
+    are scored; block 1 runs for clean + zero once, then once per reconstruction. An
+    in-place reconstruction does not corrupt the kept residual; with no cache budget block
+    0 runs every time and the numbers do not change."""
+    model, _ = tiny_lm
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    runs = [0, 0]
+    handles = [model.blocks[i].register_forward_pre_hook(
+        lambda *_, i=i: runs.__setitem__(i, runs[i] + 1)) for i in (0, 1)]
+    try:
+        ev = metrics.SpliceEval(model, tokens, "blocks.1.hook_resid_pre", batch_size=2)
+        first = ev(lambda a: a.mul_(0.7))
+        again = ev(lambda a: a.mul_(0.7))
+        ev(lambda a: a)
+        assert runs == [2, 2 * (3 + 1 + 1)]
+        assert again == first
+        runs[:] = [0, 0]
+        cold = metrics.SpliceEval(model, tokens, "blocks.1.hook_resid_pre", batch_size=2,
+                                  cache_bytes=0)
+        assert list(cold(lambda a: a * 0.7)) == pytest.approx(list(first), rel=1e-6)
+        cold(lambda a: a * 0.7)
+        assert runs[0] == 2 * (3 + 1)  # every pass recomputes the residual below the hook
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_splice_eval_rejects_bad_input(tiny_lm):
+    model, _ = tiny_lm
+    with pytest.raises(ValueError, match="unknown hook"):
+        metrics.SpliceEval(model, torch.zeros(2, 8, dtype=torch.long), "blocks.9.hook_resid_pre")
+    with pytest.raises(ValueError, match="T >= 2"):
+        metrics.SpliceEval(model, torch.zeros(2, 1, dtype=torch.long), "blocks.0.hook_resid_pre")
+
+
+def test_splice_eval_identity_splice(tiny_lm):
     """Splicing the identity reconstruction leaves the CE exactly at its clean value."""
     model, _ = tiny_lm
     tokens = torch.randint(0, 256, (4, 32))
     tokens[:, 0] = 256
-    out = metrics.lm_losses(model, tokens, "blocks.1.hook_resid_pre", lambda a: a)
+    out = metrics.SpliceEval(model, tokens, "blocks.1.hook_resid_pre")(lambda a: a)
     assert out.spliced == pytest.approx(out.clean, rel=1e-5)
     assert out.zero != pytest.approx(out.clean, rel=1e-6)  # the ablation hook took effect
     assert np.isfinite(out.recovered)
+
+
+def test_average_ranks_share_ties():
+    assert metrics.average_ranks([10, 20, 20, 30]).tolist() == [1, 2.5, 2.5, 4]
+    assert metrics.average_ranks([3, 1, 2]).tolist() == [3, 1, 2]
+
+
+def test_spearman_hand_cases():
+    """x = [1, 1, 2], y = [3, 1, 2]: ranks [1.5, 1.5, 3] and [3, 1, 2], deviations
+    [-.5, -.5, 1] and [1, -1, 0]: covariance 0. Breaking the tie by position would give
+    -0.5. Dense-latent fractions [0, 0, .006, .041] against k = [4, 8, 16, 32]: ranks
+    [1.5, 1.5, 3, 4] and [1, 2, 3, 4], 4.5 / sqrt(5 * 4.5) = 0.9487."""
+    assert metrics.spearman([1, 1, 2], [3, 1, 2]) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.spearman([4, 8, 16, 32], [0, 0, .006, .041]) == pytest.approx(4.5 / 22.5 ** .5)
+    assert metrics.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert metrics.spearman([1, 2, 3], [5, 5, 5]) == 0.0
+    with pytest.raises(ValueError, match="3 values against 2"):
+        metrics.spearman([1, 2, 3], [1, 2])
+
+
+def test_spearman_interval_separates_trend_from_noise():
+    """Medians that fall with x whatever the resample: the interval is the point (-1, -1).
+    Every point drawn from one distribution: the interval straddles 0."""
+    falling = [[3.0, 3.1], [2.0, 2.1], [1.0, 1.1]]
+    assert metrics.spearman_interval([1, 2, 3], falling, reps=200) == (-1.0, -1.0)
+    same = [[1.0, 2.0, 3.0, 4.0]] * 6
+    lo, hi = metrics.spearman_interval(list(range(6)), same, reps=500)
+    assert lo < 0 < hi
+    with pytest.raises(ValueError, match="one non-empty sample"):
+        metrics.spearman_interval([1, 2], [[1.0]])

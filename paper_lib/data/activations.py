@@ -21,6 +21,7 @@ from paper_lib.data.corpus import BOS, byte_tokens, hf_token_batches, load_stdli
 from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
                                     row_batches, stop_layer)
 from paper_lib.data.lm import load_lm
+from paper_lib.metrics import SpliceEval
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.train import BatchSource, ShuffledBatches
 
@@ -48,6 +49,17 @@ class ActivationSet:
     cache_hit: bool = False
     stream: Callable[[int, int], StreamingActivations] | None = field(default=None, repr=False)
     """(batch_size, seed) -> a streaming BatchSource, when `train` is None."""
+    _splice: dict[int, SpliceEval] = field(default_factory=dict, init=False, repr=False)
+
+    def splice_eval(self, rows: int) -> SpliceEval:
+        """Downstream-CE evaluator on the first `rows` held-out token rows, built once per
+        row count so clean and zero-ablated CE (and the residual below the hook) are shared
+        by every SAE evaluated on this set."""
+        if rows not in self._splice:
+            device = next(self.model.parameters()).device
+            self._splice[rows] = SpliceEval(self.model, self.eval_tokens[:rows].to(device),
+                                            self.hook)
+        return self._splice[rows]
 
     @property
     def d(self) -> int:

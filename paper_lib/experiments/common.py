@@ -70,9 +70,7 @@ def lm_loss(acts: ActivationSet, sae: SAE, rows: int = 32) -> metrics.LMLoss:
 def lm_loss_fn(acts: ActivationSet, reconstruct: Callable[[Tensor], Tensor],
                rows: int = 32) -> metrics.LMLoss:
     """Like lm_loss for any raw-units reconstruction function."""
-    tokens = acts.eval_tokens[:rows].to(next(acts.model.parameters()).device)
-    with torch.no_grad():
-        return metrics.lm_losses(acts.model, tokens, acts.hook, reconstruct)
+    return acts.splice_eval(rows)(reconstruct)
 
 
 def save_trained(results: dict[str, TrainResult], acts: ActivationSet, folder: str,

@@ -71,12 +71,6 @@ def fvu_at_k(sae: SAE, x: Tensor, k_values: list[int]) -> dict[int, float]:
     return out
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def sample_live_latents(codes: Tensor, n: int, seed: int) -> list[int]:
     live = (codes > 0).any(0).nonzero().flatten()
     gen = torch.Generator().manual_seed(seed)
