@@ -18,10 +18,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 
 venv: $(STAMP)
 
+# --no-compile: pip would byte-compile every installed module up front (a third of the
+# install's time); Python compiles the few it imports on first use instead.
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,browser]"
+	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-compile -e ".[dev,browser]"
 	$(PY) -m paper_lib.kernelspec
 	@rm -f $(VENV)/.installed-*
 	@touch $@

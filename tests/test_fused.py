@@ -52,6 +52,24 @@ def test_fused_resid_on_the_trained_embedded_lm(tiny_lm):
                               rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"act_fn": "gelu"}], ids=["gelu_new", "gelu"])
+def test_fused_lm_loss_and_gradients_equal_transformer_lens(overrides):
+    """The embedded LMs train through fused_lm_loss: its loss is TransformerLens' mean
+    next-token CE and every parameter's gradient matches the one through the hook points."""
+    model = random_model(**overrides).train()
+    t = tokens(model)
+    want = model(t, return_type="loss")
+    want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    got = fused.fused_lm_loss(model, t)
+    got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
+        if w is None:  # parameters TransformerLens' loss does not reach
+            assert g is None or not g.any(), name
+            continue
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), name
+
+
 def test_fused_resid_bf16_within_rounding():
     model = random_model(torch.bfloat16)
     with torch.inference_mode():

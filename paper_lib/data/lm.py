@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
+from paper_lib.data.fused import fused_lm_loss, unsupported_reason
 from paper_lib.runtime import PROJECT_ROOT, atomic_dir, deterministic_on_cpu
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
@@ -47,6 +48,14 @@ class LMConfig:
     lr: float = 3e-3
     warmup: int = 50
     seed: int = 0
+    trainer: str = "fused"
+    """"fused": train through `fused.fused_lm_loss`; "transformer_lens": its own forward
+    (part of the cache key: the two round differently, so they train different models)."""
+
+    def __post_init__(self) -> None:
+        if self.trainer not in ("fused", "transformer_lens"):
+            raise ValueError(f"LMConfig.trainer={self.trainer!r}: use 'fused' or "
+                             "'transformer_lens'")
 
     @property
     def d_mlp(self) -> int:
@@ -148,6 +157,8 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
     train = byte_tokens(corpus.train["text"], cfg.n_ctx, max_rows=train_rows, seed=cfg.seed)
     val = byte_tokens(corpus.validation["text"], cfg.n_ctx, max_rows=256, seed=cfg.seed)
     model = HookedTransformer(cfg.tl_config(), move_to_device=False).to(device, print_details=False)
+    # The fused forward (same arithmetic, whole-tensor kernels) where it applies.
+    fused = cfg.trainer == "fused" and unsupported_reason(model) is None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / cfg.warmup)
@@ -160,7 +171,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
         idx = torch.randint(0, train.shape[0], (cfg.batch_rows,), generator=gen)
         batch = train[idx].to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(batch, return_type="loss")
+            loss = fused_lm_loss(model, batch) if fused else model(batch, return_type="loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
