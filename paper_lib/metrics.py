@@ -6,12 +6,13 @@ All functions are pure; none is hidden inside a model's forward.
 
 from __future__ import annotations
 
-import re
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+from paper_lib.data.harvest import resid_pre_layer, stop_layer
 
 # --------------------------------------------------------------------------- reconstruction
 
@@ -225,16 +226,6 @@ class LMLoss(NamedTuple):
         return self.spliced - self.clean
 
 
-def _resid_pre_layer(model: torch.nn.Module, hook: str) -> int | None:
-    """L when `hook` is blocks.L.hook_resid_pre of a model whose blocks take the residual
-    alone (TransformerLens' start_at_layer), else None."""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
-    cfg = getattr(model, "cfg", None)
-    if m is None or cfg is None or getattr(cfg, "positional_embedding_type", "") == "shortformer":
-        return None
-    return int(m.group(1))
-
-
 class SpliceEval:
     """Next-token CE of `model` on fixed token rows [B, T]: clean, with a reconstruction
     spliced in at `hook`, and with the hook zero-ablated (`LMLoss`). Built once and called
@@ -248,15 +239,15 @@ class SpliceEval:
                  batch_size: int = 32, skip_bos: bool = True, cache_bytes: float = 2**30):
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"tokens must be [rows, T] with T >= 2, got {tuple(tokens.shape)}")
-        if hook not in getattr(model, "hook_dict", {hook: None}):
-            raise ValueError(f"unknown hook {hook!r}: pick one of model.hook_dict")
+        stop_layer(model, hook)  # names the valid hooks when `hook` is not one
         self.model, self.hook, self.skip_bos = model, hook, skip_bos
         self.batches = list(tokens.split(batch_size))
-        self.layer = _resid_pre_layer(model, hook)
-        d = getattr(getattr(model, "cfg", None), "d_model", 0)
+        # start_at_layer takes the residual alone: not for shortformer position embeddings
+        shortformer = model.cfg.positional_embedding_type == "shortformer"
+        self.layer = None if shortformer else resid_pre_layer(hook)
         dtype = next(model.parameters()).dtype
         self.keep_resid = (self.layer is not None
-                           and tokens.numel() * d * dtype.itemsize <= cache_bytes)
+                           and tokens.numel() * model.cfg.d_model * dtype.itemsize <= cache_bytes)
         self._resid: list[torch.Tensor] = []
         self._clean_zero: tuple[float, float] | None = None
         self.n = tokens.shape[0] * (tokens.shape[1] - 1)

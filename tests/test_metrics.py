@@ -179,6 +179,8 @@ def test_splice_eval_runs_lower_blocks_once(tiny_lm):
 def test_splice_eval_rejects_bad_input(tiny_lm):
     model, _ = tiny_lm
     with pytest.raises(ValueError, match="unknown hook"):
+        metrics.SpliceEval(model, torch.zeros(2, 8, dtype=torch.long), "blocks.0.hook_nonsense")
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
         metrics.SpliceEval(model, torch.zeros(2, 8, dtype=torch.long), "blocks.9.hook_resid_pre")
     with pytest.raises(ValueError, match="T >= 2"):
         metrics.SpliceEval(model, torch.zeros(2, 1, dtype=torch.long), "blocks.0.hook_resid_pre")

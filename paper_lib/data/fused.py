@@ -111,7 +111,7 @@ def fused_resid(model: Any, tokens: Tensor, layer: int) -> Tensor:
 def fused_lm_loss(model: Any, tokens: Tensor) -> Tensor:
     """Mean next-token CE of the whole model on `tokens` [B, T] by the fused forward (what
     `model(tokens, return_type="loss")` returns, differentiable): the embedded LMs train
-    through it, half again as fast as through the hook points on a CPU."""
+    through it (a smoke-LM step on 2 CPU cores: 0.76x the time through the hook points)."""
     x = _ln(fused_resid(model, tokens, model.cfg.n_layers), model.ln_final, model.cfg.eps)
     logits = F.linear(x, model.unembed.W_U.T, model.unembed.b_U)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())

@@ -42,6 +42,12 @@ def resid_hook(model: Any, layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
 
+def resid_pre_layer(hook: str) -> int | None:
+    """L when `hook` is blocks.L.hook_resid_pre (the residual entering block L), else None."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
+    return int(m.group(1)) if m else None
+
+
 def stop_layer(model: Any, hook: str) -> int | None:
     """Validate `hook` and return the stop_at_layer that still computes it."""
     if hook not in model.hook_dict:
@@ -69,9 +75,8 @@ def activations_at(model: Any, tokens: Tensor, hook: str, stop: int | None,
     other hook, or a hook attached anywhere in the model, takes run_with_cache or
     TransformerLens' forward. `compile` runs the residual forward through torch.compile
     (compiled once, not under inference_mode)."""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
-    if m and not model.hook_dict[hook].fwd_hooks:
-        layer = int(m.group(1))
+    layer = resid_pre_layer(hook)
+    if layer is not None and not model.hook_dict[hook].fwd_hooks:
         if fused and fsd.use_fused(model, tokens, layer):
             fwd = _compiled_fused() if compile else fsd.fused_resid
             return fwd(model, tokens, layer)
