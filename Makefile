@@ -4,7 +4,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PROFILE ?= smoke
 ONLY    ?=
-KERNEL  := paper-lib
+# Notebooks at a time (0: 2 for smoke on 2+ cores, else 1); see paper_lib/reproduce.py.
+JOBS    ?= 0
 # The CPU build of torch where no NVIDIA driver is present (a plain `torch` pulls
 # gigabytes of CUDA wheels); override e.g. `make TORCH_SPEC=torch==2.5.1 test`.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
@@ -30,14 +31,15 @@ $(STAMP):
 	@echo "venv ready: $$(du -sh $(VENV) | cut -f1)"
 
 reproduce: $(STAMP)
-	$(PY) -m paper_lib.reproduce --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
+	$(PY) -m paper_lib.reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(ONLY),--only $(ONLY))
 
 # Unit tests first: they read the committed results (README scoreboard check) before
 # nbval re-executes the notebooks and rewrites them; the browser test needs the data
-# those runs leave behind, so it comes last.
+# those runs leave behind, so it comes last. nbval runs one pytest per notebook, JOBS at
+# a time, after one shared LM/activation preparation (`reproduce --nbval`).
 test: $(STAMP)
 	$(PY) -m pytest tests -q --ignore=tests/browser
-	$(PY) -m pytest -q --nbval-lax --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 900 notebooks
+	$(PY) -m paper_lib.reproduce --nbval --jobs $(JOBS)
 	$(MAKE) --no-print-directory browser-test
 
 unit: $(STAMP)
@@ -55,7 +57,7 @@ browser-test: $(STAMP) browser-deps
 	$(PY) -m pytest tests/browser -q -rs
 
 nbval: $(STAMP)
-	$(PY) -m pytest -q --nbval-lax --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 900 notebooks
+	$(PY) -m paper_lib.reproduce --nbval --jobs $(JOBS) $(if $(ONLY),--only $(ONLY))
 
 determinism: $(STAMP)
 	$(PY) -m paper_lib.reproduce --profile smoke --check-determinism $(if $(ONLY),--only $(ONLY))

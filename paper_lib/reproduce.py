@@ -3,28 +3,44 @@
     python -m paper_lib.reproduce --profile smoke            # every notebook, CPU, offline
     python -m paper_lib.reproduce --profile gpu --only 03     # one notebook on a GPU
     python -m paper_lib.reproduce --check-determinism         # run twice, compare claims
+    python -m paper_lib.reproduce --nbval                     # nbval the committed notebooks
 
 Executed notebooks land in build/<profile>/; results JSON in results/<profile>/ and
 figures in figures/<profile>/ (written by the notebooks). A smoke run also refreshes the
 committed notebooks' outputs (what nbval checks) and the README scoreboard. Exits
 non-zero if any notebook fails, naming the notebook and the failing cell.
+
+Parallel runs (`--jobs`, by default 2 for smoke on a machine with 2+ cores, else 1): the
+notebooks' small CPU problems use a second core poorly (an SAE sweep runs 1.4x faster on
+2 threads than on 1; imports, plotting and Python overhead use one), so two notebooks at a
+time finish sooner. A `--prepare` step first trains the embedded LM and harvests the
+shared activations once, in a process with the kernel's pinned CPU environment, so the
+notebooks read the same cached data they would have made themselves; notebooks that read
+other notebooks' saved SAEs (AFTER_ALL) start once the rest are done. Each notebook
+computes exactly what it computes alone, so the claims are identical either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from paper_lib.config import PROFILES
-from paper_lib.kernelspec import KERNEL
+from paper_lib.kernelspec import KERNEL, cpu_flags, pinned_cpu_env
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 VOLATILE_KEYS = {"seconds", "env", "figures", "volatile_metrics"}
+# Notebooks that read what the others save (05 explores their SAEs): run after the rest.
+AFTER_ALL = ("05_explore",)
+NBVAL_ARGS = ["--nbval-lax", "--nbval-cell-timeout", "900"]
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -85,39 +101,120 @@ def comparable(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run the notebooks with Papermill.")
-    ap.add_argument("--profile", default="smoke", choices=PROFILES)
-    ap.add_argument("--only", nargs="*", help="notebook prefixes or stems, e.g. 02 03")
-    ap.add_argument("-p", "--param", nargs=2, action="append", default=[],
-                    metavar=("NAME", "VALUE"), help="extra notebook parameter (JSON value)")
-    ap.add_argument("--check-determinism", action="store_true",
-                    help="run each notebook twice and compare its claims and metrics")
-    ap.add_argument("--no-update", action="store_true",
-                    help="smoke: do not refresh committed notebooks and README scoreboard")
-    args = ap.parse_args(argv)
-    params = {}
-    for name, value in args.param:
+def default_jobs(profile: str, n_notebooks: int, cpus: int | None = None) -> int:
+    """Notebooks run at once by default: two for smoke on 2+ cores (more would share the
+    laptop's memory between more kernels for little gain), one on a GPU (they would
+    share it)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(2, cpus, n_notebooks)) if profile == "smoke" else 1
+
+
+def waves(nbs: list[Path], profile: str) -> list[list[Path]]:
+    """Notebooks in the order to start them: the independent ones longest first (by the
+    last recorded run time, so two workers finish close together), then AFTER_ALL."""
+    def last_seconds(nb: Path) -> float:
         try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
-    nbs = notebooks(args.only)
-    out_dir = PROJECT_ROOT / "build" / args.profile
-    out_dir.mkdir(parents=True, exist_ok=True)
-    update = args.profile == "smoke" and not args.no_update and not args.check_determinism
-    failures, total = [], time.perf_counter()
+            res = PROJECT_ROOT / "results" / profile / f"{nb.stem}.json"
+            return float(json.loads(res.read_text()).get("seconds", 0.0))
+        except (OSError, ValueError):
+            return 0.0
+    first = sorted((nb for nb in nbs if nb.stem not in AFTER_ALL), key=last_seconds,
+                   reverse=True)
+    last = [nb for nb in nbs if nb.stem in AFTER_ALL]
+    return [w for w in (first, last) if w]
+
+
+def child_env(jobs: int) -> dict[str, str]:
+    """Environment of a notebook process: the kernel's pinned CPU code paths (see
+    kernelspec) and, with several jobs, OpenMP threads that sleep while they wait. Every
+    process keeps all cores (one running alone uses them all), but spinning waiters would
+    steal the cores the other notebook's threads need: measured on 2 cores, two SAE sweeps
+    at 2 threads each ran 3-4x slower with spinning waiters than with sleeping ones."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(pinned_cpu_env(cpu_flags()))
+    return env
+
+
+def prepare(profile: str) -> None:
+    """Train (or load) the profile's embedded LM and harvest its shared activations into
+    the disk cache, as a notebook would; hub models stream and have nothing to prepare."""
+    from paper_lib.config import lm_preset
+
+    lm = lm_preset(profile)
+    if lm["dataset"] != "stdlib":
+        return
+    from paper_lib.data.activations import load_activations
+    from paper_lib.runtime import deterministic_on_cpu, pick_device, quiet_warnings
+
+    quiet_warnings()
+    device = pick_device("auto")
+    deterministic_on_cpu(device)  # as Params.torch_device does in the notebooks
+    acts = load_activations(lm["model"], lm["dataset"], lm["hook"], lm["n_tokens"],
+                            lm["n_eval_tokens"], device, seed=0)
+    print(f"prepared {acts.describe()}", flush=True)
+
+
+def say(line: str) -> None:
+    """One line to stdout in one write (worker threads print too)."""
+    sys.stdout.write(line.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def run_parallel(nbs: list[Path], profile: str, jobs: int,
+                 command: Callable[[Path], list[str]], title: str,
+                 prepare_first: bool = True) -> list[str]:
+    """Run `command(nb)` for every notebook, `jobs` at a time in `waves`, after the
+    `--prepare` step (`prepare_first`); prints one line per notebook as it starts and
+    ends (the process's output in full if it failed). Returns failure messages."""
+    env = child_env(jobs)
+    say(f"{title}: {len(nbs)} notebook(s), {jobs} at a time")
+    if prepare_first:  # the LM and activations every notebook reads, made once
+        prep = subprocess.run([sys.executable, "-m", "paper_lib.reproduce", "--prepare",
+                               "--profile", profile], env=env, cwd=PROJECT_ROOT)
+        if prep.returncode != 0:
+            return [f"--prepare (LM and activations): exit status {prep.returncode}"]
+    failures: list[str] = []
+    done = 0
+
+    def one(nb: Path) -> tuple[Path, subprocess.CompletedProcess, float]:
+        say(f"  started {nb.stem}")
+        t0 = time.perf_counter()
+        proc = subprocess.run(command(nb), env=env, cwd=PROJECT_ROOT, capture_output=True,
+                              text=True)
+        return nb, proc, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for wave in waves(nbs, profile):
+            for future in as_completed([pool.submit(one, nb) for nb in wave]):
+                nb, proc, secs = future.result()
+                done += 1
+                ok = proc.returncode == 0
+                say(f"[{done}/{len(nbs)}] {nb.stem}: {'ok' if ok else 'FAILED'} in {secs:.1f} s")
+                if not ok:
+                    say(proc.stdout + proc.stderr)
+                    failures.append(f"{nb.stem}: exit status {proc.returncode} (output above)")
+    return failures
+
+
+def run_sequential(nbs: list[Path], profile: str, params: dict[str, Any], update: bool,
+                   check_determinism: bool) -> list[str]:
+    """Run the notebooks one after another in this process; returns failure messages."""
     from papermill.exceptions import PapermillExecutionError
 
+    out_dir = PROJECT_ROOT / "build" / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
     for i, nb in enumerate(nbs, 1):
-        print(f"[{i}/{len(nbs)}] {nb.stem} ({args.profile}) ...", end=" ", flush=True)
+        print(f"[{i}/{len(nbs)}] {nb.stem} ({profile}) ...", end=" ", flush=True)
         try:
-            secs = run_one(nb, args.profile, out_dir, params, update)
+            secs = run_one(nb, profile, out_dir, params, update)
             status = f"ok in {secs:.1f} s"
-            if args.check_determinism:
-                res = PROJECT_ROOT / "results" / args.profile / f"{nb.stem}.json"
+            if check_determinism:
+                res = PROJECT_ROOT / "results" / profile / f"{nb.stem}.json"
                 first = comparable(json.loads(res.read_text()))
-                secs2 = run_one(nb, args.profile, out_dir, params, False)
+                secs2 = run_one(nb, profile, out_dir, params, False)
                 second = comparable(json.loads(res.read_text()))
                 same = first == second
                 status += f"; rerun {secs2:.1f} s: {'identical' if same else 'DIFFERENT'}"
@@ -128,14 +225,73 @@ def main(argv: list[str] | None = None) -> int:
             print("FAILED", flush=True)
             failures.append(f"{nb.stem}: cell {e.cell_index} (In [{e.exec_count}]) raised "
                             f"{e.ename}: {e.evalue}  -> see {out_dir / nb.name}")
-        except KeyboardInterrupt:
-            print("interrupted", flush=True)
-            return 130
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run the notebooks with Papermill.")
+    ap.add_argument("--profile", default="smoke", choices=PROFILES)
+    ap.add_argument("--only", nargs="*", help="notebook prefixes or stems, e.g. 02 03")
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[],
+                    metavar=("NAME", "VALUE"), help="extra notebook parameter (JSON value)")
+    ap.add_argument("--check-determinism", action="store_true",
+                    help="run each notebook twice and compare its claims and metrics")
+    ap.add_argument("--no-update", action="store_true",
+                    help="smoke: do not refresh committed notebooks and README scoreboard")
+    ap.add_argument("-j", "--jobs", type=int, default=0,
+                    help="notebooks at a time (0: 2 for smoke on 2+ cores, else 1)")
+    ap.add_argument("--nbval", action="store_true",
+                    help="check the committed smoke notebooks with nbval instead of running "
+                         "Papermill (what `make test` does)")
+    ap.add_argument("--prepare", action="store_true",
+                    help="only train/load the embedded LM and harvest its activations")
+    ap.add_argument("--no-scoreboard", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.jobs < 0:
+        ap.error(f"--jobs {args.jobs}: give 1 or more, or 0 for the default")
+    if args.nbval and (args.profile != "smoke" or args.param or args.check_determinism):
+        ap.error("--nbval checks the committed smoke notebooks: it takes no --profile, "
+                 "--param or --check-determinism")
+    if args.prepare:
+        prepare(args.profile)
+        return 0
+    params = {}
+    for name, value in args.param:
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    nbs = notebooks(args.only)
+    jobs = args.jobs or default_jobs(args.profile, len(nbs))
+    update = args.profile == "smoke" and not args.no_update and not args.check_determinism
+    total = time.perf_counter()
+    try:
+        if args.nbval:
+            kernel = kernel_name()
+            failures = run_parallel(
+                nbs, args.profile, jobs, lambda nb: [
+                    sys.executable, "-m", "pytest", "-q", *NBVAL_ARGS, "--nbval-kernel-name",
+                    kernel, str(nb.relative_to(PROJECT_ROOT))], "nbval", len(nbs) > 1)
+        elif jobs > 1 and len(nbs) > 1:
+            flags = [f for f, on in (("--no-update", args.no_update),
+                                     ("--check-determinism", args.check_determinism)) if on]
+            extra = [a for name, value in args.param for a in ("-p", name, value)]
+            failures = run_parallel(
+                nbs, args.profile, jobs, lambda nb: [
+                    sys.executable, "-m", "paper_lib.reproduce", "--profile", args.profile,
+                    "--only", nb.stem, "--jobs", "1", "--no-scoreboard", *flags, *extra],
+                "papermill")
+        else:
+            failures = run_sequential(nbs, args.profile, params, update,
+                                      args.check_determinism)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        return 130
     print(f"total {time.perf_counter() - total:.1f} s for {len(nbs)} notebook(s)")
     if failures:
         print("\n".join(["FAILED:"] + failures), file=sys.stderr)
         return 1
-    if update:
+    if update and not args.nbval and not args.no_scoreboard:
         from paper_lib.claims import main as claims_main
 
         claims_main(["--update-readme"])

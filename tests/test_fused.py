@@ -62,7 +62,7 @@ def test_fused_lm_loss_and_gradients_equal_transformer_lens(overrides):
     want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
     got = fused.fused_lm_loss(model, t)
     got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
-    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
     for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
         if w is None:  # parameters TransformerLens' loss does not reach
             assert g is None or not g.any(), name

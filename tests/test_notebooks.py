@@ -48,3 +48,80 @@ def test_strip_volatile_removes_papermill_timing():
     out = strip_volatile(nb)
     assert "papermill" not in out.metadata and out.cells[0].metadata == {}
     assert NOTEBOOK_DIR.name == "notebooks"
+
+
+def test_waves_longest_first_then_after_all(tmp_path, monkeypatch):
+    """Independent notebooks start longest first by their last recorded time (unknown: 0
+    s, last), and the explorer that reads their SAEs comes in a wave of its own."""
+    from paper_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    res = tmp_path / "results" / "smoke"
+    res.mkdir(parents=True)
+    for stem, secs in (("01_a", 90.0), ("02_b", 120.0), ("03_c", 160.0), ("05_explore", 9.0)):
+        (res / f"{stem}.json").write_text(json.dumps({"seconds": secs}))
+    nbs = [tmp_path / f"{s}.ipynb" for s in ("01_a", "02_b", "03_c", "04_new", "05_explore")]
+    got = [[p.stem for p in wave] for wave in reproduce.waves(nbs, "smoke")]
+    assert got == [["03_c", "02_b", "01_a", "04_new"], ["05_explore"]]
+    assert [[p.stem for p in w] for w in reproduce.waves(nbs[:2], "smoke")] == [["02_b", "01_a"]]
+
+
+def test_default_jobs():
+    from paper_lib.reproduce import default_jobs
+
+    assert default_jobs("smoke", 5, cpus=2) == 2
+    assert default_jobs("smoke", 5, cpus=16) == 2
+    assert default_jobs("smoke", 5, cpus=1) == 1
+    assert default_jobs("smoke", 1, cpus=8) == 1
+    assert default_jobs("gpu", 5, cpus=16) == 1  # notebooks would share one GPU
+
+
+def test_child_env_sleeping_waiters_only_in_parallel(monkeypatch):
+    from paper_lib import reproduce
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(reproduce, "cpu_flags", lambda: {"avx2"})
+    assert reproduce.child_env(2)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in reproduce.child_env(1)
+    assert reproduce.child_env(1)["ATEN_CPU_CAPABILITY"] == "avx2"  # the kernel's pin
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the caller's choice stands
+    assert reproduce.child_env(2)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_run_parallel_reports_each_failure(tmp_path, monkeypatch, capsys):
+    """Every notebook's process runs (two at a time); a non-zero exit becomes a failure
+    naming the notebook, with that process's output printed."""
+    import sys
+
+    from paper_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    nbs = [tmp_path / f"{s}.ipynb" for s in ("01_a", "02_b", "03_c", "05_explore")]
+    ran = tmp_path / "ran"
+    ran.mkdir()
+
+    def command(nb):
+        code = (f"import pathlib; pathlib.Path({str(ran / nb.stem)!r}).touch(); "
+                f"print('out of {nb.stem}'); raise SystemExit({3 if nb.stem == '02_b' else 0})")
+        return [sys.executable, "-c", code]
+
+    failures = reproduce.run_parallel(nbs, "smoke", 2, command, "test", prepare_first=False)
+    assert sorted(p.name for p in ran.iterdir()) == ["01_a", "02_b", "03_c", "05_explore"]
+    assert failures == ["02_b: exit status 3 (output above)"]
+    out = capsys.readouterr().out
+    assert "out of 02_b" in out and "out of 01_a" not in out
+    assert "02_b: FAILED" in out
+    assert out.rstrip().splitlines()[-1].startswith("[4/4] 05_explore: ok")  # after the rest
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nbval", "--profile", "gpu"], "--nbval checks the committed smoke notebooks"),
+    (["--nbval", "-p", "steps", "3"], "--nbval checks the committed smoke notebooks"),
+    (["--jobs", "-1"], "--jobs -1: give 1 or more"),
+])
+def test_reproduce_rejects_bad_arguments(argv, message, capsys):
+    from paper_lib.reproduce import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
