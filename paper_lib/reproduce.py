@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -177,24 +179,52 @@ def run_parallel(nbs: list[Path], profile: str, jobs: int,
             return [f"--prepare (LM and activations): exit status {prep.returncode}"]
     failures: list[str] = []
     done = 0
+    running: set[subprocess.Popen] = set()
+    lock = threading.Lock()
+    stopping = threading.Event()
 
-    def one(nb: Path) -> tuple[Path, subprocess.CompletedProcess, float]:
-        say(f"  started {nb.stem}")
-        t0 = time.perf_counter()
-        proc = subprocess.run(command(nb), env=env, cwd=PROJECT_ROOT, capture_output=True,
-                              text=True)
-        return nb, proc, time.perf_counter() - t0
+    def one(nb: Path) -> tuple[Path, int, str, float]:
+        with lock:
+            if stopping.is_set():  # interrupted while this one waited in the queue
+                return nb, 130, "", 0.0
+            say(f"  started {nb.stem}")
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(command(nb), env=env, cwd=PROJECT_ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            running.add(proc)
+        out, _ = proc.communicate()
+        with lock:
+            running.discard(proc)
+        return nb, proc.returncode, out, time.perf_counter() - t0
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         for wave in waves(nbs, profile):
             for future in as_completed([pool.submit(one, nb) for nb in wave]):
-                nb, proc, secs = future.result()
+                nb, code, out, secs = future.result()
                 done += 1
-                ok = proc.returncode == 0
-                say(f"[{done}/{len(nbs)}] {nb.stem}: {'ok' if ok else 'FAILED'} in {secs:.1f} s")
-                if not ok:
-                    say(proc.stdout + proc.stderr)
-                    failures.append(f"{nb.stem}: exit status {proc.returncode} (output above)")
+                say(f"[{done}/{len(nbs)}] {nb.stem}: {'ok' if code == 0 else 'FAILED'} in "
+                    f"{secs:.1f} s")
+                if code != 0:
+                    say(out)
+                    failures.append(f"{nb.stem}: exit status {code} (output above)")
+    except BaseException:
+        # Ctrl-C: start nothing more; SIGINT what runs (Papermill and nbval then shut their
+        # kernels down), kill what has not ended 15 s later; re-raise.
+        with lock:
+            stopping.set()
+            procs = list(running)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     return failures
 
 

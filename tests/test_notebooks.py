@@ -125,3 +125,45 @@ def test_reproduce_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_run_parallel_interrupt_stops_running_and_queued(tmp_path, monkeypatch):
+    """Ctrl-C while notebooks run: the running processes get SIGINT (so Papermill / nbval
+    can shut their kernels down) and end without finishing, and nothing queued (here the
+    explorer's wave) starts afterwards."""
+    import sys
+
+    from paper_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    res = tmp_path / "results" / "smoke"
+    res.mkdir(parents=True)
+    for stem, secs in (("01_a", 10.0), ("02_b", 20.0), ("03_c", 30.0)):
+        (res / f"{stem}.json").write_text(json.dumps({"seconds": secs}))
+    nbs = [tmp_path / f"{s}.ipynb" for s in ("01_a", "02_b", "03_c", "05_explore")]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def command(nb):
+        quick = nb.stem == "02_b"
+        code = (f"import pathlib, time\nm = pathlib.Path({str(marks)!r})\n"
+                f"(m / '{nb.stem}.started').touch()\n"
+                f"try:\n    time.sleep({0 if quick else 60})\n"
+                f"    (m / '{nb.stem}.finished').touch()\n"
+                f"except KeyboardInterrupt:\n    (m / '{nb.stem}.interrupted').touch()\n")
+        return [sys.executable, "-c", code]
+
+    real_say = reproduce.say
+
+    def say(line):
+        real_say(line)
+        if line.startswith("[1/"):  # the first notebook to end: the user presses Ctrl-C
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "say", say)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_parallel(nbs, "smoke", 2, command, "test", prepare_first=False)
+    names = {p.name for p in marks.iterdir()}
+    assert {"03_c.started", "03_c.interrupted", "02_b.finished"} <= names
+    assert not {"03_c.finished", "01_a.finished"} & names  # stopped, not waited for
+    assert "05_explore.started" not in names
