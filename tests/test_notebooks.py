@@ -145,11 +145,15 @@ def test_run_parallel_interrupt_stops_running_and_queued(tmp_path, monkeypatch):
     marks.mkdir()
 
     def command(nb):
-        quick = nb.stem == "02_b"
+        # 02_b ends (and so triggers the Ctrl-C below) only once 03_c is inside its try
+        # block: a SIGINT during 03_c's start-up would leave no mark to check.
+        work = ("deadline = time.time() + 30\n"
+                "    while not (m / '03_c.sleeping').exists() and time.time() < deadline:\n"
+                "        time.sleep(0.01)" if nb.stem == "02_b" else
+                f"(m / '{nb.stem}.sleeping').touch()\n    time.sleep(60)")
         code = (f"import pathlib, time\nm = pathlib.Path({str(marks)!r})\n"
                 f"(m / '{nb.stem}.started').touch()\n"
-                f"try:\n    time.sleep({0 if quick else 60})\n"
-                f"    (m / '{nb.stem}.finished').touch()\n"
+                f"try:\n    {work}\n    (m / '{nb.stem}.finished').touch()\n"
                 f"except KeyboardInterrupt:\n    (m / '{nb.stem}.interrupted').touch()\n")
         return [sys.executable, "-c", code]
 
