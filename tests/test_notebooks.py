@@ -151,7 +151,11 @@ def test_run_parallel_interrupt_stops_running_and_queued(tmp_path, monkeypatch):
                 "    while not (m / '03_c.sleeping').exists() and time.time() < deadline:\n"
                 "        time.sleep(0.01)" if nb.stem == "02_b" else
                 f"(m / '{nb.stem}.sleeping').touch()\n    time.sleep(60)")
-        code = (f"import pathlib, time\nm = pathlib.Path({str(marks)!r})\n"
+        # The child takes Ctrl-C as Python does by default even if this test process
+        # inherited SIGINT ignored (pytest runs after other tests, or from a script's
+        # background job), since ignored signals pass on to children.
+        code = (f"import pathlib, signal, time\nm = pathlib.Path({str(marks)!r})\n"
+                "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                 f"(m / '{nb.stem}.started').touch()\n"
                 f"try:\n    {work}\n    (m / '{nb.stem}.finished').touch()\n"
                 f"except KeyboardInterrupt:\n    (m / '{nb.stem}.interrupted').touch()\n")
