@@ -141,20 +141,20 @@ def child_env(jobs: int) -> dict[str, str]:
 
 def prepare(profile: str) -> None:
     """Train (or load) the profile's embedded LM and harvest its shared activations into
-    the disk cache, as a notebook would; hub models stream and have nothing to prepare."""
-    from paper_lib.config import lm_preset
+    the disk cache, as a notebook would: the same parameters (the profile's LM preset) and
+    the same device set-up (`Params.torch_device`); hub models stream and have nothing to
+    prepare."""
+    from paper_lib.config import LMParams, lm_preset
 
-    lm = lm_preset(profile)
-    if lm["dataset"] != "stdlib":
+    p = LMParams(profile=profile, **lm_preset(profile))
+    if p.dataset != "stdlib":
         return
     from paper_lib.data.activations import load_activations
-    from paper_lib.runtime import deterministic_on_cpu, pick_device, quiet_warnings
+    from paper_lib.runtime import quiet_warnings
 
     quiet_warnings()
-    device = pick_device("auto")
-    deterministic_on_cpu(device)  # as Params.torch_device does in the notebooks
-    acts = load_activations(lm["model"], lm["dataset"], lm["hook"], lm["n_tokens"],
-                            lm["n_eval_tokens"], device, seed=0)
+    acts = load_activations(p.model, p.dataset, p.hook, p.n_tokens, p.n_eval_tokens,
+                            p.torch_device(), p.seed)
     print(f"prepared {acts.describe()}", flush=True)
 
 
@@ -283,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--nbval checks the committed smoke notebooks: it takes no --profile, "
                  "--param or --check-determinism")
     if args.prepare:
-        prepare(args.profile)
+        try:
+            prepare(args.profile)
+        except ValueError as e:  # e.g. the gpu profile on a machine without CUDA
+            print(f"--prepare: {e}", file=sys.stderr)
+            return 2
         return 0
     params = {}
     for name, value in args.param:
