@@ -20,7 +20,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 venv: $(STAMP)
 
 # --no-compile: pip would byte-compile every installed module up front (a third of the
-# install's time); Python compiles the few it imports on first use instead.
+# install's time); the kernelspec step compiles just the modules the project imports
+# (needed where PYTHONDONTWRITEBYTECODE is set: no process would ever cache them).
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"

@@ -7,11 +7,19 @@ sums floats in a different order: a CPU-trained model then drifts from machine t
 machine and the smoke numbers stop matching the committed notebooks. With every x86
 machine held to the AVX2 paths the numbers should agree (tried on one CPU type only).
 No torch import here: the variables only act in a process that has not loaded torch.
+
+It then byte-compiles the third-party modules every kernel, test and worker process
+imports (`precompile`). The venv is installed with `pip --no-compile`, and where
+PYTHONDONTWRITEBYTECODE is set (CI machines set it) Python never caches what it compiles
+on import, so every new process would recompile torch, transformers and friends from
+source: measured in a fresh clone, `make test`'s unit tests took 224 s that way and
+127 s with the modules compiled.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +50,34 @@ def pinned_cpu_env(flags: set[str]) -> dict[str, str]:
     return dict(PINNED_ENV) if "avx2" in flags else {}
 
 
+# Imported, in one process, to write their bytecode: what kernels (notebook cells, the
+# ipykernel debugger, PDF figures), pytest with nbval, Papermill and the SAELens check load.
+WARM_MODULES = (
+    "torch", "transformer_lens", "transformers", "datasets", "safetensors.torch", "scipy.optimize",
+    "pandas", "matplotlib.pyplot", "matplotlib.backends.backend_pdf", "fontTools.subset",
+    "seaborn", "ipywidgets", "tqdm.auto", "ipykernel.kernelapp", "ipykernel.ipkernel",
+    "debugpy", "papermill", "nbclient", "nbformat", "nbval.plugin", "pytest", "sae_lens",
+)
+
+
+def precompile(modules: tuple[str, ...] = WARM_MODULES) -> None:
+    """Import `modules` in a child process allowed to write bytecode (.pyc) to disk.
+
+    Bytecode lands in each package's own __pycache__ inside the venv, where every later
+    process reads it whatever its PYTHONDONTWRITEBYTECODE; the project's sources stay
+    untouched. A module that fails to import is reported and skipped (optional extras).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except Exception as e:\n"
+            "        print(f'precompile: skipped {name} ({type(e).__name__}: {e})')\n")
+    subprocess.run([sys.executable, "-c", code, *modules], check=True, env=env,
+                   cwd=sys.prefix)  # away from the project: no local module shadows one
+
+
 def install(name: str = KERNEL, prefix: str = sys.prefix) -> Path:
     """Install the kernelspec under `prefix` with a quiet log and the pinned CPU env."""
     subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", prefix,
@@ -60,3 +96,5 @@ def install(name: str = KERNEL, prefix: str = sys.prefix) -> Path:
 if __name__ == "__main__":
     spec_path = install()
     print(f"kernel {KERNEL!r}: {spec_path} (env {json.loads(spec_path.read_text())['env']})")
+    precompile()
+    print(f"byte-compiled {len(WARM_MODULES)} packages' imported modules")

@@ -28,3 +28,21 @@ def test_installed_kernel_carries_quiet_log_and_env(tmp_path, monkeypatch):
     assert spec["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     kernelspec.install(prefix=str(tmp_path))  # idempotent
     assert json.loads(path.read_text())["argv"].count("--IPKernelApp.log_level=ERROR") == 1
+
+
+def test_precompile_writes_bytecode_despite_dontwritebytecode(tmp_path, monkeypatch, capfd):
+    """With PYTHONDONTWRITEBYTECODE set (as on CI), a plain import caches nothing; the
+    install step's precompile still leaves a .pyc, and a missing module is only reported."""
+    import subprocess
+    import sys
+
+    (tmp_path / "warm_me.py").write_text("X = 1\n")
+    (tmp_path / "cold.py").write_text("Y = 2\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    subprocess.run([sys.executable, "-c", "import cold"], check=True, cwd=tmp_path)
+    assert not (tmp_path / "__pycache__").exists()  # the failure mode being fixed
+    kernelspec.precompile(("warm_me", "no_such_module_xyz"))
+    cached = [p.name for p in (tmp_path / "__pycache__").iterdir()]
+    assert cached == [f"warm_me.{sys.implementation.cache_tag}.pyc"]
+    assert "skipped no_such_module_xyz (ModuleNotFoundError" in capfd.readouterr().out
