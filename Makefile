@@ -11,13 +11,17 @@ JOBS    ?= 0
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 # Extra pip arguments for the torch install, e.g. a CPU-only wheel index on a laptop.
 TORCH_PIP_ARGS ?=
-# The venv is reinstalled when the dependency list or this file changes.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# The venv is reinstalled when the dependency list or this file changes. STAMP: what the
+# notebooks need (reproduce, lab); DEV_STAMP adds the test tools (pytest, nbval, SAELens,
+# Playwright), installed by the first target that needs them.
+HASH := $(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(HASH)
+DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
 
 .PHONY: venv reproduce test unit nbval browser-deps browser-test lab lint bench scoreboard \
 	determinism clean
 
-venv: $(STAMP)
+venv: $(DEV_STAMP)
 
 # --no-compile: pip would byte-compile every installed module up front (a third of the
 # install's time); the kernelspec step compiles just the modules the project imports
@@ -25,11 +29,17 @@ venv: $(STAMP)
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-compile -e ".[dev,browser]"
+	$(PY) -m pip install -q --no-compile -e .
 	$(PY) -m paper_lib.kernelspec
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "venv ready: $$(du -sh $(VENV) | cut -f1)"
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-compile -e ".[dev,browser]"
+	$(PY) -m paper_lib.kernelspec --precompile-only
+	@touch $@
+	@echo "test tools ready: $$(du -sh $(VENV) | cut -f1)"
 
 reproduce: $(STAMP)
 	$(PY) -m paper_lib.reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(ONLY),--only $(ONLY))
@@ -38,12 +48,12 @@ reproduce: $(STAMP)
 # nbval re-executes the notebooks and rewrites them; the browser test needs the data
 # those runs leave behind, so it comes last. nbval runs one pytest per notebook, JOBS at
 # a time, after one shared LM/activation preparation (`reproduce --nbval`).
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest tests -q --ignore=tests/browser
 	$(PY) -m paper_lib.reproduce --nbval --jobs $(JOBS)
 	$(MAKE) --no-print-directory browser-test
 
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(PY) -m pytest tests -q --ignore=tests/browser
 
 # Debian's chromium for the real-browser test (installed only when running as root).
@@ -54,10 +64,10 @@ browser-deps:
 	      >/dev/null 2>&1 || echo "could not install chromium: the browser test will skip"; \
 	  else echo "chromium missing and not root: the browser test will skip"; fi; }
 
-browser-test: $(STAMP) browser-deps
+browser-test: $(DEV_STAMP) browser-deps
 	$(PY) -m pytest tests/browser -q -rs
 
-nbval: $(STAMP)
+nbval: $(DEV_STAMP)
 	$(PY) -m paper_lib.reproduce --nbval --jobs $(JOBS) $(if $(ONLY),--only $(ONLY))
 
 determinism: $(STAMP)
@@ -66,7 +76,7 @@ determinism: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check paper_lib tests
 
 bench: $(STAMP)

@@ -80,6 +80,10 @@ class TrainConfig:
     """Ramp the L1 penalty linearly from 0 over these steps (avoids early dead latents)."""
     eval_every: int = 0
     """Evaluate every this many steps (0: only at the end)."""
+    heldout_midway: bool = True
+    """Intermediate evaluations include the held-out FVU / L0 / dead_eval (the costly
+    part: every SAE encodes all eval rows); False keeps them to the end and records only
+    dead_train and eval_fn extras midway (enough for dead-latent curves)."""
     checkpoint_every: int = 0
     """Write a checkpoint every this many steps (0: never)."""
     checkpoint_seconds: float = 0.0
@@ -231,9 +235,10 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
             start = _load_checkpoint(ckpt, key, saes, opts, since, results)
 
     def run_eval(step: int) -> None:
+        heldout = eval_x is not None and (cfg.heldout_midway or step == cfg.steps)
         for sae, res, cnt in zip(saes, results, since):
             row: dict[str, float] = {"step": step, "tokens": step * data.batch_size}
-            if eval_x is not None:
+            if heldout:
                 row.update(evaluate(sae, eval_x))
             row["dead_train"] = float((cnt >= sae.cfg.dead_tokens).float().mean())
             if eval_fn is not None:
@@ -259,7 +264,7 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             run_eval(done)
-            if eval_x is not None and cfg.progress:
+            if eval_x is not None and cfg.heldout_midway and cfg.progress:
                 bar.set_postfix(fvu=f"{results[0].history[-1]['fvu']:.3f}")
         due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or \
             (cfg.checkpoint_seconds and time.perf_counter() - last_ckpt >= cfg.checkpoint_seconds)

@@ -73,6 +73,24 @@ def test_lockstep_equals_separate_training():
         assert torch.equal(alone.sae.W_enc, res.sae.W_enc)
 
 
+def test_heldout_metrics_only_at_the_end_when_asked():
+    """heldout_midway=False: rows every eval_every steps carry dead_train only, the last
+    row the held-out metrics too; the training itself is unchanged."""
+    x = sparse_data()
+    cfg = SAEConfig("topk", 16, 64, k=4, seed=1)
+    runs = {}
+    for midway in (True, False):
+        tc = TrainConfig(steps=6, eval_every=2, heldout_midway=midway, progress=False)
+        runs[midway] = train_saes([make_sae(cfg)], ShuffledBatches(x, 128), tc, eval_x=x)[0]
+    cheap = runs[False].history
+    assert [r["step"] for r in cheap] == [2, 4, 6]
+    assert [sorted(r) for r in cheap[:2]] == [["dead_train", "step", "tokens"]] * 2
+    assert {"fvu", "l0", "dead_eval"} <= set(cheap[-1])
+    assert torch.equal(runs[True].sae.W_enc, runs[False].sae.W_enc)
+    assert cheap[-1] == runs[True].history[-1]
+    assert [r["dead_train"] for r in cheap] == [r["dead_train"] for r in runs[True].history]
+
+
 def test_dead_latent_tracking_counts_tokens():
     """A latent that never fires accumulates batch_size tokens per step; AuxK switches on."""
     x = sparse_data(n=512)

@@ -27,24 +27,30 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
              lr: float, device: torch.device, progress: bool = True, desc: str = "train SAEs",
              seed: int = 0, eval_n: int = 8192, lr_scale_with_n: bool = False,
              lr_ref_latents: int = 16384,
-             eval_every: int = 0, sparsity_warmup_steps: int | None = None,
+             eval_every: int = 0, heldout_midway: bool = True,
+             sparsity_warmup_steps: int | None = None,
              eval_fn: Callable[[SAE], dict[str, float]] | None = None,
              checkpoint_seconds: float = 60.0, compile: bool = False) -> list[TrainResult]:
     """Train every config in lockstep on the same batches of `acts` (one harvest, a sweep).
     The L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default. A
     checkpoint keyed by the configs and data is written every `checkpoint_seconds` of
     training under data/ckpt/, so re-running an interrupted notebook resumes where it
-    stopped (0 disables). `compile`: torch.compile each SAE's forward and loss."""
+    stopped (0 disables). `compile`: torch.compile each SAE's forward and loss.
+    `heldout_midway`: see TrainConfig (False: held-out metrics only at the end)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
+    # everything the trainer's own checkpoint key holds, so a leftover checkpoint of other
+    # settings is never picked up (the trainer would refuse it)
     key = hashlib.sha256(json.dumps([[c.to_dict() for c in cfgs], steps, batch_size, lr, seed,
-                                     lr_scale_with_n, lr_ref_latents, warm, acts.hook,
+                                     lr_scale_with_n, lr_ref_latents, warm, eval_every,
+                                     heldout_midway, acts.hook,
                                      acts.model_info.get("weights_sha256"),
                                      acts.corpus_sha256], sort_keys=True, default=str)
                          .encode()).hexdigest()[:16]
     tc = TrainConfig(steps=steps, lr=lr, lr_scale_with_n=lr_scale_with_n,
                      lr_ref_latents=lr_ref_latents, progress=progress,
-                     desc=desc, eval_every=eval_every, sparsity_warmup_steps=warm,
+                     desc=desc, eval_every=eval_every, heldout_midway=heldout_midway,
+                     sparsity_warmup_steps=warm,
                      checkpoint_seconds=checkpoint_seconds, compile=compile,
                      checkpoint_path=str(CKPT_ROOT / f"{key}.pt") if checkpoint_seconds else "")
     return train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
