@@ -156,7 +156,9 @@ _BOOKKEEPING = ("progress", "desc", "checkpoint_every", "checkpoint_seconds", "c
                 "compile")
 
 
-def _configs_key(saes: list[SAE], cfg: TrainConfig) -> str:
+def configs_key(saes: list[SAE], cfg: TrainConfig) -> str:
+    """What a checkpoint must match to be resumed: the SAE configs and every
+    TrainConfig field that changes what the run computes."""
     train = {k: v for k, v in asdict(cfg).items() if k not in _BOOKKEEPING}
     return json.dumps({"saes": [s.cfg.to_dict() for s in saes], "train": train},
                       sort_keys=True, default=str)
@@ -227,7 +229,7 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     steps = [make_step(s, o, cfg.bf16, cfg.compile) for s, o in zip(saes, opts)]
     since = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in saes]
     results = [TrainResult(s) for s in saes]
-    start, key = 0, _configs_key(saes, cfg)
+    start, key = 0, configs_key(saes, cfg)
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
     if ckpt is not None:
         clean_stale_tmp(ckpt)  # a killed run may have left a temporary file behind
@@ -264,7 +266,7 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             run_eval(done)
-            if eval_x is not None and cfg.heldout_midway and cfg.progress:
+            if cfg.progress and "fvu" in results[0].history[-1]:
                 bar.set_postfix(fvu=f"{results[0].history[-1]['fvu']:.3f}")
         due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or \
             (cfg.checkpoint_seconds and time.perf_counter() - last_ckpt >= cfg.checkpoint_seconds)

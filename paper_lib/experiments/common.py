@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,7 @@ from paper_lib import metrics
 from paper_lib.data.activations import ActivationSet
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, SAEConfig, make_sae, save_sae
-from paper_lib.train import TrainConfig, TrainResult, encode_all, train_saes
+from paper_lib.train import TrainConfig, TrainResult, configs_key, encode_all, train_saes
 
 __all__ = ["encode_all", "lm_loss", "lm_loss_fn", "save_trained", "train_on"]
 
@@ -39,20 +40,19 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
     `heldout_midway`: see TrainConfig (False: held-out metrics only at the end)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
-    # everything the trainer's own checkpoint key holds, so a leftover checkpoint of other
-    # settings is never picked up (the trainer would refuse it)
-    key = hashlib.sha256(json.dumps([[c.to_dict() for c in cfgs], steps, batch_size, lr, seed,
-                                     lr_scale_with_n, lr_ref_latents, warm, eval_every,
-                                     heldout_midway, acts.hook,
-                                     acts.model_info.get("weights_sha256"),
-                                     acts.corpus_sha256], sort_keys=True, default=str)
-                         .encode()).hexdigest()[:16]
     tc = TrainConfig(steps=steps, lr=lr, lr_scale_with_n=lr_scale_with_n,
                      lr_ref_latents=lr_ref_latents, progress=progress,
                      desc=desc, eval_every=eval_every, heldout_midway=heldout_midway,
-                     sparsity_warmup_steps=warm,
-                     checkpoint_seconds=checkpoint_seconds, compile=compile,
-                     checkpoint_path=str(CKPT_ROOT / f"{key}.pt") if checkpoint_seconds else "")
+                     sparsity_warmup_steps=warm, compile=compile)
+    if checkpoint_seconds:
+        # The trainer's own key (SAE configs, every TrainConfig field that matters) plus the
+        # data: a leftover checkpoint of other settings gets another file, never refused.
+        key = hashlib.sha256(json.dumps([configs_key(saes, tc), batch_size, seed, eval_n,
+                                         acts.hook, acts.model_info.get("weights_sha256"),
+                                         acts.corpus_sha256], sort_keys=True, default=str)
+                             .encode()).hexdigest()[:16]
+        tc = replace(tc, checkpoint_seconds=checkpoint_seconds,
+                     checkpoint_path=str(CKPT_ROOT / f"{key}.pt"))
     return train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
                       init_x=acts.eval[:4096], eval_fn=eval_fn)
 
