@@ -45,11 +45,18 @@ reproduce: $(STAMP)
 	$(PY) -m paper_lib.reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(ONLY),--only $(ONLY))
 
 # Unit tests first: they read the committed results (README scoreboard check) before
-# nbval re-executes the notebooks and rewrites them; the browser test needs the data
-# those runs leave behind, so it comes last. nbval runs one pytest per notebook, JOBS at
-# a time, after one shared LM/activation preparation (`reproduce --nbval`).
+# nbval re-executes the notebooks and rewrites them. Meanwhile the LM and activations the
+# notebooks share are prepared in the background (`reproduce --prepare`, log in
+# build/prepare.log): the unit tests leave most of a core idle. nbval then runs one
+# pytest per notebook, JOBS at a time; the browser test needs the data those runs leave
+# behind, so it comes last.
 test: $(DEV_STAMP)
-	$(PY) -m pytest tests -q --ignore=tests/browser
+	@mkdir -p build
+	@$(PY) -m paper_lib.reproduce --prepare > build/prepare.log 2>&1 & prep=$$!; \
+	trap 'kill $$prep 2>/dev/null; exit 130' INT TERM; \
+	echo "$(PY) -m pytest tests -q --ignore=tests/browser  (LM preparing beside it)"; \
+	$(PY) -m pytest tests -q --ignore=tests/browser || { kill $$prep 2>/dev/null; exit 1; }; \
+	wait $$prep || { cat build/prepare.log; echo "preparing the LM failed (above)"; exit 1; }
 	$(PY) -m paper_lib.reproduce --nbval --jobs $(JOBS)
 	$(MAKE) --no-print-directory browser-test
 

@@ -13,11 +13,13 @@ non-zero if any notebook fails, naming the notebook and the failing cell.
 Parallel runs (`--jobs`, by default 2 for smoke on a machine with 2+ cores, else 1): the
 notebooks' small CPU problems use a second core poorly (an SAE sweep runs 1.4x faster on
 2 threads than on 1; imports, plotting and Python overhead use one), so two notebooks at a
-time finish sooner. A `--prepare` step first trains the embedded LM and harvests the
-shared activations once, in a process with the kernel's pinned CPU environment, so the
-notebooks read the same cached data they would have made themselves; notebooks that read
-other notebooks' saved SAEs (AFTER_ALL) start once the rest are done. Each notebook
-computes exactly what it computes alone, so the claims are identical either way.
+time finish sooner. A `--prepare` step trains the embedded LM and harvests the shared
+activations once, in a process with the kernel's pinned CPU environment, so the notebooks
+read the same cached data they would have made themselves; it takes a slot of its own,
+beside a notebook that needs the LM only late (BESIDE_PREPARE), and the other notebooks
+start once it is done. Notebooks that read other notebooks' saved SAEs (AFTER_ALL) start
+once the rest are done. Each notebook computes exactly what it computes alone, so the
+claims are identical either way.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +43,10 @@ NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 VOLATILE_KEYS = {"seconds", "env", "figures", "volatile_metrics"}
 # Notebooks that read what the others save (05 explores their SAEs): run after the rest.
 AFTER_ALL = ("05_explore",)
+# Notebooks that need the LM only in their last section (02: synthetic experiments first):
+# they start beside the --prepare step instead of after it, filling the core it leaves
+# idle; should one reach the LM first, it waits on the cache's build lock.
+BESIDE_PREPARE = ("02_amortisation_gap",)
 NBVAL_ARGS = ["--nbval-lax", "--nbval-cell-timeout", "900"]
 
 
@@ -166,65 +171,89 @@ def say(line: str) -> None:
 
 def run_parallel(nbs: list[Path], profile: str, jobs: int,
                  command: Callable[[Path], list[str]], title: str,
-                 prepare_first: bool = True) -> list[str]:
-    """Run `command(nb)` for every notebook, `jobs` at a time in `waves`, after the
-    `--prepare` step (`prepare_first`); prints one line per notebook as it starts and
-    ends (the process's output in full if it failed). Returns failure messages."""
+                 prepare: list[str] | None = None,
+                 beside_prepare: tuple[str, ...] = BESIDE_PREPARE) -> list[str]:
+    """Run `command(nb)` for every notebook, `jobs` processes at a time. `prepare` (the
+    `--prepare` command, or None) runs first in a slot of its own; beside it only the
+    notebooks in `beside_prepare`, the rest once it has succeeded; AFTER_ALL notebooks
+    once all others have ended; otherwise longest first (`waves`). Prints one line per
+    notebook as it starts and ends (its output in full if it failed). Returns failure
+    messages."""
     env = child_env(jobs)
     say(f"{title}: {len(nbs)} notebook(s), {jobs} at a time")
-    if prepare_first:  # the LM and activations every notebook reads, made once
-        prep = subprocess.run([sys.executable, "-m", "paper_lib.reproduce", "--prepare",
-                               "--profile", profile], env=env, cwd=PROJECT_ROOT)
-        if prep.returncode != 0:
-            return [f"--prepare (LM and activations): exit status {prep.returncode}"]
+    pending = [nb for wave in waves(nbs, profile) for nb in wave]
+    # process -> (notebook or None for the preparation, start time, captured output)
+    running: dict[subprocess.Popen, tuple[Path | None, float, Any]] = {}
+    prepared = prepare is None
     failures: list[str] = []
     done = 0
-    running: set[subprocess.Popen] = set()
-    lock = threading.Lock()
-    stopping = threading.Event()
 
-    def one(nb: Path) -> tuple[Path, int, str, float]:
-        with lock:
-            if stopping.is_set():  # interrupted while this one waited in the queue
-                return nb, 130, "", 0.0
+    def ready(nb: Path) -> bool:
+        if nb.stem in AFTER_ALL:
+            return prepared and not any(
+                other.stem not in AFTER_ALL
+                for other in [*pending, *(n for n, _, _ in running.values() if n)])
+        return prepared or nb.stem in beside_prepare
+
+    def start(nb: Path | None) -> None:
+        if nb is None:  # the preparation prints its progress straight to the terminal
+            proc, out = subprocess.Popen(prepare, env=env, cwd=PROJECT_ROOT), None
+        else:
             say(f"  started {nb.stem}")
-            t0 = time.perf_counter()
+            # a file, not a pipe: nothing needs to read it while the process runs
+            out = tempfile.TemporaryFile("w+")
             proc = subprocess.Popen(command(nb), env=env, cwd=PROJECT_ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            running.add(proc)
-        out, _ = proc.communicate()
-        with lock:
-            running.discard(proc)
-        return nb, proc.returncode, out, time.perf_counter() - t0
+                                    stdout=out, stderr=subprocess.STDOUT)
+        running[proc] = (nb, time.perf_counter(), out)
 
-    pool = ThreadPoolExecutor(max_workers=jobs)
+    def wait_any() -> subprocess.Popen:
+        while True:
+            for proc in running:
+                if proc.poll() is not None:
+                    return proc
+            time.sleep(0.05)
+
     try:
-        for wave in waves(nbs, profile):
-            for future in as_completed([pool.submit(one, nb) for nb in wave]):
-                nb, code, out, secs = future.result()
-                done += 1
-                say(f"[{done}/{len(nbs)}] {nb.stem}: {'ok' if code == 0 else 'FAILED'} in "
-                    f"{secs:.1f} s")
-                if code != 0:
-                    say(out)
-                    failures.append(f"{nb.stem}: exit status {code} (output above)")
+        if prepare is not None:
+            start(None)
+        while running or pending:
+            for nb in [nb for nb in pending if ready(nb)]:
+                if len(running) >= jobs:
+                    break
+                pending.remove(nb)
+                start(nb)
+            if not running:
+                break
+            proc = wait_any()
+            nb, t0, out = running.pop(proc)
+            code = proc.returncode
+            if nb is None:
+                prepared = code == 0
+                if not prepared:
+                    failures.append(f"--prepare (LM and activations): exit status {code}")
+                    if pending:
+                        say("  not started: " + ", ".join(n.stem for n in pending))
+                    pending.clear()
+                continue
+            done += 1
+            say(f"[{done}/{len(nbs)}] {nb.stem}: {'ok' if code == 0 else 'FAILED'} in "
+                f"{time.perf_counter() - t0:.1f} s")
+            if code != 0:
+                out.seek(0)
+                say(out.read())
+                failures.append(f"{nb.stem}: exit status {code} (output above)")
+            out.close()
     except BaseException:
         # Ctrl-C: start nothing more; SIGINT what runs (Papermill and nbval then shut their
         # kernels down), kill what has not ended 15 s later; re-raise.
-        with lock:
-            stopping.set()
-            procs = list(running)
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:
+        for proc in running:
             proc.send_signal(signal.SIGINT)
-        for proc in procs:
+        for proc in running:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
         raise
-    finally:
-        pool.shutdown(wait=True)
     return failures
 
 
@@ -299,13 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or default_jobs(args.profile, len(nbs))
     update = args.profile == "smoke" and not args.no_update and not args.check_determinism
     total = time.perf_counter()
+    # the LM and activations every notebook reads, made once (see run_parallel)
+    prep = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile", args.profile]
     try:
         if args.nbval:
             kernel = kernel_name()
             failures = run_parallel(
                 nbs, args.profile, jobs, lambda nb: [
                     sys.executable, "-m", "pytest", "-q", *NBVAL_ARGS, "--nbval-kernel-name",
-                    kernel, str(nb.relative_to(PROJECT_ROOT))], "nbval", len(nbs) > 1)
+                    kernel, str(nb.relative_to(PROJECT_ROOT))], "nbval",
+                prep if len(nbs) > 1 else None)
         elif jobs > 1 and len(nbs) > 1:
             flags = [f for f, on in (("--no-update", args.no_update),
                                      ("--check-determinism", args.check_determinism)) if on]
@@ -314,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 nbs, args.profile, jobs, lambda nb: [
                     sys.executable, "-m", "paper_lib.reproduce", "--profile", args.profile,
                     "--only", nb.stem, "--jobs", "1", "--no-scoreboard", *flags, *extra],
-                "papermill")
+                "papermill", prep)
         else:
             failures = run_sequential(nbs, args.profile, params, update,
                                       args.check_determinism)

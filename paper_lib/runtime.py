@@ -10,6 +10,7 @@ import platform
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -115,9 +116,24 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
     return info
 
 
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere reading it means setting it
+    for an instant (os.umask), which another thread creating a file could observe."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def clean_stale_tmp(path: Path) -> None:
     """Remove temporary siblings of `path` left by a writer that was killed (SIGKILL skips
-    the cleanup below); there is one writer per target, so any such leftover is stale."""
+    the cleanup below); there is one writer per target (shared caches are built under
+    `build_lock`), so any such leftover is stale."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -145,6 +161,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes the file private (0600); give it the mode a newly created file gets
+    # (0666 less the umask), so a shared results folder stays readable.
+    tmp_path.chmod(0o666 & ~_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -163,6 +182,33 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
+def build_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock for building the cache entry `path` (a sibling file
+    `.<name>.lock`). Two processes that miss the same cache at once (two notebooks started
+    together, `make reproduce` beside a JupyterLab session) then build it once: the second
+    waits, and must look for the entry again once it holds the lock. The OS releases the
+    lock when its holder dies. A no-op where POSIX file locks are missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    _writable_dir(path.parent)
+    with open(path.parent / f".{path.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to finish building {path} ...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like `atomic_path` for a directory: fill the yielded temporary directory; it
     is swapped in for `path` only when the block finishes without error."""
@@ -170,6 +216,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     _writable_dir(path.parent)
     clean_stale_tmp(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide caches from other users
     try:
         yield tmp
         old = None

@@ -250,3 +250,35 @@ def test_compiled_harvest_equals_eager(tiny_lm):
     compiled = hv.harvest(model, hv.row_batches(tokens, 2), hook, n, progress=False,
                           compile=True)
     assert torch.allclose(compiled, eager, atol=1e-4)
+
+
+def test_second_process_waits_for_the_cache_it_would_build(tmp_path, capfd):
+    """Another process building the same activation cache holds its lock: this process
+    waits (saying so), then reuses what the other built instead of building it again."""
+    import subprocess
+    import sys
+    import time
+
+    spec = {"model": "m", "hook": "h", "n": 4}
+    holder = tmp_path / "holding"
+    script = f"""
+import time, torch
+from pathlib import Path
+from paper_lib.data.harvest import ActivationCache
+from paper_lib.runtime import build_lock
+cache = ActivationCache(Path({str(tmp_path)!r}), {spec!r})
+with build_lock(cache.dir):
+    Path({str(holder)!r}).touch()
+    time.sleep(1.5)
+    cache.save(torch.full((4, 2), 7.0))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not holder.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert holder.exists(), "the other process never took the lock"
+    cache = hv.ActivationCache(tmp_path, spec)
+    x, hit = cache.get_or_build(lambda: pytest.fail("built a second time"))
+    assert proc.wait(timeout=60) == 0
+    assert hit and torch.equal(x, torch.full((4, 2), 7.0))
+    assert "waiting for another process" in capfd.readouterr().err

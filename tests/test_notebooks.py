@@ -105,7 +105,7 @@ def test_run_parallel_reports_each_failure(tmp_path, monkeypatch, capsys):
                 f"print('out of {nb.stem}'); raise SystemExit({3 if nb.stem == '02_b' else 0})")
         return [sys.executable, "-c", code]
 
-    failures = reproduce.run_parallel(nbs, "smoke", 2, command, "test", prepare_first=False)
+    failures = reproduce.run_parallel(nbs, "smoke", 2, command, "test")
     assert sorted(p.name for p in ran.iterdir()) == ["01_a", "02_b", "03_c", "05_explore"]
     assert failures == ["02_b: exit status 3 (output above)"]
     out = capsys.readouterr().out
@@ -170,8 +170,61 @@ def test_run_parallel_interrupt_stops_running_and_queued(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reproduce, "say", say)
     with pytest.raises(KeyboardInterrupt):
-        reproduce.run_parallel(nbs, "smoke", 2, command, "test", prepare_first=False)
+        reproduce.run_parallel(nbs, "smoke", 2, command, "test")
     names = {p.name for p in marks.iterdir()}
     assert {"03_c.started", "03_c.interrupted", "02_b.finished"} <= names
     assert not {"03_c.finished", "01_a.finished"} & names  # stopped, not waited for
     assert "05_explore.started" not in names
+
+
+def _marking_command(marks, wait_for=None, code=0):
+    """A process that marks its start (noting whether the preparation had ended by then),
+    optionally waits up to 30 s for another process's start mark, then exits with `code`."""
+    import sys
+
+    def command(name):
+        wait = (f"deadline = time.time() + 30\n"
+                f"while not (m / '{wait_for}.started').exists():\n"
+                f"    if time.time() > deadline: raise SystemExit(9)\n"
+                f"    time.sleep(0.01)\n") if wait_for else ""
+        return [sys.executable, "-c",
+                f"import pathlib, time\nm = pathlib.Path({str(marks)!r})\n"
+                f"(m / '{name}.started').write_text(str((m / 'prep.ended').exists()))\n"
+                f"{wait}(m / '{name}.ended').touch()\nraise SystemExit({code})\n"]
+    return command
+
+
+def test_run_parallel_starts_late_lm_notebooks_beside_the_preparation(tmp_path, monkeypatch):
+    """The preparation takes a slot; beside it runs only a notebook that needs the LM
+    late (here 02_b: the preparation waits for it to start, so it must start while the
+    preparation runs); the others start only after it ended."""
+    from paper_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    nbs = [tmp_path / f"{s}.ipynb" for s in ("01_a", "02_b", "03_c", "05_explore")]
+    notebook = _marking_command(marks)
+    prep = _marking_command(marks, wait_for="02_b")("prep")
+    failures = reproduce.run_parallel(nbs, "smoke", 2, lambda nb: notebook(nb.stem), "test",
+                                      prepare=prep, beside_prepare=("02_b",))
+    assert failures == []
+    seen = {p.stem: p.read_text() for p in marks.glob("*.started")}
+    assert seen == {"prep": "False", "02_b": "False", "01_a": "True", "03_c": "True",
+                    "05_explore": "True"}
+
+
+def test_run_parallel_failed_preparation_starts_nothing_more(tmp_path, monkeypatch, capsys):
+    from paper_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    nbs = [tmp_path / f"{s}.ipynb" for s in ("01_a", "02_b", "05_explore")]
+    notebook = _marking_command(marks)
+    prep = _marking_command(marks, wait_for="02_b", code=2)("prep")
+    failures = reproduce.run_parallel(nbs, "smoke", 2, lambda nb: notebook(nb.stem), "test",
+                                      prepare=prep, beside_prepare=("02_b",))
+    assert failures == ["--prepare (LM and activations): exit status 2"]
+    assert sorted(p.stem for p in marks.glob("*.started")) == ["02_b", "prep"]
+    assert "not started: 01_a, 05_explore" in capsys.readouterr().out

@@ -155,3 +155,24 @@ def test_lm_training_is_bit_identical_across_threads(tiny_corpus):
         torch.set_num_threads(threads)
     for other in weights[1:]:
         assert all(torch.equal(a, b) for a, b in zip(weights[0], other))
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Files and folders written atomically get the mode a plain write would (mkstemp
+    and mkdtemp alone would leave them private to the owner), also when they replace a
+    private file written before."""
+    from paper_lib.runtime import atomic_dir, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "new.json", "{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+        (tmp_path / "old.json").write_text("")
+        (tmp_path / "old.json").chmod(0o600)
+        atomic_write_text(tmp_path / "old.json", "{}")
+        assert (tmp_path / "old.json").stat().st_mode & 0o777 == 0o640
+        with atomic_dir(tmp_path / "cache") as tmp:
+            (tmp / "a").write_text("x")
+        assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from paper_lib.data import fused as fsd
-from paper_lib.runtime import atomic_dir
+from paper_lib.runtime import atomic_dir, build_lock
 
 MANIFEST = "manifest.json"
 
@@ -210,8 +210,12 @@ class ActivationCache:
         hit = self.load()
         if hit is not None:
             return hit, True
-        x = build()
-        self.save(x)
+        with build_lock(self.dir):
+            hit = self.load()  # built by another process while this one waited?
+            if hit is not None:
+                return hit, True
+            x = build()
+            self.save(x)
         return x, False
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
-from paper_lib.runtime import PROJECT_ROOT, atomic_dir, deterministic_on_cpu
+from paper_lib.runtime import PROJECT_ROOT, atomic_dir, build_lock, deterministic_on_cpu
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -117,18 +117,28 @@ def load_embedded_lm(name: str = "embedded-smoke", device: str | torch.device = 
     corpus = corpus or load_stdlib_corpus(data_dir)
     manifest = _cached(cfg, corpus.sha256, data_dir)
     if manifest is None:
-        model, manifest = train_lm(cfg, corpus, device, progress)
-        with atomic_dir(lm_dir(cfg, data_dir)) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(tmp / "model.safetensors"))
-            manifest["weights_sha256"] = _checksum(tmp / "model.safetensors")
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        with build_lock(lm_dir(cfg, data_dir)):
+            # another process may have trained it while this one waited for the lock
+            manifest = _cached(cfg, corpus.sha256, data_dir)
+            if manifest is None:
+                manifest = _train_and_save(cfg, corpus, device, progress, data_dir)
     model = HookedTransformer(cfg.tl_config(), move_to_device=False)
     state = load_file(str(lm_dir(cfg, data_dir) / "model.safetensors"))
     model.load_state_dict(state)
     model.to(device, print_details=False).eval()
     return model, manifest
+
+
+def _train_and_save(cfg: LMConfig, corpus: Corpus, device: str | torch.device, progress: bool,
+                    data_dir: Path) -> dict[str, Any]:
+    model, manifest = train_lm(cfg, corpus, device, progress)
+    with atomic_dir(lm_dir(cfg, data_dir)) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        manifest["weights_sha256"] = _checksum(tmp / "model.safetensors")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return manifest
 
 
 @torch.no_grad()
