@@ -48,8 +48,8 @@ reproduce: $(STAMP)
 # nbval re-executes the notebooks and rewrites them. Meanwhile the LM and activations the
 # notebooks share are prepared in the background (`reproduce --prepare`, log in
 # build/prepare.log): the unit tests leave most of a core idle. Both with OpenMP's waiting
-# threads asleep: spinning waiters of two processes on 2 cores made the tests 2x slower
-# (404 s instead of ~220 s). nbval then runs one pytest per notebook, JOBS at a time; the
+# threads asleep: with spinning waiters of two processes on 2 cores, a fresh clone's unit
+# tests took 404 s beside the LM (241 s with them asleep). nbval then runs one pytest per notebook, JOBS at a time; the
 # browser test needs the data those runs leave behind, so it comes last.
 test: $(DEV_STAMP)
 	@mkdir -p build

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch
 from paper_lib.kernelspec import PINNED_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def output_root() -> Path:
@@ -206,6 +207,21 @@ def build_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_or_build(path: str | Path, load: Callable[[], T | None],
+                  build: Callable[[], T]) -> tuple[T, bool]:
+    """(value, hit) of the cache entry `path`: `load()` when it finds the entry, else
+    `build()` (which saves it) under `build_lock(path)`, after looking once more: another
+    process may have built it while this one waited for the lock."""
+    value = load()
+    if value is not None:
+        return value, True
+    with build_lock(path):
+        value = load()
+        if value is not None:
+            return value, True
+        return build(), False
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from paper_lib.data import fused as fsd
-from paper_lib.runtime import atomic_dir, build_lock
+from paper_lib.runtime import atomic_dir, load_or_build
 
 MANIFEST = "manifest.json"
 
@@ -207,16 +207,11 @@ class ActivationCache:
 
     def get_or_build(self, build: Callable[[], Tensor]) -> tuple[Tensor, bool]:
         """(activations, hit): the cached tensor if valid, else `build()` saved first."""
-        hit = self.load()
-        if hit is not None:
-            return hit, True
-        with build_lock(self.dir):
-            hit = self.load()  # built by another process while this one waited?
-            if hit is not None:
-                return hit, True
+        def build_and_save() -> Tensor:
             x = build()
             self.save(x)
-        return x, False
+            return x
+        return load_or_build(self.dir, self.load, build_and_save)
 
 
 # --------------------------------------------------------------------------- streaming

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
-from paper_lib.runtime import PROJECT_ROOT, atomic_dir, build_lock, deterministic_on_cpu
+from paper_lib.runtime import PROJECT_ROOT, atomic_dir, deterministic_on_cpu, load_or_build
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -115,13 +115,9 @@ def load_embedded_lm(name: str = "embedded-smoke", device: str | torch.device = 
         raise ValueError(f"unknown embedded LM {name!r}; choose one of {', '.join(EMBEDDED_LMS)}")
     cfg = EMBEDDED_LMS[name]
     corpus = corpus or load_stdlib_corpus(data_dir)
-    manifest = _cached(cfg, corpus.sha256, data_dir)
-    if manifest is None:
-        with build_lock(lm_dir(cfg, data_dir)):
-            # another process may have trained it while this one waited for the lock
-            manifest = _cached(cfg, corpus.sha256, data_dir)
-            if manifest is None:
-                manifest = _train_and_save(cfg, corpus, device, progress, data_dir)
+    manifest, _ = load_or_build(lm_dir(cfg, data_dir),
+                                lambda: _cached(cfg, corpus.sha256, data_dir),
+                                lambda: _train_and_save(cfg, corpus, device, progress, data_dir))
     model = HookedTransformer(cfg.tl_config(), move_to_device=False)
     state = load_file(str(lm_dir(cfg, data_dir) / "model.safetensors"))
     model.load_state_dict(state)
