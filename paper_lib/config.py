@@ -106,6 +106,20 @@ def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> None:
             raise ValueError(f"parameter {name!r} = {value!r} is out of range: must be {allowed}")
 
 
+def check_device(profile: str, device: str) -> Any:
+    """The torch device `device` names, or a ValueError saying why it cannot be had: the
+    gpu and paper profiles refuse a CPU-only machine unless device='cpu' asks for a (slow)
+    CPU run, and a CUDA device must exist. Cheap: no CUDA context is created."""
+    import torch
+
+    from paper_lib.runtime import pick_device
+
+    if profile in ("gpu", "paper") and device == "auto" and not torch.cuda.is_available():
+        raise ValueError(f"profile {profile!r} needs a CUDA GPU and torch sees none; "
+                         "use profile='smoke', or pass device='cpu' to force a (slow) CPU run")
+    return pick_device(device)
+
+
 @dataclass(frozen=True)
 class Params:
     """Base for notebook parameters. Subclasses add fields with `param(...)` and a
@@ -168,6 +182,8 @@ class Params:
             given = {k: v for k, v in given.items() if k in seen or k in cls.names()}
         profile = given.pop("profile", "smoke")
         params = cls.from_profile(profile, **given)
+        # a notebook may run minutes of CPU work before it first asks for its device
+        check_device(params.profile, params.device)
         if isinstance(namespace, dict):
             namespace[_SEEN_KEY] = frozenset(given) | {"profile"}
         return params
@@ -179,18 +195,11 @@ class Params:
         return dataclasses.replace(self, **changes)
 
     def torch_device(self) -> Any:
-        """The torch device for this run; the gpu and paper profiles refuse to run on CPU
-        unless device='cpu' is passed explicitly. On the CPU, deterministic kernels are
-        switched on (reruns are bit-identical; see runtime.deterministic_on_cpu)."""
-        import torch
+        """The torch device for this run (see `check_device`). On the CPU, deterministic
+        kernels are switched on (reruns are bit-identical; see runtime.deterministic_on_cpu)."""
+        from paper_lib.runtime import deterministic_on_cpu
 
-        from paper_lib.runtime import deterministic_on_cpu, pick_device
-
-        if self.profile in ("gpu", "paper") and self.device == "auto" \
-                and not torch.cuda.is_available():
-            raise ValueError(f"profile {self.profile!r} needs a CUDA GPU and torch sees none; "
-                             "use profile='smoke', or pass device='cpu' to force a (slow) CPU run")
-        device = pick_device(self.device)
+        device = check_device(self.profile, self.device)
         deterministic_on_cpu(device)
         return device
 

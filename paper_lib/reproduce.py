@@ -324,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             params[name] = json.loads(value)
         except json.JSONDecodeError:
             params[name] = value
+    if args.profile != "smoke" or "device" in params:  # refuse before any notebook starts
+        from paper_lib.config import check_device
+
+        try:
+            check_device(args.profile, str(params.get("device", "auto")))
+        except ValueError as e:
+            print(f"reproduce: {e}", file=sys.stderr)
+            return 2
     nbs = notebooks(args.only)
     jobs = args.jobs or default_jobs(args.profile, len(nbs))
     update = args.profile == "smoke" and not args.no_update and not args.check_determinism

@@ -51,6 +51,9 @@ def pick_device(device: str = "auto") -> torch.device:
             f"device={device!r} asked for CUDA but torch sees no GPU; "
             "use device='auto' or device='cpu'."
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: torch sees {torch.cuda.device_count()} GPU(s), "
+                         f"numbered from 0; use device='cuda' or 'cuda:0'.")
     return dev
 
 

@@ -80,6 +80,42 @@ def test_gpu_profile_without_cuda_is_refused():
     assert str(AmortParams.from_profile("gpu", device="cpu").torch_device()) == "cpu"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_notebook_parameters_refuse_a_missing_gpu_before_any_work(monkeypatch):
+    """The parameters cell itself refuses profile=gpu without CUDA: notebook 02 would
+    otherwise spend minutes on its CPU-side synthetic sweep before first asking for its
+    device. The driver refuses before starting any notebook."""
+    from paper_lib import reproduce
+
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        AmortParams.from_namespace({"profile": "gpu"})
+    assert AmortParams.from_namespace({"profile": "gpu", "device": "cpu"}).device == "cpu"
+    with pytest.raises(ValueError, match="asked for CUDA but torch sees no GPU"):
+        AmortParams.from_namespace({"profile": "smoke", "device": "cuda"})
+    started = []
+    for name in ("run_parallel", "run_sequential"):
+        monkeypatch.setattr(reproduce, name, lambda *a, **k: started.append(a) or [])
+    assert reproduce.main(["--profile", "gpu", "--only", "02", "--no-update"]) == 2
+    assert reproduce.main(["--profile", "smoke", "-p", "device", "cuda:0", "--only", "02",
+                           "--no-update"]) == 2
+    assert started == []
+    # the check itself lets a valid run through to the runners
+    assert reproduce.main(["--profile", "gpu", "-p", "device", "cpu", "--only", "02",
+                           "--no-update", "--no-scoreboard"]) == 0
+    assert len(started) == 1
+
+
+def test_a_cuda_index_beyond_the_machine_is_refused(monkeypatch):
+    """device='cuda:3' on a one-GPU machine: named at once, not as a CUDA error later."""
+    from paper_lib.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"torch sees 1 GPU\(s\), numbered from 0"):
+        pick_device("cuda:3")
+    assert str(pick_device("cuda:0")) == "cuda:0"
+
+
 def test_lm_preset_is_complete():
     for prof in ("smoke", "gpu", "paper"):
         assert {"model", "dataset", "n_tokens", "batch_size"} <= set(lm_preset(prof))
