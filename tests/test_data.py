@@ -3,6 +3,7 @@ caches, streaming, and the hub path with local stand-ins."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -239,6 +240,33 @@ def test_paper_path_with_local_standins(tmp_path, monkeypatch):
                                 data_files=str(data), stream=True)
     assert streamed.train is None
     assert streamed.batches(64, 0).batch(0).shape == (64, 32)
+
+
+def test_paper_path_offline_says_what_to_do_instead(tmp_path):
+    """Without the internet (and no local copy), GPT-2 and OpenWebText fail with the
+    upstream reason plus the offline alternative, not a bare hub error."""
+    import subprocess
+    import sys
+
+    script = """
+from paper_lib.data.corpus import hf_token_batches
+from paper_lib.data.lm import load_lm
+for what, call in (("DS", lambda: next(hf_token_batches("Skylion007/openwebtext", None, 64, 2))),
+                   ("LM", lambda: load_lm("gpt2"))):
+    try:
+        call()
+    except OSError as e:
+        print(what, str(e).replace(chr(10), " "))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300).stdout.splitlines()
+    assert len(out) == 2, out
+    assert out[0].startswith("DS could not open dataset 'Skylion007/openwebtext'")
+    assert "use dataset='stdlib'" in out[0]
+    assert out[1].startswith("LM could not load model 'gpt2'")
+    assert "use profile='smoke' or 'gpu'" in out[1]
 
 
 def test_compiled_harvest_equals_eager(tiny_lm):

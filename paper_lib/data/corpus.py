@@ -145,7 +145,13 @@ def hf_token_batches(dataset: str, tokenizer: Any, n_ctx: int, batch_size: int,
     LongTensor batches [batch_size, n_ctx], each row starting with BOS."""
     import datasets
 
-    ds = datasets.load_dataset(dataset, split=split, streaming=streaming, data_files=data_files)
+    try:
+        ds = datasets.load_dataset(dataset, split=split, streaming=streaming,
+                                   data_files=data_files)
+    except OSError as e:  # incl. ConnectionError and datasets' not-found errors
+        raise OSError(f"could not open dataset {dataset!r} ({e}). Streaming a hub dataset "
+                      "needs the internet; offline, use dataset='stdlib' (the embedded "
+                      "corpus) or a local text dataset via data_files.") from e
     bos = tokenizer.bos_token_id if bos_id is None else bos_id
     if bos is None:
         raise ValueError("the tokenizer has no BOS token; pass bos_id")

@@ -204,6 +204,11 @@ def load_lm(name: str, device: str | torch.device = "cpu", progress: bool = True
         return load_embedded_lm(name, device, data_dir, progress)
     from transformer_lens import HookedTransformer
 
-    model = HookedTransformer.from_pretrained(name, device=str(device))
+    try:
+        model = HookedTransformer.from_pretrained(name, device=str(device))
+    except OSError as e:  # no network and no local copy: say what to do instead
+        raise OSError(f"could not load model {name!r} from the Hugging Face hub or its local "
+                      f"cache ({e}). The paper profile needs the internet the first time; "
+                      "offline, use profile='smoke' or 'gpu' (the embedded LM).") from e
     model.eval()
     return model, {"config": {"name": name, "n_ctx": model.cfg.n_ctx}, "pretrained": True}
