@@ -328,50 +328,100 @@ def _demo_data(d_in: int, n: int, seed: int) -> Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m paper_lib.train`: train one SAE on synthetic activations (or a saved
-    activation tensor) with checkpoints; rerunning the same command resumes."""
+    """`python -m paper_lib.train`: train one SAE with checkpoints (rerunning the same
+    command resumes) on the activations of an LM at a hook (`--model`: an embedded LM, or
+    any transformer-lens model name with the internet), on a saved activation tensor
+    (`--acts`), or on synthetic sparse data (neither)."""
     import argparse
+    import hashlib
+    import sys
 
-    from paper_lib.runtime import atomic_write_json
-    from paper_lib.sae import SAEConfig, make_sae, save_sae
+    from paper_lib.runtime import atomic_write_json, pick_device
+    from paper_lib.sae import ARCHITECTURES, SAEConfig, make_sae, save_sae
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--arch", default="topk")
-    ap.add_argument("--d-in", type=int, default=32)
+    ap = argparse.ArgumentParser(prog="python -m paper_lib.train", description=main.__doc__)
+    ap.add_argument("--arch", default="topk", choices=ARCHITECTURES)
+    ap.add_argument("--d-in", type=int, default=32, help="synthetic data only")
     ap.add_argument("--d-sae", type=int, default=256)
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--l1-coeff", type=float, default=0.0, help="relu / mlp L1 weight")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--acts", type=Path, help="a .safetensors file with an 'acts' tensor")
-    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--model", help="LM whose activations to train on: embedded-smoke, "
+                    "embedded-gpu, or a transformer-lens name such as gpt2 (internet)")
+    ap.add_argument("--dataset", default="stdlib",
+                    help="with --model: stdlib (embedded corpus) or a Hugging Face dataset")
+    ap.add_argument("--data-files", help="with --model and --dataset text: local text file(s)")
+    ap.add_argument("--hook", default="", help="with --model: hook name (default: "
+                    "blocks.L.hook_resid_pre at the middle layer)")
+    ap.add_argument("--n-tokens", type=int, default=200_000, help="with --model: training tokens")
+    ap.add_argument("--n-eval-tokens", type=int, default=16_384,
+                    help="with --model: held-out tokens (FVU, dead latents, CE)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    ap.add_argument("--checkpoint", type=Path,
+                    help="checkpoint file (default: beside --out, as <out>.ckpt.pt)")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--out", type=Path, required=True, help="final metrics JSON")
     ap.add_argument("--save", type=Path, help="save the trained SAE here (SAELens layout)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the forward pass and loss (worth it on a GPU)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    if args.acts is not None:
-        from safetensors.torch import load_file
+    if args.acts is not None and args.model is not None:
+        ap.error("give --acts or --model, not both")
+    for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    meta: dict[str, object] = {}
+    if args.model is not None:
+        from paper_lib.data.activations import load_activations
 
-        x = load_file(str(args.acts))["acts"].float()
+        acts = load_activations(args.model, args.dataset, args.hook, args.n_tokens,
+                                args.n_eval_tokens, device, args.seed,
+                                progress=not args.quiet, data_files=args.data_files)
+        d_in, data, eval_x = acts.d, acts.batches(args.batch, args.seed), acts.eval[:8192]
+        meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,
+                "input_scale": acts.scale}
     else:
-        x = _demo_data(args.d_in, 8192, args.seed)
-    cfg = SAEConfig(args.arch, x.shape[1], args.d_sae, k=args.k, seed=args.seed)
+        if args.acts is not None:
+            from safetensors.torch import load_file
+
+            x = load_file(str(args.acts))["acts"].float().to(device)
+        else:
+            x = _demo_data(args.d_in, 8192, args.seed).to(device)
+        d_in, data, eval_x = x.shape[1], ShuffledBatches(x, args.batch, args.seed), x[:2048]
+    try:
+        cfg = SAEConfig(args.arch, d_in, args.d_sae, k=args.k, l1_coeff=args.l1_coeff,
+                        seed=args.seed, hook_name=str(meta.get("hook", "")),
+                        model_name=str(meta.get("model", "")))
+    except ValueError as e:
+        ap.error(str(e))
+    ckpt = args.checkpoint or args.out.with_name(args.out.name + ".ckpt.pt")
     tc = TrainConfig(steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                     checkpoint_path=str(args.checkpoint), progress=False,
-                     compile=args.compile)
-    res = train_saes([make_sae(cfg)], ShuffledBatches(x, args.batch, args.seed), tc,
-                     eval_x=x[:2048], init_x=x[:2048])[0]
+                     checkpoint_path=str(ckpt), progress=not args.quiet,
+                     desc=f"train {cfg.short()}", compile=args.compile)
+    res = train_saes([make_sae(cfg).to(device)], data, tc, eval_x=eval_x,
+                     init_x=eval_x[:2048])[0]
+    if args.model is not None:  # the downstream check: CE with the reconstruction spliced in
+        from paper_lib.experiments.common import lm_loss
+
+        ce = lm_loss(acts, res.sae, rows=32)
+        meta.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_recovered=ce.recovered)
     weights = b"".join(v.detach().cpu().numpy().tobytes()
                        for _, v in sorted(res.sae.state_dict().items()))
-    import hashlib
-
-    atomic_write_json(args.out, {"final": res.final,
+    atomic_write_json(args.out, {"final": res.final, **meta,
                                  "weights_sha256": hashlib.sha256(weights).hexdigest()})
     if args.save is not None:
-        save_sae(res.sae, args.save)
+        save_sae(res.sae, args.save, input_scale=float(meta.get("input_scale", 1.0)))
+    print(f"{cfg.short()}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.final.items()
+                                         if isinstance(v, float)), file=sys.stderr)
     return 0
 
 

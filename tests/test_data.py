@@ -211,15 +211,12 @@ def _standin_tokenizer(texts, folder):
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
-def test_paper_path_with_local_standins(tmp_path, monkeypatch):
-    """The hub path end to end with no network: a local text dataset streamed through
-    `datasets`, a locally built HookedTransformer with a real tokenizer standing in for
-    `from_pretrained`, packed rows with BOS, and train/eval activations."""
+def _standin_hub(tmp_path, monkeypatch, lines=400):
+    """A local text file for a hub dataset and a locally built HookedTransformer with a
+    real tokenizer standing in for `from_pretrained`; returns (text file, tokenizer)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from paper_lib.data.activations import load_activations
-
-    texts = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(400)]
+    texts = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(lines)]
     data = tmp_path / "owt.txt"
     data.write_text("\n".join(texts))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -229,6 +226,16 @@ def test_paper_path_with_local_standins(tmp_path, monkeypatch):
     standin = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     monkeypatch.setattr(HookedTransformer, "from_pretrained",
                         classmethod(lambda cls, name, **kw: standin))
+    return data, tok
+
+
+def test_paper_path_with_local_standins(tmp_path, monkeypatch):
+    """The hub path end to end with no network: a local text dataset streamed through
+    `datasets`, a locally built HookedTransformer with a real tokenizer standing in for
+    `from_pretrained`, packed rows with BOS, and train/eval activations."""
+    from paper_lib.data.activations import load_activations
+
+    data, tok = _standin_hub(tmp_path, monkeypatch)
     acts = load_activations("standin-gpt2", "text", "", n_tokens=2000, n_eval_tokens=500,
                             progress=False, data_dir=tmp_path, batch_rows=4,
                             data_files=str(data))
@@ -240,6 +247,36 @@ def test_paper_path_with_local_standins(tmp_path, monkeypatch):
                                 data_files=str(data), stream=True)
     assert streamed.train is None
     assert streamed.batches(64, 0).batch(0).shape == (64, 32)
+
+
+def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
+    """`python -m paper_lib.train --model ...`: activations harvested at the hook, one SAE
+    trained, its downstream CE measured, and a file SAELens-style loaders read back that
+    takes raw activations and records the hook."""
+    from paper_lib.data.activations import load_activations
+    from paper_lib.sae import load_sae
+    from paper_lib.train import main
+
+    data, _ = _standin_hub(tmp_path, monkeypatch, lines=2000)  # 64-row harvest batches
+    out, saved = tmp_path / "run.json", tmp_path / "sae"
+    assert main(["--model", "standin-gpt2", "--dataset", "text", "--data-files", str(data),
+                 "--hook", "blocks.1.hook_resid_pre", "--n-tokens", "2000",
+                 "--n-eval-tokens", "500", "--d-sae", "64", "--k", "4", "--steps", "30",
+                 "--batch", "64", "--out", str(out),
+                 "--save", str(saved), "--quiet"]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["hook"] == "blocks.1.hook_resid_pre" and rec["final"]["l0"] == 4
+    assert rec["ce_clean"] <= rec["ce_spliced"] + 0.5 and math.isfinite(rec["ce_recovered"])
+    assert not out.with_name("run.json.ckpt.pt").exists()  # removed once training finished
+    sae = load_sae(saved).eval()
+    assert sae.cfg.hook_name == "blocks.1.hook_resid_pre" and sae.cfg.model_name == "standin-gpt2"
+    acts = load_activations("standin-gpt2", "text", "blocks.1.hook_resid_pre", n_tokens=2000,
+                            n_eval_tokens=500, progress=False, data_dir=tmp_path,
+                            data_files=str(data))
+    raw = acts.eval / acts.scale  # the saved SAE takes raw activations
+    with torch.no_grad():
+        fvu = float((sae(raw).recon - raw).pow(2).sum() / (raw - raw.mean(0)).pow(2).sum())
+    assert fvu == pytest.approx(rec["final"]["fvu"], rel=1e-4)
 
 
 def test_paper_path_offline_says_what_to_do_instead(tmp_path):
