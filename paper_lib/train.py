@@ -17,7 +17,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -344,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d-in", type=int, default=32, help="synthetic data only")
     ap.add_argument("--d-sae", type=int, default=256)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--l1-coeff", type=float, default=0.0, help="relu / mlp L1 weight")
+    ap.add_argument("--l1-coeff", type=float, default=3.0,
+                    help="relu / mlp L1 weight (for inputs scaled to E||x||^2 = d, as "
+                    "--model's are)")
+    ap.add_argument("--mlp-hidden", type=int, default=0, help="mlp encoder's hidden width "
+                    "(needed with --arch mlp)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -375,10 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    try:
+    try:  # every setting checked before activations are harvested or an LM trained
         device = pick_device(args.device)
+        cfg = SAEConfig(args.arch, 1, args.d_sae, k=args.k, l1_coeff=args.l1_coeff,
+                        mlp_hidden=args.mlp_hidden, seed=args.seed)
     except ValueError as e:
         ap.error(str(e))
+    if args.acts is not None and not args.acts.is_file():
+        ap.error(f"--acts {args.acts}: no such file")
     meta: dict[str, object] = {}
     if args.model is not None:
         from paper_lib.data.activations import load_activations
@@ -393,16 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.acts is not None:
             from safetensors.torch import load_file
 
-            x = load_file(str(args.acts))["acts"].float().to(device)
+            tensors = load_file(str(args.acts))
+            if "acts" not in tensors:
+                ap.error(f"--acts {args.acts}: no tensor named 'acts' (found "
+                         f"{', '.join(tensors) or 'none'})")
+            x = tensors["acts"].float().to(device)
         else:
             x = _demo_data(args.d_in, 8192, args.seed).to(device)
         d_in, data, eval_x = x.shape[1], ShuffledBatches(x, args.batch, args.seed), x[:2048]
-    try:
-        cfg = SAEConfig(args.arch, d_in, args.d_sae, k=args.k, l1_coeff=args.l1_coeff,
-                        seed=args.seed, hook_name=str(meta.get("hook", "")),
-                        model_name=str(meta.get("model", "")))
-    except ValueError as e:
-        ap.error(str(e))
+    cfg = replace(cfg, d_in=d_in, hook_name=str(meta.get("hook", "")),
+                  model_name=str(meta.get("model", "")))
     ckpt = args.checkpoint or args.out.with_name(args.out.name + ".ckpt.pt")
     tc = TrainConfig(steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every,
                      checkpoint_path=str(ckpt), progress=not args.quiet,

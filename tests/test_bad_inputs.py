@@ -3,6 +3,7 @@ and, where there is one, the fix) before any compute, and leaves no half-written
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,32 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
         save_sae(make_sae(SAEConfig("topk", 8, 16, k=2, seed=1)), d)
     assert torch.equal(load_sae(d).W_dec, old.W_dec)
     assert [p.name for p in tmp_path.iterdir()] == ["sae"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "mlp"], "an mlp SAE needs mlp_hidden >= 1"),
+    (["--k", "999"], "k=999 exceeds d_sae=256"),
+    (["--steps", "0"], "--steps 0: must be >= 1"),
+    (["--acts", "missing.safetensors"], "--acts missing.safetensors: no such file"),
+    (["--acts", "{wrong}"], "no tensor named 'acts' \\(found x\\)"),
+    (["--acts", "{wrong}", "--model", "embedded-smoke"], "give --acts or --model, not both"),
+])
+def test_train_command_line_refuses_bad_settings_before_any_work(args, message, tmp_path,
+                                                                  monkeypatch, capsys):
+    """`python -m paper_lib.train`: bad settings end in a usage error naming the problem,
+    before activations are harvested (with --model, an LM might be trained first)."""
+    from safetensors.torch import save_file
+
+    import paper_lib.data.activations as acts_mod
+    from paper_lib.train import main
+
+    save_file({"x": torch.zeros(4, 8)}, str(tmp_path / "wrong.safetensors"))
+    monkeypatch.setattr(acts_mod, "load_activations",
+                        lambda *a, **k: pytest.fail("activations loaded before the check"))
+    argv = [a.replace("{wrong}", str(tmp_path / "wrong.safetensors")) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--model", "embedded-smoke"] * ("--acts" not in args)
+             + ["--out", str(tmp_path / "o.json")])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o.json").exists()
