@@ -78,12 +78,20 @@ class ExplorerData:
         return idx[idx < len(self.acts)]
 
     @staticmethod
-    def load_saes(paths: dict[str, Path], d_in: int) -> dict[str, SAE]:
-        """Load saved SAEs whose d_in matches the activations; others are skipped."""
+    def load_saes(paths: dict[str, Path], d_in: int, hook: str = "",
+                  model: str = "") -> dict[str, SAE]:
+        """Load the saved SAEs made for these activations: same d_in and, where both sides
+        record them, the same hook and model. Others are skipped: an SAE trained at
+        another layer (same width) would encode these activations without complaint."""
         out = {}
         for name, path in paths.items():
-            if read_cfg(path)["d_in"] == d_in:
-                out[name] = load_sae(path, expected_d_in=d_in).eval()
+            raw = read_cfg(path)
+            meta = raw.get("metadata") or {}
+            if raw["d_in"] != d_in or any(want and meta.get(key) and meta[key] != want
+                                          for key, want in (("hook_name", hook),
+                                                            ("model_name", model))):
+                continue
+            out[name] = load_sae(path, expected_d_in=d_in).eval()
         return out
 
     def codes(self, name: str) -> Tensor:

@@ -36,6 +36,20 @@ def data(tiny_lm, tiny_corpus, tmp_path_factory):
     return ExplorerData(acts, tokens, model, token_str, lambda s: list(s.encode()), saes)
 
 
+def test_explorer_loads_only_saes_made_for_these_activations(tmp_path):
+    """Saved SAEs of the same width but another hook or model are left out; one that
+    records neither is taken on trust (its d_in is all there is to check)."""
+    l0, l1 = "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"
+    specs = {"here": (l1, "tiny"), "other_layer": (l0, "tiny"), "other_model": (l1, "gpt2"),
+             "unrecorded": ("", ""), "wider": (l1, "tiny")}
+    for name, (hook, model) in specs.items():
+        d_in = 16 if name == "wider" else 8
+        save_sae(make_sae(SAEConfig("topk", d_in, 32, k=2, hook_name=hook, model_name=model)),
+                 tmp_path / name)
+    got = ExplorerData.load_saes(saved_saes(tmp_path), 8, "blocks.1.hook_resid_pre", "tiny")
+    assert sorted(got) == ["here", "unrecorded"]
+
+
 def test_latent_explorer_updates(data):
     ex = LatentExplorer(data)
     first_html, first_png = ex.contexts.value, ex.histogram.value
