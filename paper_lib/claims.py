@@ -140,6 +140,24 @@ def _paper_text(paper: float | None, kind: str) -> str:
     return {"at_most": "<= ", "at_least": ">= "}.get(kind, "") + f"{paper:g}"
 
 
+# Parameters that do not change what a run measures (display, parallelism, placement).
+BOOKKEEPING_PARAMS = ("progress", "workers", "device")
+CUSTOM_SUFFIX = "-custom"
+
+
+def results_folder(params: Any) -> str:
+    """`<profile>` for a run with the profile's preset parameters, `<profile>-custom` when
+    any other parameter differs from it: an exploratory run (say `-p n_seeds 10`) never
+    overwrites the profile's reference results, figures and scoreboard rows."""
+    try:
+        preset = type(params).from_profile(params.profile).to_dict()
+    except (AttributeError, TypeError, ValueError):
+        return str(params.profile)
+    same = all(v == preset.get(k) for k, v in params.to_dict().items()
+               if k not in BOOKKEEPING_PARAMS)
+    return params.profile if same else params.profile + CUSTOM_SUFFIX
+
+
 class Run:
     """Bookkeeping for one notebook execution."""
 
@@ -153,8 +171,9 @@ class Run:
         self.metrics: dict[str, Any] = {}
         self.volatile_metrics: list[str] = []
         self.figures: list[str] = []
-        self.fig_dir = self.root / "figures" / self.profile
-        self.results_path = self.root / "results" / self.profile / f"{stem}.json"
+        self.folder = results_folder(params)
+        self.fig_dir = self.root / "figures" / self.folder
+        self.results_path = self.root / "results" / self.folder / f"{stem}.json"
 
     def claim(self, *args: Any, **kwargs: Any) -> Claim:
         c = Claim(*args, **kwargs)
@@ -254,6 +273,8 @@ def findings_markdown(stem: str, profile: str = "smoke", root: Path = PROJECT_RO
 def load_results(root: Path = PROJECT_ROOT) -> list[dict[str, Any]]:
     out = []
     for path in sorted((root / "results").glob("*/*.json")):
+        if path.parent.name.endswith(CUSTOM_SUFFIX):  # exploratory runs stay off the board
+            continue
         rec = json.loads(path.read_text())
         if "claims" in rec and "notebook" in rec:
             out.append(rec)

@@ -257,6 +257,17 @@ def run_parallel(nbs: list[Path], profile: str, jobs: int,
     return failures
 
 
+def latest_results(profile: str, stem: str) -> Path:
+    """The results JSON a run of `stem` last wrote: results/<profile>/ for preset
+    parameters, results/<profile>-custom/ for others (claims.results_folder)."""
+    from paper_lib.claims import CUSTOM_SUFFIX
+
+    paths = [PROJECT_ROOT / "results" / folder / f"{stem}.json"
+             for folder in (profile, profile + CUSTOM_SUFFIX)]
+    return max((p for p in paths if p.exists()), key=lambda p: p.stat().st_mtime,
+               default=paths[0])
+
+
 def run_sequential(nbs: list[Path], profile: str, params: dict[str, Any], update: bool,
                    check_determinism: bool) -> list[str]:
     """Run the notebooks one after another in this process; returns failure messages."""
@@ -271,7 +282,7 @@ def run_sequential(nbs: list[Path], profile: str, params: dict[str, Any], update
             secs = run_one(nb, profile, out_dir, params, update)
             status = f"ok in {secs:.1f} s"
             if check_determinism:
-                res = PROJECT_ROOT / "results" / profile / f"{nb.stem}.json"
+                res = latest_results(profile, nb.stem)
                 first = comparable(json.loads(res.read_text()))
                 secs2 = run_one(nb, profile, out_dir, params, False)
                 second = comparable(json.loads(res.read_text()))

@@ -74,6 +74,29 @@ def test_run_writes_results_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["99_test.json"]
 
 
+def test_exploratory_runs_keep_off_the_reference_results(tmp_path):
+    """A run whose parameters differ from its profile's preset writes results and figures
+    to <profile>-custom/ and stays off the scoreboard; display, parallelism and device
+    settings do not make a run custom."""
+    preset = AmortParams.from_profile("smoke")
+    assert claims.results_folder(preset) == "smoke"
+    assert claims.results_folder(preset.replace(progress=False, workers=1, device="cpu")) == "smoke"
+    assert claims.results_folder(preset.replace(n_seeds=7)) == "smoke-custom"
+    assert claims.results_folder(AmortParams.from_profile("gpu", device="cpu")) == "gpu"
+    ref = claims.Run("96_r", preset, root=tmp_path)
+    ref.claim("r.a", "a", 1.0, 1.0, 0.1, "T1")
+    ref.finish()
+    run = claims.Run("96_r", preset.replace(n_seeds=7), root=tmp_path)
+    run.claim("r.a", "a", 1.0, 5.0, 0.1, "T1")
+    run.finish()
+    assert run.fig_dir == tmp_path / "figures" / "smoke-custom"
+    kept = json.loads((tmp_path / "results" / "smoke" / "96_r.json").read_text())
+    assert kept["claims"][0]["verdict"] == "reproduced"
+    assert json.loads((tmp_path / "results" / "smoke-custom" / "96_r.json").read_text()
+                      )["params"]["n_seeds"] == 7
+    assert [r["params"]["n_seeds"] for r in claims.load_results(tmp_path)] == [preset.n_seeds]
+
+
 def test_readme_scoreboard_is_current():
     """The README embeds the scoreboard of the committed results (run `make scoreboard`)."""
     readme = (PROJECT_ROOT / "README.md").read_text()

@@ -228,3 +228,22 @@ def test_run_parallel_failed_preparation_starts_nothing_more(tmp_path, monkeypat
     assert failures == ["--prepare (LM and activations): exit status 2"]
     assert sorted(p.stem for p in marks.glob("*.started")) == ["02_b", "prep"]
     assert "not started: 01_a, 05_explore" in capsys.readouterr().out
+
+
+def test_determinism_check_reads_the_file_the_run_just_wrote(tmp_path, monkeypatch):
+    """With custom parameters a run writes results/<profile>-custom/: the determinism
+    check must compare that file, not the untouched reference one."""
+    import os
+
+    from paper_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    ref, custom = (tmp_path / "results" / f / "02_x.json" for f in ("smoke", "smoke-custom"))
+    assert reproduce.latest_results("smoke", "02_x") == ref  # nothing yet: the reference
+    for i, p in enumerate((ref, custom)):
+        p.parent.mkdir(parents=True)
+        p.write_text("{}")
+        os.utime(p, (1000 + i, 1000 + i))
+    assert reproduce.latest_results("smoke", "02_x") == custom
+    os.utime(ref, (2000, 2000))
+    assert reproduce.latest_results("smoke", "02_x") == ref
