@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.acts is not None and args.model is not None:
         ap.error("give --acts or --model, not both")
+    if args.data_files and (args.model is None or args.dataset == "stdlib"):
+        ap.error("--data-files needs --model and a --dataset loader such as text")
     for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")

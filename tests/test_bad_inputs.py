@@ -186,6 +186,7 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
     (["--acts", "missing.safetensors"], "--acts missing.safetensors: no such file"),
     (["--acts", "{wrong}"], "no tensor named 'acts' \\(found x\\)"),
     (["--acts", "{wrong}", "--model", "embedded-smoke"], "give --acts or --model, not both"),
+    (["--data-files", "x.txt"], "--data-files needs --model and a --dataset loader"),
 ])
 def test_train_command_line_refuses_bad_settings_before_any_work(args, message, tmp_path,
                                                                   monkeypatch, capsys):
