@@ -37,6 +37,19 @@ def saved_saes(root: Path = PROJECT_ROOT / "data" / "saes") -> dict[str, Path]:
     return {str(p.parent.relative_to(root)): p.parent for p in sorted(root.rglob("cfg.json"))}
 
 
+def profile_saes(root: Path, profile: str) -> dict[str, Path]:
+    """The SAEs the notebooks saved for `profile`: those of its reference runs (under
+    root/<profile>) and, prefixed "custom/", those of runs with other parameters (under
+    root/<profile>-custom, where such runs save so as not to replace the reference ones)."""
+    from paper_lib.claims import CUSTOM_SUFFIX
+
+    def found(folder: Path) -> dict[str, Path]:
+        return saved_saes(folder) if folder.is_dir() else {}
+
+    custom = found(root / (profile + CUSTOM_SUFFIX))
+    return {**found(root / profile), **{f"custom/{k}": v for k, v in custom.items()}}
+
+
 @dataclass
 class ExplorerData:
     """What the explorers read: raw held-out activations, their token rows, the LM, SAEs."""

@@ -50,6 +50,20 @@ def test_explorer_loads_only_saes_made_for_these_activations(tmp_path):
     assert sorted(got) == ["here", "unrecorded"]
 
 
+def test_explorer_lists_reference_and_custom_run_saes(tmp_path):
+    """Notebooks run with non-preset parameters save under <profile>-custom/, so they do
+    not replace the reference SAEs; the explorer offers both, the custom ones marked."""
+    from paper_lib.widgets import profile_saes
+
+    assert profile_saes(tmp_path, "smoke") == {}
+    for folder in ("smoke/03_topk_scaling/topk", "smoke-custom/03_topk_scaling/topk",
+                   "gpu/01_afa_bound/relu"):
+        save_sae(make_sae(SAEConfig("topk", 8, 32, k=2)), tmp_path / folder)
+    got = profile_saes(tmp_path, "smoke")
+    assert got == {"03_topk_scaling/topk": tmp_path / "smoke/03_topk_scaling/topk",
+                   "custom/03_topk_scaling/topk": tmp_path / "smoke-custom/03_topk_scaling/topk"}
+
+
 def test_latent_explorer_updates(data):
     ex = LatentExplorer(data)
     first_html, first_png = ex.contexts.value, ex.histogram.value
