@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed-$(HASH)
 DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
 
 .PHONY: venv reproduce test unit nbval browser-deps browser-test lab lint bench scoreboard \
-	determinism clean
+	determinism device-wheels clean
 
 venv: $(DEV_STAMP)
 
@@ -90,6 +90,10 @@ lint: $(DEV_STAMP)
 
 bench: $(STAMP)
 	$(PY) -m paper_lib.bench
+
+# Wheels the GPU machine's image lacks, for .ci/gpu_session.sh (see README, GPU runs).
+device-wheels: $(STAMP)
+	$(PY) .ci/device_wheels.py
 
 scoreboard: $(STAMP)
 	$(PY) -m paper_lib.claims --update-readme

@@ -1,0 +1,64 @@
+"""The GPU-machine kit in .ci/: which wheels travel, and the session script's refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wheels_module():
+    spec = importlib.util.spec_from_file_location("device_wheels", ROOT / ".ci/device_wheels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _meta(name: str, version: str, *requires: str) -> dict:
+    return {"name": name, "version": version, "requires_dist": list(requires)}
+
+
+def test_walk_stops_at_the_image_and_follows_python_312_markers():
+    dw = _wheels_module()
+    meta = {dw.norm(m["name"]): m for m in [
+        _meta("transformer-lens", "3.9.0", "torch>=2.6", "fancy-einsum>=0.0.3",
+              "wandb>=0.13", "exceptiongroup>=1; python_version < '3.12'",
+              "typeguard<5; python_version >= '3.12'"),
+        _meta("fancy_einsum", "0.0.3"), _meta("exceptiongroup", "1.3"),
+        _meta("typeguard", "4.6.0", "typing_extensions>=4", "importlib-metadata; "
+              "python_version < '3.10'"),
+        _meta("papermill", "2.7.0", "nbclient>=0.2", "black; extra == 'black'"),
+        _meta("nbclient", "0.11.0", "Jupyter-Client>=6"),
+        _meta("jupyter_client", "8.10.0"),
+    ]}
+    got = dw.needed(meta, ["transformer-lens<4", "papermill"])
+    # torch and typing-extensions are in the image; wandb is skipped; exceptiongroup's marker
+    # is false on 3.12; black only with the extra; names compare normalised.
+    assert got == [("fancy_einsum", "0.0.3"), ("jupyter_client", "8.10.0"),
+                   ("nbclient", "0.11.0"), ("papermill", "2.7.0"),
+                   ("transformer-lens", "3.9.0"), ("typeguard", "4.6.0")]
+
+
+def test_walk_follows_requested_extras():
+    dw = _wheels_module()
+    meta = {dw.norm(m["name"]): m for m in [
+        _meta("papermill", "2.7.0", "black; extra == 'black'"), _meta("black", "25.1")]}
+    assert dw.needed(meta, ["papermill[black]"]) == [("black", "25.1"), ("papermill", "2.7.0")]
+
+
+def _session(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(cwd / "out")}
+    return subprocess.run([str(ROOT / ".ci/gpu_session.sh"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_session_refuses_unknown_stage_and_missing_wheels(tmp_path):
+    bad = _session("start", "env", "bench", "nonsense", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown stage 'nonsense'" in bad.stdout
+    none = _session("start", "env", cwd=tmp_path)  # no .whl/ in this folder
+    assert none.returncode == 2 and "make device-wheels" in none.stdout
+    usage = _session(cwd=tmp_path)
+    assert usage.returncode == 2 and "gpu_session.sh start" in usage.stdout
