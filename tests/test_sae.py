@@ -164,18 +164,26 @@ def test_input_scale_folded_into_saved_weights(tmp_path):
     assert torch.allclose(raw_sae(x_raw).recon, expected, atol=1e-5)
 
 
-def test_saelens_loads_our_topk(tmp_path):
-    """SAELens reads our TopK file and encodes/decodes like we do."""
+@pytest.mark.parametrize("arch", ["topk", "relu", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_saelens_loads_our_files(tmp_path, arch, scale):
+    """SAELens reads our TopK, ReLU ("standard") and BatchTopK/Matryoshka ("jumprelu": their
+    inference form) files and encodes/decodes raw activations like we do on scaled ones."""
     sae_lens = pytest.importorskip("sae_lens")
-    sae = make_sae(cfg_for("topk")).eval()
+    sae = make_sae(cfg_for(arch)).eval()
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
-    save_sae(sae, tmp_path / "s")
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(0.05)
+    save_sae(sae, tmp_path / "s", input_scale=scale)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"))
-    x = torch.randn(12, 8)
-    assert torch.allclose(theirs.encode(x), sae.encode(x), atol=1e-5)
-    assert torch.allclose(theirs(x), sae(x).recon, atol=1e-5)
+    raw = torch.randn(12, 8)
+    with torch.no_grad():
+        codes = sae.encode(raw * scale)
+        assert (codes > 0).any() and (codes == 0).any()  # both sides of the activation
+        assert torch.allclose(theirs.encode(raw), codes, atol=1e-5)
+        assert torch.allclose(theirs(raw), sae(raw * scale).recon / scale, atol=1e-5)
 
 
 def test_load_errors(tmp_path):
