@@ -11,7 +11,8 @@
 # in the background, in their own process session so they outlive the call. Each call
 # then waits up to WAIT_S seconds (default 540) and copies what is done into $OUT:
 # status.tsv (stage, exit code, seconds), logs.tgz, results.tgz (results/gpu,
-# figures/gpu, results/bench of the runner's copy). The machine goes back after 30 s
+# figures/gpu, results/bench and the executed notebooks in build/gpu of the runner's copy;
+# the executed notebooks are committed as results/gpu/<notebook>.ipynb). The machine goes back after 30 s
 # without a call, and the stages with it, so issue `wait` calls back to back; after a
 # loss, `start` again with the stages not yet done.
 #
@@ -24,7 +25,7 @@
 #   NN       notebook NN at the gpu profile (reproduce --profile gpu --only NN)
 set -uo pipefail
 
-WORK=/tmp/gpu
+WORK=${GPU_WORK:-/tmp/gpu}
 REPO=$WORK/repo
 WAIT_S=${WAIT_S:-540}
 PROFILE=${PROFILE:-gpu}  # smoke: try this script on a CPU machine
@@ -73,13 +74,18 @@ collect() {
     cp "$WORK/status.tsv" "$OUT/" 2>/dev/null
     tar -czf "$OUT/logs.tgz" -C "$WORK" logs 2>/dev/null
     (cd "$REPO" && tar -czf "$OUT/results.tgz" --ignore-failed-read \
-        "results/$PROFILE" "figures/$PROFILE" results/bench 2>/dev/null)
+        "results/$PROFILE" "figures/$PROFILE" results/bench "build/$PROFILE" 2>/dev/null)
     echo "--- status (stage, exit code, seconds)"; cat "$WORK/status.tsv" 2>/dev/null
     [ -e "$WORK/done" ] && echo "--- all stages ended" || echo "--- still running: call wait"
     for f in "$WORK"/logs/*.log; do echo "--- tail of $f"; tail -n 15 "$f"; done
 }
 
 wait_runner() {
+    if [ ! -e "$WORK/pid" ]; then
+        echo "no runner on this machine (a fresh one: the last went back?): start again" \
+             "with the stages not yet done"
+        return 2
+    fi
     local t0=$SECONDS
     while [ ! -e "$WORK/done" ] && [ $((SECONDS - t0)) -lt "$WAIT_S" ]; do sleep 5; done
     collect

@@ -49,8 +49,8 @@ def test_walk_follows_requested_extras():
     assert dw.needed(meta, ["papermill[black]"]) == [("black", "25.1"), ("papermill", "2.7.0")]
 
 
-def _session(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(cwd / "out")}
+def _session(*args: str, cwd: Path, work: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(cwd / "out"), "GPU_WORK": str(work or cwd / "work")}
     return subprocess.run([str(ROOT / ".ci/gpu_session.sh"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -60,5 +60,7 @@ def test_session_refuses_unknown_stage_and_missing_wheels(tmp_path):
     assert bad.returncode == 2 and "unknown stage 'nonsense'" in bad.stdout
     none = _session("start", "env", cwd=tmp_path)  # no .whl/ in this folder
     assert none.returncode == 2 and "make device-wheels" in none.stdout
+    lost = _session("wait", cwd=tmp_path, work=tmp_path / "none")
+    assert lost.returncode == 2 and "start again" in lost.stdout
     usage = _session(cwd=tmp_path)
     assert usage.returncode == 2 and "gpu_session.sh start" in usage.stdout
