@@ -45,6 +45,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _annotation(tp: Any) -> str:
+    """A plain annotation for the parameters cell (Papermill parses bare names only)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return type(typing.get_args(tp)[0]).__name__
+    if origin in (typing.Union, types.UnionType):
+        return _annotation(next(a for a in typing.get_args(tp) if a is not type(None)))
+    if origin is tuple:
+        return "list"
+    return tp.__name__
+
+
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Return `value` converted to `tp`, or raise a ValueError that says what is allowed."""
     origin = typing.get_origin(tp)
@@ -187,6 +199,20 @@ class Params:
         if isinstance(namespace, dict):
             namespace[_SEEN_KEY] = frozenset(given) | {"profile"}
         return params
+
+    @classmethod
+    def parameters_cell(cls) -> str:
+        """Source of the notebook's `parameters` cell: every field, annotated and with its
+        help, so Papermill knows them all (`papermill --help-notebook` lists them; none
+        reads as "unknown parameter"). None keeps the profile's preset."""
+        hints = typing.get_type_hints(cls)
+        lines = ["# Parameters: Papermill overrides land just below this cell. None keeps the",
+                 "# profile's preset (the next cell prints the values this run uses)."]
+        for f in fields(cls):
+            value = repr(f.default) if f.name == "profile" else "None"
+            lines.append(f"{f.name}: {_annotation(hints[f.name])} = {value}  "
+                         f"# {f.metadata['help']}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -354,7 +380,7 @@ class TopKParams(LMParams):
                              "(Gao et al.: 10M)", lo=1)
     multi_k: int = param(8, "k of the multi-TopK comparison (one of k_values)", lo=1)
     steps: int = param(250, "SAE training steps (all SAEs in lockstep)", lo=1)
-    lr: float = param(4e-3, "Adam lr at n = lr_ref_n (scaled by sqrt(lr_ref_n / n))", lo=0,
+    lr: float = param(4e-3, "Adam lr at n of lr_ref_n (other n: times sqrt(lr_ref_n / n))", lo=0,
                       lo_open=True)
     lr_ref_n: int = param(512, "reference n of the lr ~ 1/sqrt(n) rule", lo=1)
     eval_every: int = param(25, "steps between evaluations (dead-latent curves)", lo=1)

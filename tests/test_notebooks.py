@@ -32,6 +32,38 @@ def test_notebook_shape(path):
         assert "Warning" not in text and "%|" not in text, "warnings/progress in a checked cell"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_lists_every_parameter(path):
+    """The parameters cell is its dataclass's `parameters_cell()`, and Papermill's own
+    parser finds every field with its type and help: `papermill --help-notebook` documents
+    them all, and no valid parameter is reported as unknown."""
+    import re
+
+    import papermill
+
+    import paper_lib.config as config
+
+    raw = path.read_text()
+    cls = getattr(config, re.search(r"(\w+Params)\.from_namespace", raw).group(1))
+    cell = next(c for c in json.loads(raw)["cells"]
+                if "parameters" in c["metadata"].get("tags", []))
+    assert "".join(cell["source"]) == cls.parameters_cell(), \
+        f"stale parameters cell: replace it with {cls.__name__}.parameters_cell()"
+    found = papermill.inspect_notebook(str(path))
+    assert list(found) == cls.names()
+    assert found["profile"]["default"] == "'smoke'" and found["seed"]["inferred_type_name"] == "int"
+    assert all(found[n]["help"] and found[n]["default"] == "None" for n in cls.names()[1:])
+
+
+def test_parameters_cell_annotations_are_plain_names():
+    from paper_lib.config import AmortParams
+
+    cell = AmortParams.parameters_cell()
+    assert "profile: str = 'smoke'  # named preset" in cell  # a Literal reads as its type
+    assert "mlp_widths: list = None  # hidden widths" in cell  # tuple[int, ...] -> list
+    assert "lm_gap: bool = None" in cell
+
+
 def test_only_selects_by_prefix():
     assert [p.stem for p in notebooks(["02"])] == ["02_amortisation_gap"]
     with pytest.raises(SystemExit, match="no such notebook"):
