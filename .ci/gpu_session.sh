@@ -12,9 +12,9 @@
 # then waits up to WAIT_S seconds (default 540) and copies what is done into $OUT:
 # status.tsv (stage, exit code, seconds), logs.tgz, results.tgz (results/gpu,
 # figures/gpu, results/bench and the executed notebooks in build/gpu of the runner's copy;
-# the executed notebooks are committed as results/gpu/<notebook>.ipynb). The machine goes back after 30 s
-# without a call, and the stages with it, so issue `wait` calls back to back; after a
-# loss, `start` again with the stages not yet done.
+# the executed notebooks are committed as results/gpu/<notebook>.ipynb). The machine
+# goes back after 30 s without a call, and the stages with it, so issue `wait` calls back
+# to back; after a loss, `start` again with the stages not yet done.
 #
 # Stages (default: all, in this order; a failing stage is recorded and the rest go on,
 # except env, which stops the session):
@@ -47,10 +47,12 @@ for m in (\"transformer_lens\", \"datasets\", \"papermill\", \"nbclient\", \"ipy
 print(\"torch\", torch.__version__, torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA\")
 import paper_lib.reproduce, paper_lib.bench" && python3 -m paper_lib.kernelspec' ;;
-        tests) echo 'python3 -m pytest -q -rs tests/test_kernels.py tests/test_fused.py tests/test_bench_gpu.py' ;;
+        tests) echo 'python3 -m pytest -q -rs tests/test_kernels.py tests/test_fused.py' \
+                    'tests/test_bench_gpu.py' ;;
         bench) echo 'python3 -m paper_lib.bench' ;;
         prepare) echo 'python3 -m paper_lib.reproduce --profile $PROFILE --prepare' ;;
-        [0-9][0-9]) echo "python3 -m paper_lib.reproduce --profile $PROFILE --only $1 --no-scoreboard" ;;
+        [0-9][0-9]) echo "python3 -m paper_lib.reproduce --profile $PROFILE --only $1" \
+                         "--no-scoreboard" ;;
         *) return 1 ;;
     esac
 }
@@ -98,7 +100,8 @@ case ${1:-} in
         for s in $stages; do
             stage_cmd "$s" > /dev/null || { echo "unknown stage '$s' (see the header)"; exit 2; }
         done
-        ls .whl/*.whl > /dev/null 2>&1 || { echo "no .whl/: run make device-wheels here and carry .whl"; exit 2; }
+        ls .whl/*.whl > /dev/null 2>&1 \
+            || { echo "no .whl/: run make device-wheels here and carry .whl"; exit 2; }
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl || exit 1
         if [ -e "$WORK/pid" ] && kill -0 "$(cat "$WORK/pid")" 2>/dev/null; then
@@ -108,11 +111,12 @@ case ${1:-} in
         mkdir -p "$WORK/logs" "$REPO"
         # the tree as sent, data/ caches of an earlier start on this machine kept
         tar -cf - --exclude=./.whl --exclude=./data . | tar -xf - -C "$REPO"
-        setsid nohup "$REPO/.ci/gpu_session.sh" run-stages $stages > "$WORK/runner.log" 2>&1 < /dev/null &
+        setsid nohup "$REPO/.ci/gpu_session.sh" run-stages $stages \
+            > "$WORK/runner.log" 2>&1 < /dev/null &
         echo $! > "$WORK/pid"
         echo "started: $stages"
         wait_runner ;;
     wait) wait_runner ;;
     run-stages) shift; run_stages "$@" ;;
-    *) sed -n 2,28p "$0"; exit 2 ;;
+    *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;  # the header above
 esac

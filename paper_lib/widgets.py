@@ -43,11 +43,8 @@ def profile_saes(root: Path, profile: str) -> dict[str, Path]:
     root/<profile>-custom, where such runs save so as not to replace the reference ones)."""
     from paper_lib.claims import CUSTOM_SUFFIX
 
-    def found(folder: Path) -> dict[str, Path]:
-        return saved_saes(folder) if folder.is_dir() else {}
-
-    custom = found(root / (profile + CUSTOM_SUFFIX))
-    return {**found(root / profile), **{f"custom/{k}": v for k, v in custom.items()}}
+    custom = saved_saes(root / (profile + CUSTOM_SUFFIX))  # a missing folder finds none
+    return {**saved_saes(root / profile), **{f"custom/{k}": v for k, v in custom.items()}}
 
 
 @dataclass
