@@ -339,7 +339,13 @@ class AFAParams(LMParams):
     d_sae: int = param(512, "latents per SAE", lo=2)
     k: int = param(16, "TopK / BatchTopK / Matryoshka active latents", lo=1)
     l1_coeff: float = param(3.0, "ReLU SAE L1 weight (normalised activations)", lo=0)
-    afa_lambda: float = param(1 / 32, "top-AFA norm-matching loss weight", lo=0)
+    afa_lambda: float = param(1 / 32, "top-AFA norm-matching loss weight (the authors' "
+                              "convention: against a per-element MSE)", lo=0)
+    afa_lambdas: tuple[float, ...] = param((1 / 128, 1 / 64, 1 / 32, 1 / 24, 1 / 16),
+                                           "top-AFA loss weights of the L0-FVU sweep (the "
+                                           "authors' grid)", lo=0, lo_open=True)
+    topk_ks: tuple[int, ...] = param((16, 32, 64, 128, 256), "k of the TopK frontier that "
+                                     "top-AFA is compared with", lo=1)
     steps: int = param(400, "SAE training steps", lo=1)
     lr: float = param(4e-3, "SAE Adam learning rate", lo=0, lo_open=True)
     ce_rows: int = param(32, "held-out token rows for CE loss recovered", lo=1)
@@ -348,16 +354,22 @@ class AFAParams(LMParams):
         "smoke": {},
         "gpu": {**_LM_GPU, "n_atoms": 512, "atom_dim": 256, "eps_values": (0.1, 0.15, 0.2),
                 "h_values": (2, 4, 8, 16, 32), "n_samples": 100_000, "d_sae": 8192, "k": 32,
+                "topk_ks": (32, 64, 128, 256, 512, 1024, 2048),
                 "l1_coeff": 3.0, "steps": 4000, "lr": 1e-3, "ce_rows": 256},
         "paper": {**_LM_PAPER, "n_atoms": 512, "atom_dim": 256, "eps_values": (0.1, 0.15, 0.2),
                   "h_values": (2, 4, 8, 16, 32), "n_samples": 100_000, "layers": (6, 7, 8),
-                  "d_sae": 12288, "k": 32, "steps": 20_000, "lr": 3e-4, "ce_rows": 256},
+                  "d_sae": 12288, "k": 32, "topk_ks": tuple(2 ** i for i in range(5, 14)),
+                  "steps": 20_000, "lr": 3e-4, "ce_rows": 256},
     }
 
     def validate(self) -> None:
         super().validate()
         if self.k > self.d_sae:
             raise ValueError(f"parameter 'k' = {self.k} exceeds 'd_sae' = {self.d_sae}")
+        if len(set(self.topk_ks)) < 2 or max(self.topk_ks) > self.d_sae:
+            raise ValueError(f"'topk_ks' = {list(self.topk_ks)} must hold at least two "
+                             f"distinct k, none above 'd_sae' = {self.d_sae}: the TopK "
+                             "frontier interpolates between them")
         if self.atom_dim >= self.n_atoms:
             raise ValueError(f"'atom_dim' = {self.atom_dim} must be < 'n_atoms' = "
                              f"{self.n_atoms}: superposition needs more atoms than dimensions")

@@ -87,6 +87,13 @@ CASES = [
      ValueError, r"'steps' = 'many' \(str\) is invalid: expected int"),
     ("negative learning rate", lambda t: lambda: AFAParams.from_profile("smoke", lr=-0.1),
      ValueError, r"'lr' = -0.1 is out of range: must be > 0"),
+    ("TopK frontier k above the dictionary",
+     lambda t: lambda: AFAParams.from_profile("smoke", topk_ks=[16, 1024]),
+     ValueError, r"'topk_ks' = \[16, 1024\] must hold at least two distinct k, none above "
+                 r"'d_sae' = 512"),
+    ("top-AFA sweep lambda of 0", lambda t: lambda: AFAParams.from_profile("smoke",
+                                                                          afa_lambdas=[0.0]),
+     ValueError, r"'afa_lambdas' = \(0.0,\) is out of range: must be > 0"),
     ("unknown profile", lambda t: lambda: AFAParams.from_profile("cluster"),
      ValueError, r"'profile' = 'cluster' is invalid"),
     ("granularity not a power of two",

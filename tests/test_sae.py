@@ -114,6 +114,23 @@ def test_topafa_picks_k_by_norm_hand_case():
     assert not sae.b_enc.requires_grad
 
 
+def test_topafa_norm_loss_hand_case():
+    """The authors' norm term, weighted against a per-element MSE: lambda * d * (||f|| - ||x||)^2
+    with x the (standardised) input, not x - b_dec. d = 4, W_enc = 0.75 I, W_dec = I,
+    b_dec = (1, 0, 0, 0), x = (4, 0, 0, 0): x_c = (3, 0, 0, 0), one active code 2.25, so the
+    term is (1/32) * 4 * (4 - 2.25)^2 = 0.3828125 (it would be 0.0703125 against ||x_c||)."""
+    sae = make_sae(SAEConfig("topafa", 4, 4, standardize_input=False, afa_lambda=1 / 32,
+                             auxk=False))
+    with torch.no_grad():
+        sae.W_enc.copy_(0.75 * torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4))
+        sae.b_dec.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    sae.eval()
+    out = sae(torch.tensor([[4.0, 0.0, 0.0, 0.0]]))
+    assert out.codes.tolist() == [[2.25, 0.0, 0.0, 0.0]]
+    assert sae.extra_loss(out, None)["afa"].item() == pytest.approx(0.3828125)
+
+
 def test_mlp_encoder_has_hidden_layer():
     sae = make_sae(cfg_for("mlp"))
     assert sae.W_1.shape == (8, 16) and sae.W_enc.shape == (16, 32)

@@ -1,5 +1,7 @@
 """Synthetic ground truth: exact sparsity, determinism, requested coherence, the AFA bound."""
 
+import math
+
 import pytest
 import torch
 
@@ -57,3 +59,15 @@ def test_afa_bound_holds_for_every_sample():
         bound = metrics.afa_norm_bound(z, torch.full((2000,), h), syn.coherence(w))
         f2 = f.double().pow(2).sum(1)
         assert bool(((bound.lower <= f2 * (1 + 1e-9)) & (f2 <= bound.upper * (1 + 1e-9))).all())
+
+
+def test_frontier_fvu_hand_case():
+    """TopK frontier points (16, 0.1) and (64, 0.025) lie on FVU = 1.6 / L0 (slope -1 in
+    log-log), so at L0 = 32 it reads 0.05; at an end point its own FVU; outside, NaN."""
+    from paper_lib.experiments.afa import frontier_fvu
+
+    l0, fvu = [64, 16], [0.025, 0.1]  # unsorted on purpose
+    assert frontier_fvu(l0, fvu, 32) == pytest.approx(0.05)
+    assert frontier_fvu(l0, fvu, 16) == pytest.approx(0.1)
+    assert math.isnan(frontier_fvu(l0, fvu, 8)) and math.isnan(frontier_fvu(l0, fvu, 65))
+    assert math.isnan(frontier_fvu([16], [0.1], 16))

@@ -3,11 +3,14 @@ Autoencoders by Approximating Quasi-Orthogonality" (arXiv 2503.24277).
 
 - `bound_check`: the norm bound (Thm 3.1) on synthetic eps-quasi-orthogonal dictionaries;
 - `zf_data`: per-sample ||z|| (input after b_dec centring), ||f~|| (decoder-scaled codes),
-  their ratio, eps-LBO and L0 for a trained SAE: the raw material of a ZF plot.
+  their ratio, eps-LBO and L0 for a trained SAE: the raw material of a ZF plot;
+- `sweep_configs`, `frontier_fvu`: top-AFA over its lambda against a TopK frontier over k,
+  both on standardised rows (the paper's L0-L2 comparison).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -81,3 +84,26 @@ def family_configs(d_in: int, d_sae: int, k: int, l1_coeff: float, afa_lambda: f
         "matryoshka": SAEConfig("matryoshka", k=k, **common),
         "topafa": SAEConfig("topafa", afa_lambda=afa_lambda, standardize_input=True, **common),
     }
+
+
+def sweep_configs(d_in: int, d_sae: int, lambdas: Sequence[float], ks: Sequence[int], hook: str,
+                  model: str, seed: int) -> dict[str, SAEConfig]:
+    """top-AFA at each lambda and TopK at each k, all on standardised rows as in the authors'
+    runs (same n and seed): the points and the frontier of an L0-FVU plot."""
+    common = dict(d_in=d_in, d_sae=d_sae, standardize_input=True, hook_name=hook,
+                  model_name=model, seed=seed)
+    cfgs = {f"topafa lambda={lam:.4g}": SAEConfig("topafa", afa_lambda=lam, **common)
+            for lam in lambdas}
+    cfgs.update({f"topk k={k}": SAEConfig("topk", k=k, **common) for k in ks})
+    return cfgs
+
+
+def frontier_fvu(l0: Sequence[float], fvu: Sequence[float], at: float) -> float:
+    """FVU of the TopK frontier (points (L0, FVU), e.g. one per k) at L0 = `at`: linear in
+    log L0 and log FVU between the two neighbouring points. NaN outside the points' L0 range:
+    a frontier is not extrapolated."""
+    pts = sorted(zip(l0, fvu))
+    xs, ys = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    if len(pts) < 2 or not xs[0] <= np.log(at) <= xs[-1]:
+        return float("nan")
+    return float(np.exp(np.interp(np.log(at), xs, ys)))

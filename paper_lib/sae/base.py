@@ -52,7 +52,8 @@ class SAEConfig:
     group_fractions: tuple[float, ...] = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
     """Matryoshka: nested group sizes as fractions of d_sae, summing to 1."""
     afa_lambda: float = 1 / 32
-    """top-AFA: weight of the norm-matching loss mean((||f|| - ||x_c||)^2)."""
+    """top-AFA: weight of the norm-matching loss mean((||f|| - ||x||)^2) against a
+    per-element MSE, as in the authors' code (see paper_lib.sae.topafa)."""
     mlp_hidden: int = 0
     """MLP encoder: hidden width (O'Neill et al.)."""
     standardize_input: bool = False

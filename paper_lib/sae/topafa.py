@@ -3,8 +3,14 @@
 Input rows are standardised; x_c = x - b_dec; a = ReLU(x_c W_enc) with no encoder bias.
 Per sample, sort (a_i ||W_dec,i||)^2 in descending order and keep the k* latents whose
 cumulative norm sqrt(sum_{j<=k} a_(j)^2) is closest to the approximate feature activation
-AFA = ||x_c||: k is chosen per input from the norm bound, not fixed. Loss:
-||x - x_hat||^2 + lambda * mean((||f|| - ||x_c||)^2) + AuxK.
+AFA = ||x_c||: k is chosen per input from the norm bound, not fixed.
+
+Loss, as in the authors' released training code (github.com/SewoongLee/top-afa-sae,
+training/sae.py), which produced the paper's runs: per-element MSE + lambda * mean over rows of
+(||f|| - ||x||)^2 + AuxK, with x the standardised input (not centred by b_dec) and f the
+selected codes. Our reconstruction term sums over the d input dimensions instead of
+averaging, so the norm term is weighted lambda * d here: lambda means what it means there
+(their sweep: 1/128 ... 1/16, where a larger lambda makes top-AFA keep more latents).
 """
 
 from __future__ import annotations
@@ -43,9 +49,9 @@ class TopAFASAE(SAE):
         return rows, cols
 
     def extra_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
-        f_norm = self.scaled_code_norm(out)
-        target = (out.x_in - self.b_dec).norm(dim=-1)
-        terms = {"afa": self.cfg.afa_lambda * (f_norm - target).pow(2).mean()}
+        f_norm = self.scaled_code_norm(out)  # decoder rows are unit norm: = ||f||
+        gap = (f_norm - out.x_in.norm(dim=-1)).pow(2).mean()
+        terms = {"afa": self.cfg.afa_lambda * out.x_in.shape[1] * gap}
         terms.update(self.auxk_loss(out, dead_mask))
         return terms
 
