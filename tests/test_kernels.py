@@ -146,7 +146,16 @@ def test_strategy_rejects_unknown_names():
     with pytest.raises(ValueError, match="grads='dense'.*index, csr, gemm"):
         with kernels.strategy(grads="dense"):
             pass
-    assert kernels.current_strategy() == {"grads": "index", "topk": "full"}
+    assert kernels.current_strategy() == {"grads": "auto", "topk": "full"}
+
+
+def test_auto_grads_is_gemm_on_cuda_only():
+    """The default picks the H100's fastest kernels on CUDA and index_add on the CPU; an
+    explicit choice wins everywhere."""
+    assert kernels.grads_for(torch.device("cpu")) == "index"
+    assert kernels.grads_for(torch.device("cuda")) == "gemm"
+    with kernels.strategy(grads="csr"):
+        assert kernels.grads_for(torch.device("cuda")) == "csr"
 
 
 @requires_cuda

@@ -69,7 +69,15 @@ def use_sparse(enabled: bool | None) -> Iterator[None]:
 GRADS = ("index", "csr", "gemm")
 TOPK = ("full", "chunked")
 TOPK_CHUNK = 1024
-_STRATEGY = {"grads": "index", "topk": "full"}
+_STRATEGY = {"grads": "auto", "topk": "full"}
+
+
+def grads_for(device: torch.device) -> str:
+    """The GRADS choice in force on `device`. "auto" (the default): gemm on CUDA, the fastest
+    on an H100 (results/bench: 0.91 against 0.76 M tok/s for index at d=768, n=32768,
+    batch 4096; csr has no bf16 kernel there), index elsewhere (no extra dense products)."""
+    g = _STRATEGY["grads"]
+    return g if g != "auto" else ("gemm" if device.type == "cuda" else "index")
 
 
 def current_strategy() -> dict[str, str]:
@@ -80,7 +88,7 @@ def current_strategy() -> dict[str, str]:
 def strategy(grads: str | None = None, topk: str | None = None) -> Iterator[None]:
     """Choose the sparse path's gradient/decoding kernels (GRADS) and TopK selection
     (TOPK) inside the block; None keeps the current choice. Read at forward time."""
-    for name, value, allowed in (("grads", grads, GRADS), ("topk", topk, TOPK)):
+    for name, value, allowed in (("grads", grads, (*GRADS, "auto")), ("topk", topk, TOPK)):
         if value is not None and value not in allowed:
             raise ValueError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
     old = dict(_STRATEGY)
@@ -138,7 +146,7 @@ class SparseEncode(torch.autograd.Function):
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, w_enc)
         rows, cols = select(pre.detach())
-        ctx.grads, ctx.dtype = _STRATEGY["grads"], pre.dtype
+        ctx.grads, ctx.dtype = grads_for(x.device), pre.dtype
         if ctx.grads == "csr":
             rows, cols = sort_selection(rows, cols, pre.shape[1])
         flat = rows * pre.shape[1] + cols
@@ -206,9 +214,10 @@ def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch
         for end in ends[:-1]:
             group += cols >= end
         bags = rows * n_groups + group  # ascending: selections are (row, column)-sorted
-    if _STRATEGY["grads"] == "csr":
+    grads = grads_for(vals.device)
+    if grads == "csr":
         out = CsrDecode.apply(bags, cols, vals, w_dec, batch * n_groups)
-    elif _STRATEGY["grads"] == "gemm":
+    elif grads == "gemm":
         out = GemmDecode.apply(bags, cols, vals, w_dec, batch, tuple(ends or (w_dec.shape[0],)))
     else:
         out = bag_decode(bags, cols, vals, w_dec, batch * n_groups)
