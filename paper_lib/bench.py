@@ -195,8 +195,8 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
     cfg = SAEConfig("topk", d, n, k=k)
     rows = []
 
-    def ours(sparse: bool, grads: str = "index", topk: str = "full", compile: bool = False
-             ) -> Callable[[], None]:
+    def ours(sparse: bool, grads: str | None = None, topk: str = "full", compile: bool = False
+             ) -> Callable[[], None]:  # grads None: the library's default on this device
         def run() -> None:
             with kernels.use_sparse(sparse), kernels.strategy(grads, topk):
                 step()
@@ -204,7 +204,8 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
         return run
 
     for grads, topk in STRATEGIES:
-        label = "" if (grads, topk) == ("index", "full") else f", {grads} grads, {topk} topk"
+        plain = (grads, topk) == (kernels.grads_for(dev), "full")  # what a user gets
+        label = "" if plain else f", {grads} grads, {topk} topk"
         row = bench_step(f"paper_lib sparse{label} (Adam)", lambda g=grads, t=topk:
                          ours(True, g, t), batch, dev, steps, warmup)
         rows.append({**row, "grads": grads, "topk": topk})
