@@ -27,6 +27,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -35,7 +36,7 @@ import torch
 
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_json, env_info
 from paper_lib.sae import SAEConfig, kernels, make_sae
-from paper_lib.train import make_adam, make_step
+from paper_lib.train import CompileFallbackWarning, make_adam, make_step
 
 
 def _sync(dev: torch.device) -> None:
@@ -198,7 +199,10 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
     def ours(sparse: bool, grads: str | None = None, topk: str = "full", compile: bool = False
              ) -> Callable[[], None]:  # grads None: the library's default on this device
         def run() -> None:
-            with kernels.use_sparse(sparse), kernels.strategy(grads, topk):
+            with kernels.use_sparse(sparse), kernels.strategy(grads, topk), \
+                    warnings.catch_warnings():
+                # an eager fallback must not be timed as the compiled step: record the error
+                warnings.simplefilter("error", CompileFallbackWarning)
                 step()
         step = our_step(cfg, x, compile=compile)
         return run

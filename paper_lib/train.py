@@ -17,12 +17,14 @@ import functools
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
+from torch._dynamo.exc import BackendCompilerFailed  # InductorError is one too
 from tqdm import tqdm
 
 from paper_lib import metrics
@@ -179,6 +181,10 @@ def forward_loss(sae: SAE, x: Tensor, dead: Tensor | None) -> tuple[dict[str, Te
     return sae.loss(out, dead), out.fired()
 
 
+class CompileFallbackWarning(RuntimeWarning):
+    """torch.compile could not compile a training step, which then ran eagerly."""
+
+
 @functools.cache
 def _compiled_forward_loss() -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     return torch.compile(forward_loss)  # one compiled function; dynamo guards per SAE
@@ -189,17 +195,33 @@ def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: 
     """The training step, `step(x, dead, l1_scale=1.0) -> fired`: forward and loss (bf16
     autocast on CUDA), backward, parallel-gradient removal, Adam, decoder renormalisation.
     `dead` [n] bool feeds AuxK; `l1_scale` ramps the L1 penalty."""
-    fl = _compiled_forward_loss() if compile else forward_loss
+    fl = [_compiled_forward_loss() if compile else forward_loss]
     use_bf16 = bf16 and next(sae.parameters()).device.type == "cuda"
 
-    def step(x: Tensor, dead: Tensor | None, l1_scale: float = 1.0) -> Tensor:
+    def forward_backward(x: Tensor, dead: Tensor | None, l1_scale: float) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            terms, fired = fl(sae, x, dead)
+            terms, fired = fl[0](sae, x, dead)
         if "l1" in terms and l1_scale != 1.0:
             terms["l1"] = terms["l1"] * l1_scale
         loss = sum(t.float() for t in terms.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        return fired
+
+    def step(x: Tensor, dead: Tensor | None, l1_scale: float = 1.0) -> Tensor:
+        try:
+            fired = forward_backward(x, dead, l1_scale)
+        except BackendCompilerFailed as e:  # forward or (lazily) backward compilation
+            if fl[0] is forward_loss:
+                raise
+            cause = getattr(e, "inner_exception", None) or e
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile failed on this SAE's step ({type(cause).__name__}: "
+                          f"{first}); training continues without it "
+                          "(TrainConfig.compile=False skips the attempt)",
+                          CompileFallbackWarning, stacklevel=2)
+            fl[0] = forward_loss  # no optimizer step has run: redo this one eagerly
+            fired = forward_backward(x, dead, l1_scale)
         sae.before_step_()
         opt.step()
         sae.after_step_()

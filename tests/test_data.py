@@ -142,6 +142,21 @@ def test_hook_errors(tiny_lm):
                    progress=False)
 
 
+def test_model_device_disagreeing_with_its_config_is_refused(tiny_lm):
+    """TransformerLens sends tokens to cfg.device: weights elsewhere would fail inside its
+    embedding with an indexing error, so harvest names the mismatch and the fix first."""
+    model, _ = tiny_lm
+    tokens = corp.byte_tokens(["abc" * 50], n_ctx=32)
+    model.cfg.device = "cuda"
+    try:
+        with pytest.raises(ValueError, match=r"weights are on cpu but model.cfg.device is "
+                                             r"'cuda'.*model.to\('cpu'\)"):
+            hv.harvest(model, hv.row_batches(tokens, 2), "blocks.0.hook_resid_pre", 40,
+                       progress=False)
+    finally:
+        model.cfg.device = "cpu"
+
+
 def test_nan_activations_are_located(tiny_lm):
     model, _ = tiny_lm
     tokens = corp.byte_tokens(["abc" * 50], n_ctx=32)
@@ -222,7 +237,8 @@ def _standin_hub(tmp_path, monkeypatch, lines=400):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = _standin_tokenizer(texts, tmp_path / "tok")
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, n_ctx=64,
-                                  d_vocab=len(tok), act_fn="gelu", normalization_type="LN")
+                                  d_vocab=len(tok), act_fn="gelu", normalization_type="LN",
+                                  device="cpu")
     standin = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     monkeypatch.setattr(HookedTransformer, "from_pretrained",
                         classmethod(lambda cls, name, **kw: standin))

@@ -13,7 +13,8 @@ from tests.conftest import requires_cuda
 
 def random_model(dtype=torch.float32, **overrides) -> HookedTransformer:
     kw = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=50,
-              act_fn="gelu_new", normalization_type="LN", seed=0, dtype=dtype)
+              act_fn="gelu_new", normalization_type="LN", seed=0, dtype=dtype,
+              device="cpu")  # else TransformerLens sends tokens to cuda where there is one
     kw.update(overrides)
     model = HookedTransformer(HookedTransformerConfig(**kw), move_to_device=False).eval()
     with torch.no_grad():  # biases and LayerNorm weights away from their 0/1 init

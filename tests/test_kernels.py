@@ -126,6 +126,17 @@ def test_decode_gradients_hand_case(grads):
     assert vals.grad.tolist() == [1.0, 6.0, 4.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selected_dots_hand_case(dtype):
+    """csr's gradient of the selected values, <a[row], b[col]>, also in bf16 (the sampled
+    product it replaces has no bf16 kernel): rows of a [[1, 2], [3, 4]], b [[1, 0], [0.5, 1],
+    [2, -1]]; selections (0, 2), (1, 1), (1, 0) give 2 - 2, 1.5 + 4, 3."""
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype)
+    b = torch.tensor([[1.0, 0.0], [0.5, 1.0], [2.0, -1.0]], dtype=dtype)
+    got = kernels.selected_dots(a, b, torch.tensor([0, 1, 1]), torch.tensor([2, 1, 0]))
+    assert got.dtype == dtype and got.tolist() == [0.0, 5.5, 3.0]
+
+
 @pytest.mark.parametrize("grads", kernels.GRADS)
 def test_grouped_decode_hand_case(grads):
     """Nested groups ending at columns 1 and 3: each selection decodes into its own

@@ -95,6 +95,20 @@ def _compiled_fused() -> Callable[..., Tensor]:
     return torch.compile(fsd.fused_resid)
 
 
+def model_device(model: Any) -> torch.device:
+    """Where the model's weights are, after checking that TransformerLens agrees: its
+    forward sends the tokens to `model.cfg.device`, so a model built with
+    move_to_device=False and moved with plain nn.Module.to would fail deep inside."""
+    dev = next(model.parameters()).device
+    cfg_dev = getattr(model.cfg, "device", None)
+    if cfg_dev is not None and torch.device(cfg_dev).type != dev.type:
+        raise ValueError(f"the model's weights are on {dev} but model.cfg.device is "
+                         f"{cfg_dev!r}, where TransformerLens sends the tokens; move it with "
+                         f"model.to({dev.type!r}) (which updates cfg.device) or build it "
+                         f"with HookedTransformerConfig(device={dev.type!r})")
+    return dev
+
+
 def check_finite(x: Tensor, hook: str, batch_index: int) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
@@ -120,7 +134,7 @@ def _harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: i
              drop_bos: bool, out_device: str | torch.device, out_dtype: torch.dtype,
              progress: bool, compile: bool, fused: bool) -> Tensor:
     stop = stop_layer(model, hook)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     out = torch.empty(n_tokens, model.cfg.d_model, dtype=out_dtype, device=out_device)
     filled = 0
     bar = tqdm(total=n_tokens, desc=f"harvest {hook}", disable=not progress, unit="tok",

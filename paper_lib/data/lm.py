@@ -71,7 +71,7 @@ class LMConfig:
             n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
             d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, n_ctx=self.n_ctx,
             d_vocab=VOCAB, act_fn="gelu", normalization_type="LN", seed=self.seed,
-            default_prepend_bos=False)
+            default_prepend_bos=False, device="cpu")  # built on the CPU; .to() moves it
 
 
 EMBEDDED_LMS = {

@@ -15,8 +15,9 @@ Two exact alternatives per piece, picked with `strategy(...)` (which is fastest 
 the GPU; `python -m paper_lib.bench` times every combination in one run):
 - weight gradients (and decoding): "index" scatters with index_add / embedding_bag
   (atomics); "csr" builds the selection as a CSR matrix S [B, n] and uses sparse x dense
-  products (cuSPARSE on CUDA): decode S W_dec, dW_dec = S^T g, dW_enc = x_c^T G, and the
-  gradient of the selected values as a sampled product (SDDMM), in the autocast dtype;
+  products (cuSPARSE on CUDA): decode S W_dec, dW_dec = S^T g, dW_enc = x_c^T G, in the
+  autocast dtype; the gradient of the selected values is one row-dot per selection, since
+  the sampled product (SDDMM) that would compute it has no bf16 kernel (CPU or CUDA);
   "gemm" decodes with embedding_bag (a gather: no atomics) and writes S and G into dense
   [B, n] matrices for the backward, so both weight gradients and the selected values'
   gradient are dense matrix products (2 B d n FLOP each) in the autocast dtype: more
@@ -232,7 +233,7 @@ def bag_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: i
 
 class CsrDecode(torch.autograd.Function):
     """S W_dec with S the [B, n] CSR of the selection; backward: dW_dec = S^T g and
-    d vals = (g W_dec^T) sampled at the selection (SDDMM), never a dense [B, n]."""
+    d vals = <g[row], W_dec[col]> per selection (`selected_dots`), never a dense [B, n]."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
@@ -240,24 +241,26 @@ class CsrDecode(torch.autograd.Function):
         dt = compute_dtype(w_dec)
         w = w_dec.to(dt)
         s = csr(rows, cols, vals.detach().to(dt), (batch, w_dec.shape[0]))
-        ctx.save_for_backward(w)
+        ctx.save_for_backward(w, rows, cols)
         ctx.s, ctx.vals_dtype, ctx.w_dtype = s, vals.dtype, w_dec.dtype
         return _spmm(s, w)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
-        (w,) = ctx.saved_tensors
-        s = ctx.s
+        w, rows, cols = ctx.saved_tensors
         g = g.to(w.dtype)
         g_vals = g_w = None
         if ctx.needs_input_grad[2]:
-            # S supplies only the pattern: beta=0 drops its values.
-            with _quiet_csr():
-                g_vals = torch.sparse.sampled_addmm(s, g, w.T, beta=0.0).values()
-            g_vals = g_vals.to(ctx.vals_dtype)
+            g_vals = selected_dots(g, w, rows, cols).to(ctx.vals_dtype)
         if ctx.needs_input_grad[3]:
-            g_w = _spmm(s.t(), g).to(ctx.w_dtype)
+            g_w = _spmm(ctx.s.t(), g).to(ctx.w_dtype)
         return None, None, g_vals, g_w, None
+
+
+def selected_dots(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """[m] = <a[rows[i]], b[cols[i]]>: (a b^T) read at the selection only, what a sampled
+    product (SDDMM) gives, in any dtype (torch's sampled_addmm has no bf16 kernel)."""
+    return (a.index_select(0, rows) * b.index_select(0, cols)).sum(-1)
 
 
 class GemmDecode(torch.autograd.Function):
