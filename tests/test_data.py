@@ -142,24 +142,28 @@ def test_hook_errors(tiny_lm):
                    progress=False)
 
 
+def harvest_abc(model):
+    """40 activations at blocks.0.hook_resid_pre of a repeated 'abc' text."""
+    tokens = corp.byte_tokens(["abc" * 50], n_ctx=32)
+    return hv.harvest(model, hv.row_batches(tokens, 2), "blocks.0.hook_resid_pre", 40,
+                      progress=False)
+
+
 def test_model_device_disagreeing_with_its_config_is_refused(tiny_lm):
     """TransformerLens sends tokens to cfg.device: weights elsewhere would fail inside its
     embedding with an indexing error, so harvest names the mismatch and the fix first."""
     model, _ = tiny_lm
-    tokens = corp.byte_tokens(["abc" * 50], n_ctx=32)
     model.cfg.device = "cuda"
     try:
         with pytest.raises(ValueError, match=r"weights are on cpu but model.cfg.device is "
                                              r"'cuda'.*model.to\('cpu'\)"):
-            hv.harvest(model, hv.row_batches(tokens, 2), "blocks.0.hook_resid_pre", 40,
-                       progress=False)
+            harvest_abc(model)
     finally:
         model.cfg.device = "cpu"
 
 
 def test_nan_activations_are_located(tiny_lm):
     model, _ = tiny_lm
-    tokens = corp.byte_tokens(["abc" * 50], n_ctx=32)
 
     def poison(act, hook):
         act[0, 3, 1] = float("nan")
@@ -169,8 +173,7 @@ def test_nan_activations_are_located(tiny_lm):
     try:
         with pytest.raises(ValueError, match=r"non-finite activations at hook "
                                              r"'blocks.0.hook_resid_pre' in batch 0.*\[0, 3, 1\]"):
-            hv.harvest(model, hv.row_batches(tokens, 2), "blocks.0.hook_resid_pre", 40,
-                       progress=False)
+            harvest_abc(model)
     finally:
         model.reset_hooks()
 
