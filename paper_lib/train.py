@@ -195,12 +195,12 @@ def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: 
     """The training step, `step(x, dead, l1_scale=1.0) -> fired`: forward and loss (bf16
     autocast on CUDA), backward, parallel-gradient removal, Adam, decoder renormalisation.
     `dead` [n] bool feeds AuxK; `l1_scale` ramps the L1 penalty."""
-    fl = [_compiled_forward_loss() if compile else forward_loss]
+    fl = _compiled_forward_loss() if compile else forward_loss
     use_bf16 = bf16 and next(sae.parameters()).device.type == "cuda"
 
     def forward_backward(x: Tensor, dead: Tensor | None, l1_scale: float) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            terms, fired = fl[0](sae, x, dead)
+            terms, fired = fl(sae, x, dead)
         if "l1" in terms and l1_scale != 1.0:
             terms["l1"] = terms["l1"] * l1_scale
         loss = sum(t.float() for t in terms.values())
@@ -209,10 +209,11 @@ def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: 
         return fired
 
     def step(x: Tensor, dead: Tensor | None, l1_scale: float = 1.0) -> Tensor:
+        nonlocal fl
         try:
             fired = forward_backward(x, dead, l1_scale)
         except BackendCompilerFailed as e:  # forward or (lazily) backward compilation
-            if fl[0] is forward_loss:
+            if fl is forward_loss:
                 raise
             cause = getattr(e, "inner_exception", None) or e
             first = (str(cause).strip().splitlines() or [""])[0][:200]
@@ -220,7 +221,7 @@ def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: 
                           f"{first}); training continues without it "
                           "(TrainConfig.compile=False skips the attempt)",
                           CompileFallbackWarning, stacklevel=2)
-            fl[0] = forward_loss  # no optimizer step has run: redo this one eagerly
+            fl = forward_loss  # no optimizer step has run: redo this one eagerly
             fired = forward_backward(x, dead, l1_scale)
         sae.before_step_()
         opt.step()
