@@ -149,6 +149,19 @@ def harvest_abc(model):
                       progress=False)
 
 
+@pytest.mark.parametrize("name", list(lmmod.EMBEDDED_LMS))
+def test_embedded_lm_config_says_cpu_on_a_cuda_machine(name, monkeypatch):
+    """TransformerLens defaults cfg.device to cuda where CUDA exists; the embedded LMs are
+    built on the CPU and moved by .to(), so their config must say cpu until then (with the
+    default, the fused tests failed on the H100: tokens on cuda, weights on the CPU)."""
+    from transformer_lens import HookedTransformerConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4,
+                                   act_fn="gelu").device == "cuda"  # the default it avoids
+    assert lmmod.EMBEDDED_LMS[name].tl_config().device == "cpu"
+
+
 def test_model_device_disagreeing_with_its_config_is_refused(tiny_lm):
     """TransformerLens sends tokens to cfg.device: weights elsewhere would fail inside its
     embedding with an indexing error, so harvest names the mismatch and the fix first."""
