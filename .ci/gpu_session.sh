@@ -19,7 +19,7 @@
 # Stages (default: all, in this order; a failing stage is recorded and the rest go on,
 # except env, which stops the session):
 #   env      driver, versions, every import the later stages need
-#   tests    the CUDA tests (test_kernels, test_fused, test_bench_gpu)
+#   tests    the CUDA tests (test_kernels, test_fused, test_bench_gpu, test_train)
 #   bench    python -m paper_lib.bench (TopK-family steps, eai-sparsify, harvest, profile)
 #   prepare  the gpu profile's LM and shared activations (reproduce --prepare)
 #   NN       notebook NN at the gpu profile (reproduce --profile gpu --only NN)
@@ -29,7 +29,7 @@ WORK=${GPU_WORK:-/tmp/gpu}
 REPO=$WORK/repo
 WAIT_S=${WAIT_S:-540}
 PROFILE=${PROFILE:-gpu}  # smoke: try this script on a CPU machine
-DEFAULT_STAGES="env tests bench prepare 04 03 02 01 05"
+DEFAULT_STAGES="env tests prepare 01 05 bench 04 03 02"  # least recently run first
 
 setup_env() {
     export PROFILE PYTHONPATH=/tmp/site:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
@@ -48,7 +48,7 @@ print(\"torch\", torch.__version__, torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA\")
 import paper_lib.reproduce, paper_lib.bench" && python3 -m paper_lib.kernelspec' ;;
         tests) echo 'python3 -m pytest -q -rs tests/test_kernels.py tests/test_fused.py' \
-                    'tests/test_bench_gpu.py' ;;
+                    'tests/test_bench_gpu.py tests/test_train.py' ;;
         bench) echo 'python3 -m paper_lib.bench' ;;
         prepare) echo 'python3 -m paper_lib.reproduce --profile $PROFILE --prepare' ;;
         [0-9][0-9]) echo "python3 -m paper_lib.reproduce --profile $PROFILE --only $1" \
