@@ -379,3 +379,19 @@ with build_lock(cache.dir):
     assert proc.wait(timeout=60) == 0
     assert hit and torch.equal(x, torch.full((4, 2), 7.0))
     assert "waiting for another process" in capfd.readouterr().err
+
+
+def test_describe_reports_the_embedded_lm_against_the_unigram():
+    """An embedded LM's manifest puts its held-out bits/byte beside the byte-unigram
+    baseline in the line notebooks print; a hub model (no manifest numbers) gets none."""
+    from paper_lib.data.activations import ActivationSet
+
+    manifest = {"config": {"name": "embedded-smoke"}, "val_bits_per_byte": 3.2428,
+                "unigram_bits_per_byte": 4.937, "train_seconds": 87.5, "device": "cpu"}
+    acts = ActivationSet(None, manifest, "blocks.1.hook_resid_pre", torch.zeros(10, 4),
+                         torch.zeros(3, 4), 0.5, None, torch.zeros(1, 4, dtype=torch.long))
+    assert acts.describe() == (
+        "embedded-smoke @ blocks.1.hook_resid_pre: 10 train / 3 eval tokens, d=4, scale=0.5; "
+        "the LM: 3.24 bits/byte on held-out files (byte unigram 4.94), trained in 88 s on cpu")
+    acts.model_info = {"config": {"name": "gpt2"}}
+    assert acts.describe().endswith("d=4, scale=0.5")

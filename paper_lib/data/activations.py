@@ -92,9 +92,15 @@ class ActivationSet:
 
     def describe(self) -> str:
         n = "streamed" if self.train is None else f"{self.train.shape[0]:,}"
-        return (f"{self.model_info.get('config', {}).get('name', '?')} @ {self.hook}: "
+        info = self.model_info
+        lm = ""  # an embedded LM's quality: how far it is from a byte-frequency model
+        if "val_bits_per_byte" in info:
+            lm = (f"; the LM: {info['val_bits_per_byte']:.2f} bits/byte on held-out files "
+                  f"(byte unigram {info['unigram_bits_per_byte']:.2f}), trained in "
+                  f"{info['train_seconds']:.0f} s on {info['device']}")
+        return (f"{info.get('config', {}).get('name', '?')} @ {self.hook}: "
                 f"{n} train / {self.eval.shape[0]:,} eval tokens, d={self.d}, "
-                f"scale={self.scale:.4g}" + (" (cache hit)" if self.cache_hit else ""))
+                f"scale={self.scale:.4g}" + (" (cache hit)" if self.cache_hit else "") + lm)
 
 
 def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> Tensor:
