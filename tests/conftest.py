@@ -17,6 +17,23 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def broken_compiler(monkeypatch):
+    """TrainConfig.compile's torch.compile with a backend that fails the way inductor did on
+    the H100 for the sparse step ("NotImplementedError: View"); dynamo's caches are reset
+    around it so no compiled code leaks into or out of the test."""
+    from paper_lib import train
+
+    def broken_backend(gm, example_inputs):
+        raise NotImplementedError("View")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(train, "_compiled_forward_loss",
+                        lambda: torch.compile(train.forward_loss, backend=broken_backend))
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A corpus of a few real stdlib files (loaded through `datasets`)."""
