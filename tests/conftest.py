@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from paper_lib.runtime import quiet_warnings
+# Without CUDA, Triton kernels (paper_lib.sae.triton_kernels) run in Triton's interpreter,
+# which must be chosen before anything imports Triton (paper_lib does, via torch._dynamo).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from paper_lib.runtime import quiet_warnings  # noqa: E402
 
 quiet_warnings()
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def require_grads(grads: str, device: str = "cpu") -> None:
+    """Skip a test of the "triton" strategy where it cannot run on `device`: Triton not
+    installed, or CPU tensors on a machine with CUDA (no interpreter there)."""
+    if grads != "triton":
+        return
+    pytest.importorskip("triton")
+    from paper_lib.sae import triton_kernels
+
+    if device == "cpu" and not triton_kernels.INTERPRETED:
+        pytest.skip("Triton on CPU tensors needs its interpreter (set without CUDA)")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paper_lib.sae import SAEConfig, batchtopk, kernels, make_sae
-from tests.conftest import requires_cuda
+from tests.conftest import require_grads, requires_cuda
 
 CASES = {
     "topk": dict(k=5),
@@ -34,10 +34,10 @@ STRATEGIES = list(itertools.product(kernels.GRADS, kernels.TOPK))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_dead", [False, True], ids=["no_dead", "auxk"])
 @pytest.mark.parametrize("grads,topk", STRATEGIES, ids=["-".join(s) for s in STRATEGIES])
-def test_sparse_matches_dense(case, with_dead, grads, topk, monkeypatch):
+def test_sparse_matches_dense(case, with_dead, grads, topk):
     """Loss terms and every parameter gradient agree (float32, 1e-4 relative), for every
-    kernel strategy (chunks of 16 so the 48 latents form 3 blocks)."""
-    monkeypatch.setattr(kernels, "TOPK_CHUNK", 16)
+    kernel strategy (blockmax: the 48 latents form 12 blocks of 4)."""
+    require_grads(grads)
     arch = "topk" if case == "topk_multi" else case
     sae = make_sae(SAEConfig(arch, 12, 48, seed=3, **CASES[case]))
     with torch.no_grad():
@@ -66,6 +66,7 @@ def test_sparse_matches_dense(case, with_dead, grads, topk, monkeypatch):
 def test_input_gradient_matches_dense(grads):
     """d loss / d x through the sparse encoder (with AuxK's dense part) equals the dense
     reference's, for every strategy."""
+    require_grads(grads)
     sae = make_sae(SAEConfig("topk", 12, 48, k=5, seed=1))
     twin = copy.deepcopy(sae)
     x = torch.randn(24, 12)
@@ -96,25 +97,56 @@ def test_row_topk_and_offsets():
     assert kernels.offsets_from_rows(torch.tensor([0, 0, 2]), 3).tolist() == [0, 2, 2]
 
 
-def test_chunked_topk_is_exact_with_ties_and_one_hot_block():
-    """Block-wise candidates give each row's k largest values, also when all of them sit
-    in one block and when values tie."""
+def test_topk_block_hand_cases():
+    """sqrt(n / k) rounded to a power of two, shrunk until k whole blocks fit; None where
+    no block of 2 or more columns works."""
+    assert kernels.topk_block(32768, 32) == 32      # sqrt(1024)
+    assert kernels.topk_block(65536, 64) == 32
+    assert kernels.topk_block(48, 5) == 4           # sqrt(9.6) = 3.1
+    assert kernels.topk_block(2048, 8) == 16        # sqrt(256)
+    assert kernels.topk_block(24, 5) == 2           # 2 would leave 12 >= 5 blocks
+    assert kernels.topk_block(19, 4) is None        # n < 4 k: plain topk
+    assert kernels.topk_block(1001, 8) is None      # odd n: no block divides it
+
+
+def test_blockmax_topk_is_exact_with_ties_and_one_hot_block():
+    """The k blocks with the largest maxima hold each row's k largest values: also when all
+    of them sit in one block, when every block's maximum ties, and when one block holds
+    the row's k largest and the other blocks' maxima tie with its smallest."""
     gen = torch.Generator().manual_seed(0)
-    pre = torch.randn(6, 64, generator=gen)
-    pre[1, 16:24] += 10.0                # row 1: its top 8 all in block 1
-    pre[2] = torch.tensor([1.0, 2.0] * 32)  # row 2: 32-way ties
-    idx = kernels.chunked_topk_indices(pre, 8, 16)
+    pre = torch.randn(5, 64, generator=gen)
+    pre[1, 16:24] += 10.0                      # row 1: its top 8 all in block 2 of width 8
+    pre[2] = torch.tensor([1.0, 2.0] * 32)     # row 2: every block's maximum is 2
+    pre[3] = 0.0
+    pre[3, 8:16] = torch.arange(8.0) + 1.0     # row 3: top 8 = 1..8 in one block,
+    pre[3, ::8] = torch.where(torch.arange(8) == 1, pre[3, 8], 1.0)  # other maxima tie at 1
+    pre[4] = torch.linspace(-1.0, 1.0, 64)     # row 4: top 8 = the last block, sorted
+    idx = kernels.blockmax_topk_indices(pre, 8, 8)
     got = pre.gather(1, idx).sort(dim=1).values
     want = pre.topk(8, dim=1).values.sort(dim=1).values
     assert torch.equal(got, want)
     assert sorted(idx[1].tolist()) == list(range(16, 24))
+    assert sorted(idx[4].tolist()) == list(range(56, 64))
     assert all(len(set(r)) == 8 for r in idx.tolist())  # no column picked twice
+
+
+def test_blockmax_strategy_selects_like_topk():
+    """row_topk under "blockmax" gives torch.topk's values, and falls back to it where no
+    block width applies (n = 30, k = 8)."""
+    for n, k in ((4096, 32), (30, 8)):
+        pre = torch.randn(16, n, generator=torch.Generator().manual_seed(n))
+        with kernels.strategy(topk="blockmax"):
+            rows, cols = kernels.row_topk(k)(pre)
+        assert rows.tolist() == [r for r in range(16) for _ in range(k)]
+        got = pre[rows, cols].view(16, k).sort(dim=1).values
+        assert torch.equal(got, pre.topk(k, dim=1).values.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("grads", kernels.GRADS)
 def test_decode_gradients_hand_case(grads):
     """Each strategy's decoder on the hand case above, and its gradients: dW_dec row c =
     sum of vals * g over the rows selecting c; d vals = <g[row], W_dec[col]>."""
+    require_grads(grads)
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], requires_grad=True)
     vals = torch.tensor([1.0, 0.5, 3.0], requires_grad=True)
     with kernels.strategy(grads=grads):
@@ -137,11 +169,52 @@ def test_selected_dots_hand_case(dtype):
     assert got.dtype == dtype and got.tolist() == [0.0, 5.5, 3.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_hand_case(dtype):
+    """The Triton kernels on the hand case: x rows [1, 2], [3, 4], [5, 6]; selections
+    (row, col, coef) = (0, 2, 1), (0, 0, 2), (1, 2, -1), (2, 1, 0.5) over 4 columns give
+    column sums 2 * [1, 2]; 0.5 * [5, 6]; [1, 2] - [3, 4]; nothing (zeros), in fp32; dots
+    with W rows [1, 0], [0, 1], [2, 2], [1, 1]: 2 + 4, 1, 6 + 8, 6."""
+    require_grads("triton")
+    from paper_lib.sae import triton_kernels as tk
+
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=dtype)
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([2, 0, 2, 1])
+    coef = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=dtype)
+    order = tk.ColumnOrder(cols, 4)
+    assert order.seg.tolist() == [0, 1, 2, 4, 4]
+    got = tk.segment_rows(x, rows, coef, order)
+    assert got.dtype == torch.float32
+    assert got.tolist() == [[2.0, 4.0], [2.5, 3.0], [-2.0, -2.0], [0.0, 0.0]]
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [1.0, 1.0]], dtype=dtype)
+    assert tk.selected_dots(x, w, rows, cols).tolist() == [6.0, 1.0, 14.0, 6.0]
+
+
+def test_triton_kernels_span_blocks():
+    """Past one block: d = 300 (blocks of 256 and 128 columns), 100 selections, some
+    columns with more selections than one loop step (16) holds: matches index_add and
+    row-wise dots in float32."""
+    require_grads("triton")
+    from paper_lib.sae import triton_kernels as tk
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 300, generator=gen), torch.randn(7, 300, generator=gen)
+    rows, cols = torch.randint(0, 50, (100,), generator=gen), torch.randint(0, 7, (100,),
+                                                                              generator=gen)
+    coef = torch.randn(100, generator=gen)
+    want = torch.zeros(7, 300).index_add_(0, cols, a[rows] * coef[:, None])
+    got = tk.segment_rows(a, rows, coef, tk.ColumnOrder(cols, 7))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(tk.selected_dots(a, b, rows, cols), (a[rows] * b[cols]).sum(1),
+                          atol=1e-4)
+
+
 @pytest.mark.parametrize("grads", kernels.GRADS)
 def test_grouped_decode_hand_case(grads):
     """Nested groups ending at columns 1 and 3: each selection decodes into its own
     (row, group) slot; gradients read g at that slot: dW_dec row c = vals * g[row, group(c)],
     d vals = <g[row, group], W_dec[col]>."""
+    require_grads(grads)
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], requires_grad=True)
     vals = torch.tensor([1.0, 0.5, 3.0], requires_grad=True)
     with kernels.strategy(grads=grads):
@@ -154,7 +227,7 @@ def test_grouped_decode_hand_case(grads):
 
 
 def test_strategy_rejects_unknown_names():
-    with pytest.raises(ValueError, match="grads='dense'.*index, csr, gemm"):
+    with pytest.raises(ValueError, match="grads='dense'.*index, csr, gemm, triton"):
         with kernels.strategy(grads="dense"):
             pass
     assert kernels.current_strategy() == {"grads": "auto", "topk": "full"}
@@ -175,6 +248,7 @@ def test_auto_grads_is_gemm_on_cuda_only():
 def test_strategies_match_dense_bf16_cuda(grads, topk, arch):
     """Every kernel strategy agrees with the dense reference on the GPU under bf16 (where
     ties are common: BatchTopK may break them differently, within the tolerance)."""
+    require_grads(grads, "cuda")
     dev = torch.device("cuda")
     sae = make_sae(SAEConfig(arch, 256, 4096, k=32, seed=0)).to(dev)
     twin = copy.deepcopy(sae)

@@ -11,7 +11,7 @@ away (`use_sparse(False)`), and tests check both give the same loss and gradient
 Gradient of b_dec through the encoder: x_c = x - b_dec, so dL/db_dec = -W_enc (dL/db_enc),
 one matrix-vector product instead of a dense backward through the encoder.
 
-Two exact alternatives per piece, picked with `strategy(...)` (which is fastest depends on
+Exact alternatives per piece, picked with `strategy(...)` (which is fastest depends on
 the GPU; `python -m paper_lib.bench` times every combination in one run):
 - weight gradients (and decoding): "index" scatters with index_add / embedding_bag
   (atomics); "csr" builds the selection as a CSR matrix S [B, n] and uses sparse x dense
@@ -23,14 +23,21 @@ the GPU; `python -m paper_lib.bench` times every combination in one run):
   gradient are dense matrix products (2 B d n FLOP each) in the autocast dtype: more
   FLOP than the sparse kernels, but on a GPU whose matrix units far outrun its atomics
   that can be the cheaper trade;
-- TopK selection: "full" is torch.topk over each row; "chunked" takes the top k of each
-  block of `TOPK_CHUNK` columns, then the top k of those candidates (exact: a row's k
-  largest entries are each among their block's k largest).
+  "triton" decodes with embedding_bag and computes both weight gradients and the
+  selected values' gradient with Triton kernels over the selected rows only
+  (`triton_kernels`: selections ordered by column, one program per latent, fp32 sums):
+  neither atomics nor extra dense products;
+- TopK selection: "full" is torch.topk over each row; "blockmax" splits each row into
+  blocks of about sqrt(n / k) columns, keeps the k blocks with the largest maxima and
+  takes the top k of their entries (exact, see `blockmax_topk_indices`): one pass over
+  the [B, n] pre-activations for the block maxima, then two top-k over ~sqrt(n k)
+  entries per row instead of one radix select over n.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Callable, Iterator
 
@@ -67,9 +74,8 @@ def use_sparse(enabled: bool | None) -> Iterator[None]:
         _MODE = old
 
 
-GRADS = ("index", "csr", "gemm")
-TOPK = ("full", "chunked")
-TOPK_CHUNK = 1024
+GRADS = ("index", "csr", "gemm", "triton")
+TOPK = ("full", "blockmax")
 _STRATEGY = {"grads": "auto", "topk": "full"}
 
 
@@ -92,12 +98,24 @@ def strategy(grads: str | None = None, topk: str | None = None) -> Iterator[None
     for name, value, allowed in (("grads", grads, (*GRADS, "auto")), ("topk", topk, TOPK)):
         if value is not None and value not in allowed:
             raise ValueError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
+    if grads == "triton":
+        _triton()  # fail here, before any compute, where Triton is missing
     old = dict(_STRATEGY)
     _STRATEGY.update({k: v for k, v in (("grads", grads), ("topk", topk)) if v is not None})
     try:
         yield
     finally:
         _STRATEGY.update(old)
+
+
+def _triton():
+    """The Triton kernels module (imported on first use: Triton is optional)."""
+    try:
+        from paper_lib.sae import triton_kernels
+    except ImportError as e:
+        raise ValueError(f"grads='triton' needs Triton ({e}): `pip install triton` (CUDA "
+                         "builds of torch ship it), or pick grads='gemm' or 'index'") from None
+    return triton_kernels
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -176,6 +194,9 @@ class SparseEncode(torch.autograd.Function):
                 dense += g_pre.to(dt)
         if ctx.grads == "gemm":  # one product, AuxK's dense part included
             g_w = x_c.to(dense.dtype).T @ dense
+        elif ctx.grads == "triton":  # dW_enc^T[j] = sum of gp * x_c[row] over column j
+            tk = _triton()
+            g_w = tk.segment_rows(x_c.to(ctx.dtype), rows, gp, tk.ColumnOrder(cols, n)).T
         elif ctx.grads == "csr":  # dW_enc^T = G^T x_c, G the [B, n] CSR of selected grads
             g_sel = csr(rows, cols, gp.to(ctx.dtype), (x_c.shape[0], n))
             g_w = _spmm(g_sel.t(), x_c.to(ctx.dtype)).T
@@ -220,6 +241,8 @@ def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch
         out = CsrDecode.apply(bags, cols, vals, w_dec, batch * n_groups)
     elif grads == "gemm":
         out = GemmDecode.apply(bags, cols, vals, w_dec, batch, tuple(ends or (w_dec.shape[0],)))
+    elif grads == "triton":
+        out = TritonDecode.apply(bags, cols, vals, w_dec, batch * n_groups)
     else:
         out = bag_decode(bags, cols, vals, w_dec, batch * n_groups)
     return out if ends is None else out.view(batch, n_groups, -1)
@@ -296,6 +319,33 @@ class GemmDecode(torch.autograd.Function):
         return None, None, g_vals, g_w, None, None
 
 
+class TritonDecode(torch.autograd.Function):
+    """embedding_bag decoding into bags; backward by the Triton kernels, reading only the
+    selected rows: d vals = <g[bag], W_dec[col]> per selection, dW_dec[j] = sum of
+    vals * g[bag] over the selections of column j (no atomics, no dense [B, n])."""
+
+    @staticmethod
+    def forward(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
+                n_bags: int) -> Tensor:
+        ctx.save_for_backward(bags, cols, vals, w_dec)
+        ctx.dtype = compute_dtype(w_dec)
+        with torch.no_grad():
+            return bag_decode(bags, cols, vals, w_dec, n_bags)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore
+        bags, cols, vals, w = ctx.saved_tensors
+        tk = _triton()
+        g = g.to(ctx.dtype)
+        g_vals = g_w = None
+        if ctx.needs_input_grad[2]:
+            g_vals = tk.selected_dots(g, w.to(ctx.dtype), bags, cols).to(vals.dtype)
+        if ctx.needs_input_grad[3]:
+            order = tk.ColumnOrder(cols, w.shape[0])
+            g_w = tk.segment_rows(g, bags, vals.detach().to(ctx.dtype), order).to(w.dtype)
+        return None, None, g_vals, g_w, None
+
+
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)  # one part: no copy
 
@@ -312,9 +362,9 @@ def row_topk(k: int) -> Select:
     current "topk" strategy."""
     def select(pre: Tensor) -> tuple[Tensor, Tensor]:
         batch, n = pre.shape
-        if _STRATEGY["topk"] == "chunked" and k <= TOPK_CHUNK and n % TOPK_CHUNK == 0 \
-                and n >= 2 * TOPK_CHUNK:
-            idx = chunked_topk_indices(pre, k, TOPK_CHUNK)
+        block = topk_block(n, k) if _STRATEGY["topk"] == "blockmax" else None
+        if block is not None:
+            idx = blockmax_topk_indices(pre, k, block)
         else:
             idx = pre.topk(k, dim=-1, sorted=False).indices
         rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
@@ -322,14 +372,31 @@ def row_topk(k: int) -> Select:
     return select
 
 
-def chunked_topk_indices(pre: Tensor, k: int, chunk: int) -> Tensor:
-    """[B, k] column indices of each row's k largest entries, via each block's top k."""
+def topk_block(n: int, k: int) -> int | None:
+    """Block width for `blockmax_topk_indices`: the power of two nearest sqrt(n / k), which
+    balances its two top-k (over n / block maxima, and over k * block candidates); None
+    where no block of at least 2 columns leaves k or more whole blocks (use torch.topk)."""
+    if k < 1 or n < 4 * k:
+        return None
+    block = 1 << max(1, round(0.5 * math.log2(n / k)))
+    while block > 1 and (n % block or n // block < k):
+        block //= 2
+    return block if block > 1 else None
+
+
+def blockmax_topk_indices(pre: Tensor, k: int, block: int) -> Tensor:
+    """[B, k] column indices of each row's k largest entries (ties broken arbitrarily).
+
+    Exact: let v be a row's k-th largest value. An entry > v lies in a block whose maximum
+    is > v, and fewer than k blocks hold such entries, so the k blocks with the largest
+    maxima include them all; the remaining chosen blocks each have maximum v, or else every
+    block whose maximum is v was chosen. Either way the chosen blocks hold k entries >= v."""
     batch, n = pre.shape
-    blocks = n // chunk
-    c_vals, c_idx = pre.view(batch, blocks, chunk).topk(k, dim=-1, sorted=False)
-    c_idx = c_idx + torch.arange(0, n, chunk, device=pre.device)[None, :, None]
-    pos = c_vals.reshape(batch, blocks * k).topk(k, dim=-1, sorted=False).indices
-    return c_idx.reshape(batch, blocks * k).gather(1, pos)
+    blocks = pre.reshape(batch, n // block, block)
+    top_blocks = blocks.amax(-1).topk(k, dim=-1, sorted=False).indices        # [B, k]
+    cand = blocks.gather(1, top_blocks[:, :, None].expand(batch, k, block))   # [B, k, block]
+    pos = cand.reshape(batch, k * block).topk(k, dim=-1, sorted=False).indices   # [B, k]
+    return top_blocks.gather(1, pos // block) * block + pos % block
 
 
 def to_dense(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
