@@ -2,6 +2,9 @@
 
 import copy
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,24 +172,32 @@ def test_selected_dots_hand_case(dtype):
     assert got.dtype == dtype and got.tolist() == [0.0, 5.5, 3.0]
 
 
+def _triton_device() -> str:
+    """Where the Triton kernels run in this session: CUDA, else the CPU interpreter."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    require_grads("triton", dev)
+    return dev
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_hand_case(dtype):
     """The Triton kernels on the hand case: x rows [1, 2], [3, 4], [5, 6]; selections
     (row, col, coef) = (0, 2, 1), (0, 0, 2), (1, 2, -1), (2, 1, 0.5) over 4 columns give
     column sums 2 * [1, 2]; 0.5 * [5, 6]; [1, 2] - [3, 4]; nothing (zeros), in fp32; dots
     with W rows [1, 0], [0, 1], [2, 2], [1, 1]: 2 + 4, 1, 6 + 8, 6."""
-    require_grads("triton")
+    dev = _triton_device()
     from paper_lib.sae import triton_kernels as tk
 
-    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=dtype)
-    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([2, 0, 2, 1])
-    coef = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=dtype)
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=dtype, device=dev)
+    rows = torch.tensor([0, 0, 1, 2], device=dev)
+    cols = torch.tensor([2, 0, 2, 1], device=dev)
+    coef = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=dtype, device=dev)
     order = tk.ColumnOrder(cols, 4)
     assert order.seg.tolist() == [0, 1, 2, 4, 4]
     got = tk.segment_rows(x, rows, coef, order)
     assert got.dtype == torch.float32
     assert got.tolist() == [[2.0, 4.0], [2.5, 3.0], [-2.0, -2.0], [0.0, 0.0]]
-    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [1.0, 1.0]], dtype=dtype)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [1.0, 1.0]], dtype=dtype, device=dev)
     assert tk.selected_dots(x, w, rows, cols).tolist() == [6.0, 1.0, 14.0, 6.0]
 
 
@@ -194,7 +205,7 @@ def test_triton_kernels_span_blocks():
     """Past one block: d = 300 (blocks of 256 and 128 columns), 100 selections, some
     columns with more selections than one loop step (16) holds: matches index_add and
     row-wise dots in float32."""
-    require_grads("triton")
+    dev = _triton_device()
     from paper_lib.sae import triton_kernels as tk
 
     gen = torch.Generator().manual_seed(0)
@@ -203,10 +214,11 @@ def test_triton_kernels_span_blocks():
                                                                               generator=gen)
     coef = torch.randn(100, generator=gen)
     want = torch.zeros(7, 300).index_add_(0, cols, a[rows] * coef[:, None])
-    got = tk.segment_rows(a, rows, coef, tk.ColumnOrder(cols, 7))
+    a, b, rows, cols, coef = (t.to(dev) for t in (a, b, rows, cols, coef))
+    got = tk.segment_rows(a, rows, coef, tk.ColumnOrder(cols, 7)).cpu()
     assert torch.allclose(got, want, atol=1e-5)
-    assert torch.allclose(tk.selected_dots(a, b, rows, cols), (a[rows] * b[cols]).sum(1),
-                          atol=1e-4)
+    dots = tk.selected_dots(a, b, rows, cols).cpu()
+    assert torch.allclose(dots, (a[rows] * b[cols]).sum(1).cpu(), atol=1e-4)
 
 
 @pytest.mark.parametrize("grads", kernels.GRADS)
@@ -309,3 +321,38 @@ def test_sample_stride_is_coprime_to_row_length():
     assert batchtopk.sample_stride(1 << 20, 1024) == 5
     assert batchtopk.sample_stride(3 << 18, 1000) == 3
     assert batchtopk.sample_stride(1000, 10) == 1
+
+
+_COMPILE_H100 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from paper_lib.sae import triton_kernels as tk
+for dt in ("bf16", "fp32"):
+    for fn, sig, const in (
+        (tk._segment_rows_kernel,
+         dict(x_ptr=f"*{dt}", rows_ptr="*i64", coef_ptr=f"*{dt}", seg_ptr="*i64",
+              out_ptr="*fp32", d="i32", stride_x="i32", stride_out="i32"),
+         dict(BLOCK_S=16, BLOCK_D=256)),
+        (tk._selected_dots_kernel,
+         dict(a_ptr=f"*{dt}", b_ptr=f"*{dt}", rows_ptr="*i64", cols_ptr="*i64",
+              out_ptr="*fp32", m="i32", stride_a="i32", stride_b="i32"),
+         dict(D=768, BLOCK_S=32, BLOCK_D=128)),
+    ):
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}},
+                        constexprs=const)
+        assert "ld.global" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_h100():
+    """Both kernels compile to H100 (sm_90) machine code, bf16 and fp32 operands, with no
+    GPU here: Triton's own compiler, not its interpreter (a fresh process without
+    TRITON_INTERPRET), so compiled-mode type errors show on the CPU."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_H100], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

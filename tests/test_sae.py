@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from paper_lib.sae import ARCHITECTURES, SAEConfig, load_sae, make_sae, save_sae
+from paper_lib.sae import ARCHITECTURES, SAEConfig, kernels, load_sae, make_sae, save_sae
 from paper_lib.sae.io import CFG_FILE, WEIGHTS_FILE
 from paper_lib.sae.matryoshka import group_ends
 from paper_lib.sae.topk import topk_codes
@@ -39,6 +39,24 @@ def test_forward_shapes_and_finite_loss(arch):
     assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()
     if arch in ("topk", "batchtopk", "matryoshka", "topafa"):
         assert "auxk" in terms
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_auxk_hand_case(sparse):
+    """x = [1, 0], pre = [1, 2, -1] (W_enc's first row), k = 1 keeps latent 1: x_hat = 2 *
+    W_dec[1] = [0, 2], residual e = [1, -2]. Dead latents {0, 2}, k_aux = 1: latent 0 (pre
+    1) reconstructs e_hat = W_dec[0] = [1, 0]; L_aux = (1/32) * ||e - e_hat||^2 = 4 / 32."""
+    sae = make_sae(SAEConfig("topk", 2, 3, k=1, aux_k=1)).train()
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 2.0, -1.0], [0.0, 0.0, 0.0]]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    with kernels.use_sparse(sparse):
+        out = sae(torch.tensor([[1.0, 0.0]]))
+        terms = sae.loss(out, torch.tensor([True, False, True]))
+    assert out.recon.tolist() == [[0.0, 2.0]]
+    assert float(terms["auxk"]) == pytest.approx(4 / 32)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "topafa"])

@@ -285,15 +285,32 @@ class SAE(nn.Module):
 
     def auxk_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
         """Gao et al. App. B.1: the top k_aux dead latents reconstruct the residual
-        e = x - x_hat (detached): L_aux = alpha * ||e - e_hat||^2."""
+        e = x - x_hat (detached): L_aux = alpha * ||e - e_hat||^2.
+
+        The dense reference masks the live latents out of all n pre-activations. The sparse
+        path computes the dead latents' pre-activations afresh from their own encoder
+        columns and decodes with their own decoder rows: products over the n_dead columns
+        only, and nothing flows back into the dense [B, n] pre-activations (which would
+        cost SparseEncode a dense backward). Same values; with 5% of the latents dead that
+        took a 2-core CPU step at d=256, n=8192 from 4x to ~1.2x a step without AuxK."""
         if not self.cfg.auxk or dead_mask is None:
             return {}
-        k_aux = min(self.cfg.k_aux, count_true(dead_mask))
-        if k_aux == 0:
-            return {}
-        pre_dead = out.pre.masked_fill(~dead_mask, float("-inf"))
-        vals, idx = pre_dead.topk(k_aux, dim=-1)
-        e_hat = torch.zeros_like(out.pre).scatter(-1, idx, vals.relu()) @ self.W_dec
+        if out.sel is None:
+            k_aux = min(self.cfg.k_aux, count_true(dead_mask))
+            if k_aux == 0:
+                return {}
+            pre_dead = out.pre.masked_fill(~dead_mask, float("-inf"))
+            vals, idx = pre_dead.topk(k_aux, dim=-1)
+            e_hat = torch.zeros_like(out.pre).scatter(-1, idx, vals.relu()) @ self.W_dec
+        else:
+            dead = dead_mask.nonzero().squeeze(1)  # a device sync, like count_true
+            k_aux = min(self.cfg.k_aux, dead.numel())
+            if k_aux == 0:
+                return {}
+            pre_dead = torch.addmm(self.b_enc[dead], out.x_in - self.b_dec, self.W_enc[:, dead])
+            vals, idx = pre_dead.topk(k_aux, dim=-1)
+            codes = torch.zeros_like(pre_dead).scatter(-1, idx, vals.relu())
+            e_hat = codes @ self.W_dec[dead]
         e = (out.x_in - out.recon_in).detach()
         return {"auxk": self.cfg.aux_coeff * (e - e_hat).pow(2).sum(-1).mean()}
 
