@@ -29,7 +29,7 @@ WORK=${GPU_WORK:-/tmp/gpu}
 REPO=$WORK/repo
 WAIT_S=${WAIT_S:-540}
 PROFILE=${PROFILE:-gpu}  # smoke: try this script on a CPU machine
-DEFAULT_STAGES="env tests prepare 01 05 bench 04 03 02"  # least recently run first
+DEFAULT_STAGES="env tests bench prepare 01 05 04 03 02"  # the open measurements first
 
 setup_env() {
     export PROFILE PYTHONPATH=/tmp/site:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \

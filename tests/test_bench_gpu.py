@@ -50,13 +50,18 @@ def test_quick_bench_compiled_step_runs(quick_bench):
     assert row.get("tokens_per_s", 0) > 0, row.get("error")
 
 
-@pytest.mark.parametrize("grads", ["index", "gemm"])
-def test_profile_step_uses_the_strategy(grads):
-    """The profile runs the requested kernels: only gemm's backward holds GemmDecode."""
+@pytest.mark.parametrize("grads,topk", [("index", "full"), ("gemm", "full"),
+                                        ("index", "blockmax")])
+def test_profile_step_uses_the_strategy(grads, topk):
+    """The profile runs the requested kernels (only gemm's backward holds GemmDecode, only
+    blockmax takes block maxima) and the summary labels its rows with them."""
     rows = bench.profile_step(SAEConfig("topk", 16, 256, k=4), 32, torch.device("cpu"),
-                              grads=grads, top=200)
-    assert rows and all(r["grads"] == grads and r["self_us_per_step"] >= 0 for r in rows)
+                              grads=grads, topk=topk, top=200)
+    assert rows and all(r["grads"] == grads and r["topk"] == topk and r["batch"] == 32
+                        and r["self_us_per_step"] >= 0 for r in rows)
     assert any("GemmDecode" in r["op"] for r in rows) == (grads == "gemm")
+    assert any(r["op"] == "aten::amax" for r in rows) == (topk == "blockmax")
+    assert f"| {grads}/{topk}/32 | " in bench.summary({"profile": rows})
 
 
 def test_time_pair_ratio_survives_host_drift(monkeypatch):

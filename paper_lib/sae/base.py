@@ -242,15 +242,18 @@ class SAE(nn.Module):
         sel = prefixes = None
         if self.training and self.sparse_capable and \
                 kernels.want_sparse(self.expected_density()):
+            shared: dict = {}  # what both backward passes derive from the selection
             vals, rows, cols, pre = kernels.SparseEncode.apply(
-                x_in, self.W_enc, self.b_enc, self.b_dec, lambda p: self.select(p, x_in))
+                x_in, self.W_enc, self.b_enc, self.b_dec, lambda p: self.select(p, x_in), shared)
             batch = x_in.shape[0]
             if self.nested_ends is None:
-                recon_in = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch) + self.b_dec
+                recon_in = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch,
+                                                 shared=shared) + self.b_dec
             else:  # every prefix's reconstruction from one grouped decode
                 parts = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch,
-                                              self.nested_ends)
-                prefixes = parts.cumsum(1) + self.b_dec
+                                              self.nested_ends, shared)
+                # running sums in the weights' precision (parts may be bf16)
+                prefixes = parts.cumsum(1, dtype=self.W_dec.dtype) + self.b_dec
                 recon_in = prefixes[:, -1]
             codes = None  # built lazily from `sel` if anything reads out.codes
             sel = (rows, cols, vals)

@@ -161,11 +161,12 @@ class SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor,  # type: ignore
-                select: Select) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                select: Select, shared: dict | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, w_enc)
         rows, cols = select(pre.detach())
-        ctx.grads, ctx.dtype = grads_for(x.device), pre.dtype
+        ctx.grads, ctx.dtype, ctx.shared = grads_for(x.device), pre.dtype, shared
         if ctx.grads == "csr":
             rows, cols = sort_selection(rows, cols, pre.shape[1])
         flat = rows * pre.shape[1] + cols
@@ -196,7 +197,8 @@ class SparseEncode(torch.autograd.Function):
             g_w = x_c.to(dense.dtype).T @ dense
         elif ctx.grads == "triton":  # dW_enc^T[j] = sum of gp * x_c[row] over column j
             tk = _triton()
-            g_w = tk.segment_rows(x_c.to(ctx.dtype), rows, gp, tk.ColumnOrder(cols, n)).T
+            order = column_order(ctx.shared, cols, n)
+            g_w = tk.segment_rows(x_c.to(ctx.dtype), rows, gp, order).T
         elif ctx.grads == "csr":  # dW_enc^T = G^T x_c, G the [B, n] CSR of selected grads
             g_sel = csr(rows, cols, gp.to(ctx.dtype), (x_c.shape[0], n))
             g_w = _spmm(g_sel.t(), x_c.to(ctx.dtype)).T
@@ -211,7 +213,18 @@ class SparseEncode(torch.autograd.Function):
             g_x_c = (dense @ w_enc.to(dense.dtype).T).to(x_c.dtype)
         g_b_dec = -(w_enc @ g_b_enc.to(w_enc.dtype)) if ctx.needs_input_grad[3] else None
         return (g_x_c, g_w.to(w_enc.dtype) if ctx.needs_input_grad[1] else None,
-                g_b_enc if ctx.needs_input_grad[2] else None, g_b_dec, None)
+                g_b_enc if ctx.needs_input_grad[2] else None, g_b_dec, None, None)
+
+
+def column_order(shared: dict | None, cols: Tensor, n: int):
+    """The triton strategy's `ColumnOrder` of a selection, computed once per forward pass:
+    the decoder's and the encoder's backward share it through `shared` (one dict per
+    forward, see `SAE.forward`), so the selection is sorted by column once, not twice."""
+    if shared is None:
+        return _triton().ColumnOrder(cols, n)
+    if "column_order" not in shared:
+        shared["column_order"] = _triton().ColumnOrder(cols, n)
+    return shared["column_order"]
 
 
 def offsets_from_rows(rows: Tensor, batch: int) -> Tensor:
@@ -221,14 +234,19 @@ def offsets_from_rows(rows: Tensor, batch: int) -> Tensor:
 
 
 def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: int,
-                  ends: tuple[int, ...] | None = None) -> Tensor:
+                  ends: tuple[int, ...] | None = None, shared: dict | None = None) -> Tensor:
     """[B, d] = sum over selections of vals * W_dec[cols], without the dense [B, n] codes.
     Selections sorted by row (by row and column for the "csr" strategy, or with `ends`).
 
     With `ends` (nested group ends m_1 < ... < m_G = n, as a Matryoshka SAE has) the
     result is [B, G, d]: group g's own decode, over columns [m_{g-1}, m_g), each
     selection landing in its (row, group) bag, so all G cost one decode; their running sum
-    over g gives every nested prefix's reconstruction."""
+    over g gives every nested prefix's reconstruction. `shared`: the dict passed to
+    `SparseEncode` for the same selection (see `column_order`).
+
+    The gemm and triton strategies decode with W_dec cast once to the compute dtype (bf16
+    under autocast; fp32 sums), which their backward reuses: the gather reads half the
+    bytes of fp32 rows, and the result is as precise as the dense reference's bf16 product."""
     n_groups = 1 if ends is None else len(ends)
     bags = rows
     if n_groups > 1:  # group of each column from G-1 comparisons: no index tensor to ship
@@ -242,7 +260,7 @@ def sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch
     elif grads == "gemm":
         out = GemmDecode.apply(bags, cols, vals, w_dec, batch, tuple(ends or (w_dec.shape[0],)))
     elif grads == "triton":
-        out = TritonDecode.apply(bags, cols, vals, w_dec, batch * n_groups)
+        out = TritonDecode.apply(bags, cols, vals, w_dec, batch * n_groups, shared)
     else:
         out = bag_decode(bags, cols, vals, w_dec, batch * n_groups)
     return out if ends is None else out.view(batch, n_groups, -1)
@@ -295,10 +313,11 @@ class GemmDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
                 batch: int, ends: tuple[int, ...]) -> Tensor:
-        ctx.save_for_backward(bags, cols, vals, w_dec)
-        ctx.dtype, ctx.ends = compute_dtype(w_dec), ends
+        ctx.dtype, ctx.w_dtype, ctx.ends = compute_dtype(w_dec), w_dec.dtype, ends
+        w = w_dec.detach().to(ctx.dtype)
+        ctx.save_for_backward(bags, cols, vals, w)
         with torch.no_grad():
-            return bag_decode(bags, cols, vals, w_dec, batch * len(ends))
+            return bag_decode(bags, cols, vals, w, batch * len(ends))
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
@@ -309,13 +328,12 @@ class GemmDecode(torch.autograd.Function):
         spans = list(zip((0,) + ends[:-1], ends))
         g_vals = g_w = None
         if ctx.needs_input_grad[2]:
-            wt = w.to(ctx.dtype)
-            g_codes = _cat([g[:, j] @ wt[a:b].T for j, (a, b) in enumerate(spans)], 1)
+            g_codes = _cat([g[:, j] @ w[a:b].T for j, (a, b) in enumerate(spans)], 1)
             g_vals = g_codes.view(-1).index_select(0, flat).to(vals.dtype)
         if ctx.needs_input_grad[3]:
             s = scatter_dense(flat, vals.detach().to(ctx.dtype), (g.shape[0], n))
             g_w = _cat([s[:, a:b].T @ g[:, j] for j, (a, b) in enumerate(spans)], 0)
-            g_w = g_w.to(w.dtype)
+            g_w = g_w.to(ctx.w_dtype)
         return None, None, g_vals, g_w, None, None
 
 
@@ -326,11 +344,12 @@ class TritonDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
-                n_bags: int) -> Tensor:
-        ctx.save_for_backward(bags, cols, vals, w_dec)
-        ctx.dtype = compute_dtype(w_dec)
+                n_bags: int, shared: dict | None = None) -> Tensor:
+        ctx.dtype, ctx.w_dtype, ctx.shared = compute_dtype(w_dec), w_dec.dtype, shared
+        w = w_dec.detach().to(ctx.dtype)
+        ctx.save_for_backward(bags, cols, vals, w)
         with torch.no_grad():
-            return bag_decode(bags, cols, vals, w_dec, n_bags)
+            return bag_decode(bags, cols, vals, w, n_bags)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
@@ -339,11 +358,11 @@ class TritonDecode(torch.autograd.Function):
         g = g.to(ctx.dtype)
         g_vals = g_w = None
         if ctx.needs_input_grad[2]:
-            g_vals = tk.selected_dots(g, w.to(ctx.dtype), bags, cols).to(vals.dtype)
+            g_vals = tk.selected_dots(g, w, bags, cols).to(vals.dtype)
         if ctx.needs_input_grad[3]:
-            order = tk.ColumnOrder(cols, w.shape[0])
-            g_w = tk.segment_rows(g, bags, vals.detach().to(ctx.dtype), order).to(w.dtype)
-        return None, None, g_vals, g_w, None
+            order = column_order(ctx.shared, cols, w.shape[0])
+            g_w = tk.segment_rows(g, bags, vals.detach().to(ctx.dtype), order).to(ctx.w_dtype)
+        return None, None, g_vals, g_w, None, None
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:

@@ -5,7 +5,9 @@ selections (r, j) of val * g[r], and dW_enc^T[j] = sum of gp * x_c[r]. `segment_
 computes such sums with the selections ordered by column, one program per (latent, block
 of d): no atomics, no dense [B, n] matrix, no 2 B d n products. `selected_dots` gives the
 selected values' gradient <g[r], W_dec[j]> per selection, reading only the rows it needs.
-Sums accumulate in fp32 whatever the operands' dtype.
+Sums accumulate in fp32 whatever the operands' dtype. On a GPU each kernel's block sizes and
+warp count are autotuned on first use (per d, and for `segment_rows` per mean selections per
+latent, a power of two), so the H100's choice is measured, not guessed.
 
 On a machine without CUDA the kernels can run in Triton's interpreter: slow, but the same
 code, which is how the CPU tests check them. The interpreter must be chosen before anything
@@ -15,6 +17,8 @@ ship it).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -26,9 +30,25 @@ from triton.runtime.interpreter import InterpretedFunction
 INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
 
 
+def _configs(default: dict[str, int], **grid: tuple[int, ...]) -> list[triton.Config]:
+    """Autotuning candidates: every combination of `grid` (block sizes and num_warps) on a
+    GPU; the interpreter, which has no timer, runs `default` alone (a single config is
+    never timed)."""
+    if INTERPRETED:
+        return [triton.Config(default, num_warps=4)]
+    names = [k for k in grid if k != "num_warps"]
+    return [triton.Config(dict(zip(names, values)), num_warps=w)
+            for values in itertools.product(*(grid[k] for k in names))
+            for w in grid["num_warps"]]
+
+
+@triton.autotune(_configs(dict(BLOCK_S=16, BLOCK_D=256), BLOCK_S=(8, 16, 32),
+                          BLOCK_D=(128, 256), num_warps=(4, 8)), key=["d", "mean_run"])
+
 @triton.jit
 def _segment_rows_kernel(x_ptr, rows_ptr, coef_ptr, seg_ptr, out_ptr, d, stride_x, stride_out,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         mean_run, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # mean_run (selections per latent, rounded to a power of two) only keys the tuner
     j = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < d
@@ -48,6 +68,8 @@ def _segment_rows_kernel(x_ptr, rows_ptr, coef_ptr, seg_ptr, out_ptr, d, stride_
     tl.store(out_ptr + j * stride_out + offs, acc, mask=in_d)
 
 
+@triton.autotune(_configs(dict(BLOCK_S=32, BLOCK_D=128), BLOCK_S=(16, 32, 64),
+                          BLOCK_D=(128, 256), num_warps=(4, 8)), key=["D"])
 @triton.jit
 def _selected_dots_kernel(a_ptr, b_ptr, rows_ptr, cols_ptr, out_ptr, m, stride_a, stride_b,
                           D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -90,11 +112,10 @@ def segment_rows(x: Tensor, rows: Tensor, coef: Tensor, order: ColumnOrder) -> T
     x = x.contiguous()
     n, d = order.seg.numel() - 1, x.shape[1]
     out = torch.empty(n, d, dtype=torch.float32, device=x.device)
-    block_d = min(256, triton.next_power_of_2(d))
-    grid = (n, triton.cdiv(d, block_d))
-    _segment_rows_kernel[grid](x, rows[order.perm].contiguous(),
-                               coef[order.perm].contiguous(), order.seg, out, d, x.stride(0),
-                               out.stride(0), BLOCK_S=16, BLOCK_D=block_d)
+    mean_run = triton.next_power_of_2(max(1, rows.numel() // max(n, 1)))
+    _segment_rows_kernel[lambda meta: (n, triton.cdiv(d, meta["BLOCK_D"]))](
+        x, rows[order.perm].contiguous(), coef[order.perm].contiguous(), order.seg, out, d,
+        x.stride(0), out.stride(0), mean_run)
     return out
 
 
@@ -105,8 +126,6 @@ def selected_dots(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     m, d = rows.numel(), a.shape[1]
     out = torch.empty(m, dtype=torch.float32, device=a.device)
     if m:
-        block_d = min(128, triton.next_power_of_2(d))
-        _selected_dots_kernel[(triton.cdiv(m, 32),)](a, b, rows.contiguous(), cols.contiguous(),
-                                                     out, m, a.stride(0), b.stride(0), D=d,
-                                                     BLOCK_S=32, BLOCK_D=block_d)
+        _selected_dots_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_S"]),)](
+            a, b, rows.contiguous(), cols.contiguous(), out, m, a.stride(0), b.stride(0), D=d)
     return out
