@@ -25,8 +25,10 @@ the GPU; `python -m paper_lib.bench` times every combination in one run):
   that can be the cheaper trade;
   "triton" decodes with embedding_bag and computes both weight gradients and the
   selected values' gradient with Triton kernels over the selected rows only
-  (`triton_kernels`: selections ordered by column, one program per latent, fp32 sums):
-  neither atomics nor extra dense products;
+  (`triton_kernels`: selections ordered by column once per step, one program per latent
+  and block of d, fp32 sums, block sizes autotuned on the GPU): neither atomics nor
+  extra dense products. "gemm" and "triton" decode from W_dec cast once to the autocast
+  dtype, which their backward reuses;
 - TopK selection: "full" is torch.topk over each row; "blockmax" splits each row into
   blocks of about sqrt(n / k) columns, keeps the k blocks with the largest maxima and
   takes the top k of their entries (exact, see `blockmax_topk_indices`): one pass over
