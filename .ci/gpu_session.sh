@@ -49,7 +49,7 @@ print(\"torch\", torch.__version__, torch.version.cuda,
 import paper_lib.reproduce, paper_lib.bench" && python3 -m paper_lib.kernelspec' ;;
         tests) echo 'python3 -m pytest -q -rs tests/test_kernels.py tests/test_fused.py' \
                     'tests/test_bench_gpu.py tests/test_train.py' ;;
-        bench) echo 'python3 -m paper_lib.bench' ;;
+        bench) echo 'TORCHDYNAMO_VERBOSE=1 python3 -m paper_lib.bench' ;;
         prepare) echo 'python3 -m paper_lib.reproduce --profile $PROFILE --prepare' ;;
         [0-9][0-9]) echo "python3 -m paper_lib.reproduce --profile $PROFILE --only $1" \
                          "--no-scoreboard" ;;

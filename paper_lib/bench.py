@@ -28,6 +28,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -181,7 +182,10 @@ def bench_step(name: str, make: Callable[[], Callable[[], None]], tokens: int,
         step = make()
         sec = _timed(step, dev, steps, warmup)
     except Exception as e:  # report, do not hide, a variant that cannot run here
-        return {"variant": name, "error": f"{type(e).__name__}: {e}"}
+        # the chained traceback's end: for a compile fallback it holds the compiler's
+        # own error and where it was raised (run with TORCHDYNAMO_VERBOSE=1 for all frames)
+        tb = "".join(traceback.format_exception(e))
+        return {"variant": name, "error": f"{type(e).__name__}: {e}", "traceback": tb[-8000:]}
     return {"variant": name, "seconds_per_step": sec, "tokens_per_s": tokens / sec,
             "peak_memory_gib": _peak(dev)}
 

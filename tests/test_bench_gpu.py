@@ -131,10 +131,12 @@ def test_step_floor_hand_case():
 
 def test_compile_fallback_is_recorded_not_timed(broken_compiler):
     """A compiler failure during the torch.compile row makes that row an error naming the
-    fallback, instead of eager timings under the compiled label."""
+    fallback, with the compiler's traceback, instead of eager timings under the compiled
+    label."""
     rows = bench.topk_suite(16, 256, 4, 32, torch.device("cpu"), steps=1, warmup=1)
     row, = [r for r in rows if r["variant"] == "paper_lib sparse, torch.compile (Adam)"]
     assert "tokens_per_s" not in row
     assert row["error"].startswith("CompileFallbackWarning: torch.compile failed")
+    assert "broken_backend" in row["traceback"]  # the compiler's own frame, for diagnosis
     assert all(r.get("tokens_per_s", 0) > 0 for r in rows if r["variant"].startswith(
         "paper_lib sparse (Adam)"))
