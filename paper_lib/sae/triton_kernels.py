@@ -44,7 +44,6 @@ def _configs(default: dict[str, int], **grid: tuple[int, ...]) -> list[triton.Co
 
 @triton.autotune(_configs(dict(BLOCK_S=16, BLOCK_D=256), BLOCK_S=(8, 16, 32),
                           BLOCK_D=(128, 256), num_warps=(4, 8)), key=["d", "mean_run"])
-
 @triton.jit
 def _segment_rows_kernel(x_ptr, rows_ptr, coef_ptr, seg_ptr, out_ptr, d, stride_x, stride_out,
                          mean_run, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
