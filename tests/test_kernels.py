@@ -279,6 +279,22 @@ def test_grouped_decode_hand_case(grads):
     assert vals.grad.tolist() == [1.0, 14.0, 8.0]
 
 
+def test_triton_refuses_cpu_tensors_in_forward(monkeypatch):
+    """Outside Triton's interpreter, CPU tensors under grads="triton" are refused when the
+    forward starts (encoder and decoder), naming the fix, not at the first backward."""
+    require_grads("triton")
+    from paper_lib.sae import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "INTERPRETED", False)  # as on a machine with CUDA
+    sae = make_sae(SAEConfig("topk", 12, 48, k=5, seed=0))
+    with kernels.use_sparse(True), kernels.strategy(grads="triton"):
+        with pytest.raises(ValueError, match="got cpu tensors.*grads='index'"):
+            sae(torch.randn(4, 12))
+        with pytest.raises(ValueError, match="got cpu tensors"):
+            kernels.sparse_decode(torch.tensor([0]), torch.tensor([1]), torch.ones(1),
+                                  torch.randn(48, 12), batch=1)
+
+
 def test_strategy_rejects_unknown_names():
     with pytest.raises(ValueError, match="grads='dense'.*index, csr, gemm, triton"):
         with kernels.strategy(grads="dense"):

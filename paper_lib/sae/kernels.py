@@ -165,10 +165,13 @@ class SparseEncode(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor,  # type: ignore
                 select: Select, shared: dict | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ctx.grads = grads_for(x.device)
+        if ctx.grads == "triton":  # refuse tensors its kernels cannot take, before any compute
+            _triton().check_device(x, w_enc)
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, w_enc)
         rows, cols = select(pre.detach())
-        ctx.grads, ctx.dtype, ctx.shared = grads_for(x.device), pre.dtype, shared
+        ctx.dtype, ctx.shared = pre.dtype, shared
         if ctx.grads == "csr":
             rows, cols = sort_selection(rows, cols, pre.shape[1])
         flat = rows * pre.shape[1] + cols
@@ -347,6 +350,7 @@ class TritonDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
                 n_bags: int, shared: dict | None = None) -> Tensor:
+        _triton().check_device(w_dec, vals)
         ctx.dtype, ctx.w_dtype, ctx.shared = compute_dtype(w_dec), w_dec.dtype, shared
         w = w_dec.detach().to(ctx.dtype)
         ctx.save_for_backward(bags, cols, vals, w)

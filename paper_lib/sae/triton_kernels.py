@@ -86,7 +86,8 @@ def _selected_dots_kernel(a_ptr, b_ptr, rows_ptr, cols_ptr, out_ptr, m, stride_a
     tl.store(out_ptr + idx, acc, mask=ok)
 
 
-def _check(*tensors: Tensor) -> None:
+def check_device(*tensors: Tensor) -> None:
+    """Refuse tensors the kernels cannot run on (CPU ones outside the interpreter)."""
     dev = tensors[0].device
     if dev.type != "cuda" and not INTERPRETED:
         raise ValueError(f"grads='triton' got {dev.type} tensors: its kernels run on CUDA, "
@@ -107,7 +108,7 @@ class ColumnOrder:
 
 def segment_rows(x: Tensor, rows: Tensor, coef: Tensor, order: ColumnOrder) -> Tensor:
     """[n, d] fp32: out[j] = sum over selections i with column j of coef[i] * x[rows[i]]."""
-    _check(x, rows, coef)
+    check_device(x, rows, coef)
     x = x.contiguous()
     n, d = order.seg.numel() - 1, x.shape[1]
     out = torch.empty(n, d, dtype=torch.float32, device=x.device)
@@ -120,7 +121,7 @@ def segment_rows(x: Tensor, rows: Tensor, coef: Tensor, order: ColumnOrder) -> T
 
 def selected_dots(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """[m] fp32 = <a[rows[i]], b[cols[i]]>, reading only the selected rows."""
-    _check(a, b, rows, cols)
+    check_device(a, b, rows, cols)
     a, b = a.contiguous(), b.contiguous()
     m, d = rows.numel(), a.shape[1]
     out = torch.empty(m, dtype=torch.float32, device=a.device)
