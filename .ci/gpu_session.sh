@@ -20,7 +20,8 @@
 # except env, which stops the session):
 #   env      driver, versions, every import the later stages need
 #   tests    the CUDA tests (test_kernels, test_fused, test_bench_gpu, test_train)
-#   bench    python -m paper_lib.bench (TopK-family steps, eai-sparsify, harvest, profile)
+#   bench    python -m paper_lib.bench (TopK-family steps, eai-sparsify, harvest, profile;
+#            the log shows the Triton autotuner's picks and full compiler tracebacks)
 #   prepare  the gpu profile's LM and shared activations (reproduce --prepare)
 #   NN       notebook NN at the gpu profile (reproduce --profile gpu --only NN)
 set -uo pipefail
@@ -49,7 +50,7 @@ print(\"torch\", torch.__version__, torch.version.cuda,
 import paper_lib.reproduce, paper_lib.bench" && python3 -m paper_lib.kernelspec' ;;
         tests) echo 'python3 -m pytest -q -rs tests/test_kernels.py tests/test_fused.py' \
                     'tests/test_bench_gpu.py tests/test_train.py' ;;
-        bench) echo 'TORCHDYNAMO_VERBOSE=1 python3 -m paper_lib.bench' ;;
+        bench) echo 'TORCHDYNAMO_VERBOSE=1 TRITON_PRINT_AUTOTUNING=1 python3 -m paper_lib.bench' ;;
         prepare) echo 'python3 -m paper_lib.reproduce --profile $PROFILE --prepare' ;;
         [0-9][0-9]) echo "python3 -m paper_lib.reproduce --profile $PROFILE --only $1" \
                          "--no-scoreboard" ;;
