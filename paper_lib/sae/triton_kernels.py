@@ -102,7 +102,8 @@ class ColumnOrder:
     [n + 1] offsets where each column's run starts in that order (CSR of the transpose)."""
 
     def __init__(self, cols: Tensor, n: int) -> None:
-        self.perm = torch.argsort(cols, stable=True)
+        # int32 keys (n < 2^31): a radix sort over half the key bits, same stable order
+        self.perm = torch.argsort(cols.to(torch.int32), stable=True)
         self.seg = torch.searchsorted(cols[self.perm], torch.arange(n + 1, device=cols.device))
 
 
