@@ -277,6 +277,17 @@ def bag_decode(rows: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor, batch: i
                            per_sample_weights=vals.to(w_dec.dtype))
 
 
+def _decode_saving_weights(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,
+                           n_bags: int) -> Tensor:
+    """The gemm and triton decoders' forward: W_dec cast once to the compute dtype, saved
+    (with the selection) for their backward, and decoded from by embedding_bag."""
+    ctx.dtype, ctx.w_dtype = compute_dtype(w_dec), w_dec.dtype
+    w = w_dec.detach().to(ctx.dtype)
+    ctx.save_for_backward(bags, cols, vals, w)
+    with torch.no_grad():
+        return bag_decode(bags, cols, vals, w, n_bags)
+
+
 class CsrDecode(torch.autograd.Function):
     """S W_dec with S the [B, n] CSR of the selection; backward: dW_dec = S^T g and
     d vals = <g[row], W_dec[col]> per selection (`selected_dots`), never a dense [B, n]."""
@@ -318,11 +329,8 @@ class GemmDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
                 batch: int, ends: tuple[int, ...]) -> Tensor:
-        ctx.dtype, ctx.w_dtype, ctx.ends = compute_dtype(w_dec), w_dec.dtype, ends
-        w = w_dec.detach().to(ctx.dtype)
-        ctx.save_for_backward(bags, cols, vals, w)
-        with torch.no_grad():
-            return bag_decode(bags, cols, vals, w, batch * len(ends))
+        ctx.ends = ends
+        return _decode_saving_weights(ctx, bags, cols, vals, w_dec, batch * len(ends))
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
@@ -351,11 +359,8 @@ class TritonDecode(torch.autograd.Function):
     def forward(ctx, bags: Tensor, cols: Tensor, vals: Tensor, w_dec: Tensor,  # type: ignore
                 n_bags: int, shared: dict | None = None) -> Tensor:
         _triton().check_device(w_dec, vals)
-        ctx.dtype, ctx.w_dtype, ctx.shared = compute_dtype(w_dec), w_dec.dtype, shared
-        w = w_dec.detach().to(ctx.dtype)
-        ctx.save_for_backward(bags, cols, vals, w)
-        with torch.no_grad():
-            return bag_decode(bags, cols, vals, w, n_bags)
+        ctx.shared = shared
+        return _decode_saving_weights(ctx, bags, cols, vals, w_dec, n_bags)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore
