@@ -3,34 +3,58 @@
 #
 # Here:  make device-wheels      # .whl/: what the machine's image lacks (about 20 MiB)
 # There (device tool `run`, carry [".whl"], one call at most 10 minutes):
-#   PAPER_LIB_GIT=<commit> .ci/gpu_session.sh start [STAGE ...]   # first call
-#   .ci/gpu_session.sh wait                                         # each later call
+#   PAPER_LIB_GIT=<commit> .ci/gpu_session.sh start [PLAN | STAGE ...]   # first call
+#   .ci/gpu_session.sh wait                                               # any later call
+# Anywhere: .ci/gpu_session.sh plan [PLAN | STAGE ...] prints each stage's command.
+#
+# A lease is 15 minutes of device time, the machine's start (a minute or two) and every
+# idle wait included: one `start` call that ends within about 9 minutes, then give_back.
+# So the work comes in plans, each sized for one lease (times from the H100 runs; the
+# H200 lent since is the same chip with faster memory):
+#   kernels    env tests bench          issue #10's step numbers (the default): tests ~1-2
+#                                       min with autotuning off, bench ~4-6 min
+#   notebooks  env prepare 01 05        prepare 1-3.5 min (the gpu LM), 01 4-7 min, 05 1 min
+#   rest       env prepare 04 03 02     04 160 s, 03 260-290 s, 02 165-180 s: more than one
+#                                       lease; rerun only what changed since results/gpu
 #
 # `start` installs the wheels, copies the tree to /tmp/gpu/repo (later calls re-sync the
 # tree the tool sends; the runner's results must not be overwritten) and starts the stages
 # in the background, in their own process session so they outlive the call. Each call
-# then waits up to WAIT_S seconds (default 540) and copies what is done into $OUT:
+# then waits up to WAIT_S seconds (default 500) and copies what is done into $OUT:
 # status.tsv (stage, exit code, seconds), logs.tgz, results.tgz (results/gpu,
-# figures/gpu, results/bench and the executed notebooks in build/gpu of the runner's copy;
-# the executed notebooks are committed as results/gpu/<notebook>.ipynb). The machine
-# goes back after 30 s without a call, and the stages with it, so issue `wait` calls back
-# to back; after a loss, `start` again with the stages not yet done.
+# figures/gpu, results/bench (a bench cut short leaves its rows in <gpu>.partial.json) and
+# the executed notebooks in build/gpu of the runner's copy; they are committed as
+# results/gpu/<notebook>.ipynb). The machine goes back 30 s after a call, and the stages
+# with it: after a loss, `start` again with the stages not yet done.
 #
-# Stages (default: all, in this order; a failing stage is recorded and the rest go on,
-# except env, which stops the session):
+# Stages (a failing stage is recorded and the rest go on, except env, which stops the
+# session):
 #   env      driver, versions, every import the later stages need
-#   tests    the CUDA tests (test_kernels, test_fused, test_bench_gpu, test_train)
-#   bench    python -m paper_lib.bench (TopK-family steps, eai-sparsify, harvest, profile;
-#            the log shows the Triton autotuner's picks and full compiler tracebacks)
+#   tests    the CUDA tests (test_kernels, test_fused, test_bench_gpu, test_train) with
+#            PAPER_LIB_TRITON_AUTOTUNE=0: each Triton kernel's default configuration (the
+#            CPU tests check every candidate; tuning each test shape costs minutes)
+#   bench    python -m paper_lib.bench at the four TopK sizes, the largest batch first (the
+#            5 M tok/s question), all strategies, no harvest rows (measured, #4); the log
+#            shows the Triton autotuner's picks and full compiler tracebacks
+#   bench-full  the whole default benchmark, harvest included
 #   prepare  the gpu profile's LM and shared activations (reproduce --prepare)
 #   NN       notebook NN at the gpu profile (reproduce --profile gpu --only NN)
 set -uo pipefail
 
 WORK=${GPU_WORK:-/tmp/gpu}
 REPO=$WORK/repo
-WAIT_S=${WAIT_S:-540}
+WAIT_S=${WAIT_S:-500}
 PROFILE=${PROFILE:-gpu}  # smoke: try this script on a CPU machine
-DEFAULT_STAGES="env tests bench prepare 01 05 04 03 02"  # the open measurements first
+BENCH_CONFIGS="768x32768x32x65536 768x32768x32x16384 768x32768x32x4096 2304x65536x64x4096"
+
+plan_stages() {  # the stages of a plan name, or nothing
+    case $1 in
+        kernels) echo "env tests bench" ;;
+        notebooks) echo "env prepare 01 05" ;;
+        rest) echo "env prepare 04 03 02" ;;
+        *) return 1 ;;
+    esac
+}
 
 setup_env() {
     export PROFILE PYTHONPATH=/tmp/site:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
@@ -48,9 +72,12 @@ for m in (\"transformer_lens\", \"datasets\", \"papermill\", \"nbclient\", \"ipy
 print(\"torch\", torch.__version__, torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA\")
 import paper_lib.reproduce, paper_lib.bench" && python3 -m paper_lib.kernelspec' ;;
-        tests) echo 'python3 -m pytest -q -rs tests/test_kernels.py tests/test_fused.py' \
-                    'tests/test_bench_gpu.py tests/test_train.py' ;;
-        bench) echo 'TORCHDYNAMO_VERBOSE=1 TRITON_PRINT_AUTOTUNING=1 python3 -m paper_lib.bench' ;;
+        tests) echo 'PAPER_LIB_TRITON_AUTOTUNE=0 python3 -m pytest -q -rs tests/test_kernels.py' \
+                    'tests/test_fused.py tests/test_bench_gpu.py tests/test_train.py' ;;
+        bench) echo 'TORCHDYNAMO_VERBOSE=1 TRITON_PRINT_AUTOTUNING=1 python3 -m paper_lib.bench' \
+                    "--configs $BENCH_CONFIGS --skip harvest" ;;
+        bench-full) echo 'TORCHDYNAMO_VERBOSE=1 TRITON_PRINT_AUTOTUNING=1' \
+                         'python3 -m paper_lib.bench' ;;
         prepare) echo 'python3 -m paper_lib.reproduce --profile $PROFILE --prepare' ;;
         [0-9][0-9]) echo "python3 -m paper_lib.reproduce --profile $PROFILE --only $1" \
                          "--no-scoreboard" ;;
@@ -94,13 +121,25 @@ wait_runner() {
     collect
 }
 
+resolve_stages() {  # a plan name (default kernels) or stage names -> $stages, or exit 2
+    stages=${*:-kernels}
+    if [ $# -le 1 ] && plan_stages "$stages" > /dev/null; then
+        stages=$(plan_stages "$stages")
+    fi
+    for s in $stages; do
+        stage_cmd "$s" > /dev/null \
+            || { echo "unknown plan or stage '$s' (see the header)"; exit 2; }
+    done
+}
+
 case ${1:-} in
+    plan)  # what `start` would run, without running it (no device time)
+        shift
+        resolve_stages "$@"
+        for s in $stages; do echo "$s: $(stage_cmd "$s" | tr "\n" " ")"; done ;;
     start)
         shift
-        stages=${*:-$DEFAULT_STAGES}
-        for s in $stages; do
-            stage_cmd "$s" > /dev/null || { echo "unknown stage '$s' (see the header)"; exit 2; }
-        done
+        resolve_stages "$@"
         ls .whl/*.whl > /dev/null 2>&1 \
             || { echo "no .whl/: run make device-wheels here and carry .whl"; exit 2; }
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

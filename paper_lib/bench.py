@@ -16,8 +16,13 @@ Everything a claim compares is measured in the same run on the same device:
 - the device's copy bandwidth and matrix-product throughput, measured in the same run, and
   for every TopK row the step floor they imply (`step_floor_seconds`): how far each
   implementation is from what fp32 Adam and the dense encoder alone cost.
-`--quick` runs tiny sizes (the CPU smoke check used by the tests). `time_step_pair` (two
-SAEs' steps interleaved round by round) gives notebook 04 its Matryoshka / TopK cost ratio.
+`--quick` runs tiny sizes (the CPU smoke check used by the tests); `--configs` and
+`--strategies` pick sizes and kernel strategies (a GPU lease is short), and the torch.compile
+row is timed at the first size only (compiling is slow; on the H100 it failed alike at all
+four). The results so far are written to `<out>.partial.json` after every suite, so a run
+killed at a device's time limit keeps what it measured, and the finished JSON replaces the
+output file only at the end. `time_step_pair` (two SAEs' steps interleaved round by round)
+gives notebook 04 its Matryoshka / TopK cost ratio.
 """
 
 from __future__ import annotations
@@ -202,7 +207,12 @@ def runs_on(grads: str, dev: torch.device) -> bool:
 
 
 def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int,
-               warmup: int, peaks: dict[str, float] | None = None) -> list[dict[str, Any]]:
+               warmup: int, peaks: dict[str, float] | None = None,
+               strategies: list[tuple[str, str]] | None = None, compile: bool = True
+               ) -> list[dict[str, Any]]:
+    """Every TopK-family step row at one size: our sparse path under each of `strategies`
+    (default all), torch.compile (if `compile`), the dense reference, eai-sparsify and the
+    BatchTopK / Matryoshka steps."""
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(batch, d, device=dev, generator=gen)
     cfg = SAEConfig("topk", d, n, k=k)
@@ -219,7 +229,7 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
         step = our_step(cfg, x, compile=compile)
         return run
 
-    for grads, topk in STRATEGIES:
+    for grads, topk in STRATEGIES if strategies is None else strategies:
         plain = (grads, topk) == (kernels.grads_for(dev), "full")  # what a user gets
         label = f"paper_lib sparse{'' if plain else f', {grads} grads, {topk} topk'} (Adam)"
         if not runs_on(grads, dev):
@@ -229,8 +239,9 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
         row = bench_step(label, lambda g=grads, t=topk: ours(True, g, t), batch, dev, steps,
                          warmup)
         rows.append({**row, "grads": grads, "topk": topk})
-    rows.append(bench_step("paper_lib sparse, torch.compile (Adam)",
-                           lambda: ours(True, compile=True), batch, dev, steps, warmup))
+    if compile:
+        rows.append(bench_step("paper_lib sparse, torch.compile (Adam)",
+                               lambda: ours(True, compile=True), batch, dev, steps, warmup))
     rows.append(bench_step("naive dense PyTorch (Adam)", lambda: ours(False), batch, dev, steps,
                            warmup))
     for opt in ("signum", "adam"):
@@ -357,11 +368,48 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_CONFIGS = [(768, 32768, 32, 4096), (768, 32768, 32, 16384), (768, 32768, 32, 65536),
+                   (2304, 65536, 64, 4096)]
+QUICK_CONFIGS = [(32, 2048, 8, 256)]
+
+
+def parse_config(text: str) -> tuple[int, int, int, int]:
+    """`DxNxKxB` (e.g. 768x32768x32x4096): input width, latents, k and batch."""
+    try:
+        d, n, k, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give DxNxKxB, e.g. 768x32768x32x4096 (d, latents, k, batch)") from None
+    if min(d, n, k, b) < 1 or k > n:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1 and k <= n")
+    return d, n, k, b
+
+
+def parse_strategy(text: str) -> tuple[str, str]:
+    """`GRADS/TOPK` (e.g. triton/blockmax), one of `STRATEGIES`."""
+    grads, _, topk = text.partition("/")
+    if (grads, topk) not in STRATEGIES:
+        allowed = ", ".join(f"{g}/{t}" for g, t in STRATEGIES)
+        raise argparse.ArgumentTypeError(f"{text!r}: not a strategy; choose from {allowed}")
+    return grads, topk
+
+
+def partial_path(out: Path) -> Path:
+    """Where a run keeps its results so far, beside (never over) the finished file."""
+    return out.with_name(out.stem + ".partial.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke check)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/bench/)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--configs", type=parse_config, nargs="+", default=None,
+                    metavar="DxNxKxB", help="TopK step sizes, in the order run (default: "
+                    + " ".join("x".join(map(str, c)) for c in DEFAULT_CONFIGS) + ")")
+    ap.add_argument("--strategies", type=parse_strategy, nargs="+", default=None,
+                    metavar="GRADS/TOPK", help="sparse-path kernel strategies to time "
+                    "(default: all, " + " ".join(f"{g}/{t}" for g, t in STRATEGIES) + ")")
     ap.add_argument("--skip", nargs="*", default=[], choices=["topk", "harvest", "profile"])
     ap.add_argument("--harvest-rows", type=int, nargs="*", default=[],
                     help="extra harvest batch sizes (rows of 128 tokens) to compare")
@@ -371,17 +419,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         print(summary(json.loads(args.summary.read_text())))
         return 0
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: must be >= 1")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The larger batches show what the per-step costs (fp32 Adam over all 2 d n weights,
     # about 0.5 ms on an H100 at d=768 n=32768) amount to per token; 65536 tokens is
     # eai-sparsify's default batch (32 sequences of 2048).
-    configs = [(32, 2048, 8, 256)] if args.quick else [(768, 32768, 32, 4096),
-                                                       (768, 32768, 32, 16384),
-                                                       (768, 32768, 32, 65536),
-                                                       (2304, 65536, 64, 4096)]
+    configs = args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
     steps, warmup = (3, 1) if args.quick else (args.steps, 5)
-    result: dict[str, Any] = {"env": env_info(dev), "python": platform.python_version(),
-                              "quick": args.quick, "topk": [], "harvest": [], "profile": []}
+    env = env_info(dev)
+    slug = "quick" if args.quick else env.get("gpu", "cpu").replace(" ", "_")
+    out = args.out or PROJECT_ROOT / "results" / "bench" / f"{slug}.json"
+    result: dict[str, Any] = {"env": env, "python": platform.python_version(),
+                              "quick": args.quick, "complete": False,
+                              "topk": [], "harvest": [], "profile": []}
     try:
         from importlib.metadata import version
 
@@ -391,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     suites: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = []
     if "topk" not in args.skip:
         result["peaks"] = peaks = device_peaks(dev, args.quick)
-        for d, n, k, b in configs:
-            suites.append(("topk", lambda d=d, n=n, k=k, b=b:
-                           topk_suite(d, n, k, b, dev, steps, warmup, peaks)))
+        for i, (d, n, k, b) in enumerate(configs):
+            suites.append(("topk", lambda d=d, n=n, k=k, b=b, first=i == 0:
+                           topk_suite(d, n, k, b, dev, steps, warmup, peaks, args.strategies,
+                                      compile=first)))
     if "harvest" not in args.skip:
         suites.append(("harvest", lambda: harvest_suite(dev, args.quick)))
         for r in args.harvest_rows:
@@ -407,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         big = max(c[3] for c in configs if c[:3] == (d, n, k))
         best = "triton" if runs_on("triton", dev) else kernels.grads_for(dev)
         suites.append(("profile", lambda: profile_step(cfg, big, dev, best, "blockmax")))
+    partial = partial_path(out)
     for name, run in suites:
         try:
             rows = run()
@@ -414,9 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = [{"error": f"{type(e).__name__}: {e}"}]
         result[name] += rows
         print(json.dumps(rows, indent=1), flush=True)
-    slug = "quick" if args.quick else (result["env"].get("gpu", "cpu").replace(" ", "_"))
-    out = args.out or PROJECT_ROOT / "results" / "bench" / f"{slug}.json"
+        atomic_write_json(partial, result)  # a kill from here on loses only the next suite
+    result["complete"] = True
     atomic_write_json(out, result)
+    partial.unlink(missing_ok=True)
     print(f"wrote {out}")
     return 0
 

@@ -140,3 +140,69 @@ def test_compile_fallback_is_recorded_not_timed(broken_compiler):
     assert "broken_backend" in row["traceback"]  # the compiler's own frame, for diagnosis
     assert all(r.get("tokens_per_s", 0) > 0 for r in rows if r["variant"].startswith(
         "paper_lib sparse (Adam)"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--configs", "768x32768x32"], "give DxNxKxB"),
+    (["--configs", "16x256x512x32"], "k <= n"),
+    (["--strategies", "triton/topk"], "not a strategy; choose from index/full"),
+    (["--steps", "0"], "--steps 0: must be >= 1"),
+])
+def test_bad_bench_arguments_are_refused_before_any_work(args, message, capsys, monkeypatch):
+    """A malformed size, an unknown strategy or no steps end in a usage error naming the
+    fix, before the device is measured."""
+    monkeypatch.setattr(bench, "device_peaks", lambda *a: pytest.fail("measured anyway"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture
+def compile_asked(monkeypatch):
+    """(d, compile) of each topk_suite that bench.main runs, which then runs uncompiled:
+    compiling on 2 cores takes ~15 s, and the compiled row is checked by
+    test_quick_bench_compiled_step_runs."""
+    asked, real = [], bench.topk_suite
+
+    def uncompiled(*args, compile=True, **kwargs):
+        asked.append((args[0], compile))
+        return real(*args, compile=False, **kwargs)
+
+    monkeypatch.setattr(bench, "topk_suite", uncompiled)
+    return asked
+
+
+def test_bench_runs_the_chosen_sizes_and_strategies(tmp_path, compile_asked):
+    """--configs and --strategies time just those, torch.compile asked for at the first size
+    only."""
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--out", str(out), "--skip", "harvest", "profile",
+                       "--configs", "16x256x4x32", "8x128x2x16",
+                       "--strategies", "index/blockmax"]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["complete"] and not bench.partial_path(out).exists()
+    assert [(r["d"], r["batch"]) for r in rec["topk"] if "grads" in r] == [(16, 32), (8, 16)]
+    assert {(r["grads"], r["topk"]) for r in rec["topk"] if "grads" in r} == {("index", "blockmax")}
+    assert compile_asked == [(16, True), (8, False)]
+    assert all(r.get("tokens_per_s", 0) > 0 for r in rec["topk"]
+               if r["variant"].startswith("paper_lib")), rec["topk"]
+
+
+def test_killed_bench_keeps_finished_suites_beside_the_old_file(tmp_path, monkeypatch,
+                                                                compile_asked):
+    """A run killed in its second suite (a device's time limit) leaves the first suite's rows
+    in <out>.partial.json, marked incomplete, and the earlier finished file untouched."""
+    out = tmp_path / "b.json"
+    out.write_text('{"old": true}')
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # not an Exception: what a kill looks like to the loop
+
+    monkeypatch.setattr(bench, "harvest_suite", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--out", str(out), "--skip", "profile",
+                    "--strategies", "index/full"])
+    assert json.loads(out.read_text()) == {"old": True}
+    partial = json.loads(bench.partial_path(out).read_text())
+    assert partial["complete"] is False and partial["harvest"] == []
+    assert any(r.get("grads") == "index" and r["tokens_per_s"] > 0 for r in partial["topk"])

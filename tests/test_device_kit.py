@@ -57,10 +57,33 @@ def _session(*args: str, cwd: Path, work: Path | None = None) -> subprocess.Comp
 
 def test_session_refuses_unknown_stage_and_missing_wheels(tmp_path):
     bad = _session("start", "env", "bench", "nonsense", cwd=tmp_path)
-    assert bad.returncode == 2 and "unknown stage 'nonsense'" in bad.stdout
+    assert bad.returncode == 2 and "unknown plan or stage 'nonsense'" in bad.stdout
+    mixed = _session("start", "kernels", "env", cwd=tmp_path)  # a plan stands alone
+    assert mixed.returncode == 2 and "unknown plan or stage 'kernels'" in mixed.stdout
     none = _session("start", "env", cwd=tmp_path)  # no .whl/ in this folder
     assert none.returncode == 2 and "make device-wheels" in none.stdout
     lost = _session("wait", cwd=tmp_path, work=tmp_path / "none")
     assert lost.returncode == 2 and "start again" in lost.stdout
     usage = _session(cwd=tmp_path)
     assert usage.returncode == 2 and "gpu_session.sh start" in usage.stdout
+
+
+def test_session_plans_fit_their_lease():
+    """A plan expands to its stages (kernels by default) and `plan` prints their commands
+    without running them: the kernels lease runs the CUDA tests with Triton autotuning off
+    and the bench at the four TopK sizes, largest batch first, without harvest rows."""
+    def plan(*args: str) -> list[str]:
+        proc = subprocess.run([str(ROOT / ".ci/gpu_session.sh"), "plan", *args], text=True,
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout.splitlines()
+
+    lines = plan()
+    assert [ln.split(":")[0] for ln in lines] == ["env", "tests", "bench"]
+    assert lines == plan("kernels")
+    tests, bench = lines[1], lines[2]
+    assert "PAPER_LIB_TRITON_AUTOTUNE=0 python3 -m pytest" in tests
+    assert ("--configs 768x32768x32x65536 768x32768x32x16384 768x32768x32x4096 "
+            "2304x65536x64x4096 --skip harvest") in bench
+    assert [ln.split(":")[0] for ln in plan("notebooks")] == ["env", "prepare", "01", "05"]
+    assert [ln.split(":")[0] for ln in plan("bench-full", "02")] == ["bench-full", "02"]

@@ -242,13 +242,30 @@ def test_triton_kernels_hand_case(dtype):
     assert tk.selected_dots(x, w, rows, cols).tolist() == [6.0, 1.0, 14.0, 6.0]
 
 
-def test_triton_kernels_span_blocks():
+def _triton_candidates() -> list:
+    """None (the autotuner's pick) and every autotuning candidate of both kernels, as
+    (segment_rows config, selected_dots config) pairs; [None] without Triton."""
+    try:
+        from paper_lib.sae import triton_kernels as tk
+    except ImportError:
+        return [None]
+    seg, dots = tk.candidates(**tk.SEGMENT_ROWS_GRID), tk.candidates(**tk.SELECTED_DOTS_GRID)
+    return [None] + list(zip(seg, dots))
+
+
+@pytest.mark.parametrize("configs", _triton_candidates(),
+                         ids=lambda c: "autotuner" if c is None else "+".join(
+                             "S{BLOCK_S}-D{BLOCK_D}-w".format(**k.kwargs) + str(k.num_warps)
+                             for k in c))
+def test_triton_kernels_span_blocks(configs):
     """Past one block: d = 300 (blocks of 256 and 128 columns), 100 selections, some
-    columns with more selections than one loop step (16) holds: matches index_add and
-    row-wise dots in float32."""
+    columns with more selections than one loop step (8-64) holds: matches index_add and
+    row-wise dots in float32, through the autotuner and under every candidate it may pick
+    (on the CPU the interpreter runs each; the autotuner there has the default alone)."""
     dev = _triton_device()
     from paper_lib.sae import triton_kernels as tk
 
+    seg_cfg, dots_cfg = configs or (None, None)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, 300, generator=gen), torch.randn(7, 300, generator=gen)
     rows, cols = torch.randint(0, 50, (100,), generator=gen), torch.randint(0, 7, (100,),
@@ -256,9 +273,9 @@ def test_triton_kernels_span_blocks():
     coef = torch.randn(100, generator=gen)
     want = torch.zeros(7, 300).index_add_(0, cols, a[rows] * coef[:, None])
     a, b, rows, cols, coef = (t.to(dev) for t in (a, b, rows, cols, coef))
-    got = tk.segment_rows(a, rows, coef, tk.ColumnOrder(cols, 7)).cpu()
+    got = tk.segment_rows(a, rows, coef, tk.ColumnOrder(cols, 7), config=seg_cfg).cpu()
     assert torch.allclose(got, want, atol=1e-5)
-    dots = tk.selected_dots(a, b, rows, cols).cpu()
+    dots = tk.selected_dots(a, b, rows, cols, config=dots_cfg).cpu()
     assert torch.allclose(dots, (a[rows] * b[cols]).sum(1).cpu(), atol=1e-4)
 
 
@@ -420,3 +437,20 @@ def test_triton_kernels_compile_for_h100():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_H100], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "compiled 26" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_autotuning_can_be_switched_off():
+    """Outside the interpreter the autotuner holds every candidate, and with
+    PAPER_LIB_TRITON_AUTOTUNE=0 only each kernel's default (the GPU test stage's setting:
+    tuning every small test shape would cost more device time than the tests)."""
+    pytest.importorskip("triton")
+    code = ("from paper_lib.sae import triton_kernels as tk; "
+            "print(len(tk._segment_rows_kernel.configs), len(tk._selected_dots_kernel.configs))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    counts = []
+    for value in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**env, "PAPER_LIB_TRITON_AUTOTUNE": value}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts.append(proc.stdout.split())
+    assert counts == [["12", "12"], ["1", "1"]]

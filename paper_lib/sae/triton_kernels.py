@@ -7,7 +7,10 @@ of d): no atomics, no dense [B, n] matrix, no 2 B d n products. `selected_dots` 
 selected values' gradient <g[r], W_dec[j]> per selection, reading only the rows it needs.
 Sums accumulate in fp32 whatever the operands' dtype. On a GPU each kernel's block sizes and
 warp count are autotuned on first use (per d, and for `segment_rows` per mean selections per
-latent, a power of two), so the H100's choice is measured, not guessed.
+latent, a power of two), so the H100's choice is measured, not guessed;
+PAPER_LIB_TRITON_AUTOTUNE=0 (read at import) keeps each kernel's default configuration
+instead, for correctness runs where tuning every small test shape would cost more device
+time than the tests. `config=` runs one given candidate (the tests check each one).
 
 On a machine without CUDA the kernels can run in Triton's interpreter: slow, but the same
 code, which is how the CPU tests check them. The interpreter must be chosen before anything
@@ -19,6 +22,7 @@ ship it).
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 import triton
@@ -30,20 +34,32 @@ from triton.runtime.interpreter import InterpretedFunction
 INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
 
 
-def _configs(default: dict[str, int], **grid: tuple[int, ...]) -> list[triton.Config]:
-    """Autotuning candidates: every combination of `grid` (block sizes and num_warps) on a
-    GPU; the interpreter, which has no timer, runs `default` alone (a single config is
-    never timed)."""
-    if INTERPRETED:
-        return [triton.Config(default, num_warps=4)]
+AUTOTUNE = os.environ.get("PAPER_LIB_TRITON_AUTOTUNE", "1") != "0"
+
+
+def candidates(**grid: tuple[int, ...]) -> list[triton.Config]:
+    """Every combination of `grid` (block sizes and num_warps) as a Triton config."""
     names = [k for k in grid if k != "num_warps"]
     return [triton.Config(dict(zip(names, values)), num_warps=w)
             for values in itertools.product(*(grid[k] for k in names))
             for w in grid["num_warps"]]
 
 
-@triton.autotune(_configs(dict(BLOCK_S=16, BLOCK_D=256), BLOCK_S=(8, 16, 32),
-                          BLOCK_D=(128, 256), num_warps=(4, 8)), key=["d", "mean_run"])
+def _configs(default: dict[str, int], **grid: tuple[int, ...]) -> list[triton.Config]:
+    """Autotuning candidates: `candidates(**grid)` on a GPU; the interpreter, which has no
+    timer, and runs with autotuning off get `default` alone (a single config is never
+    timed)."""
+    if INTERPRETED or not AUTOTUNE:
+        return [triton.Config(default, num_warps=4)]
+    return candidates(**grid)
+
+
+SEGMENT_ROWS_GRID = dict(BLOCK_S=(8, 16, 32), BLOCK_D=(128, 256), num_warps=(4, 8))
+SELECTED_DOTS_GRID = dict(BLOCK_S=(16, 32, 64), BLOCK_D=(128, 256), num_warps=(4, 8))
+
+
+@triton.autotune(_configs(dict(BLOCK_S=16, BLOCK_D=256), **SEGMENT_ROWS_GRID),
+                 key=["d", "mean_run"])
 @triton.jit
 def _segment_rows_kernel(x_ptr, rows_ptr, coef_ptr, seg_ptr, out_ptr, d, stride_x, stride_out,
                          mean_run, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -67,8 +83,7 @@ def _segment_rows_kernel(x_ptr, rows_ptr, coef_ptr, seg_ptr, out_ptr, d, stride_
     tl.store(out_ptr + j * stride_out + offs, acc, mask=in_d)
 
 
-@triton.autotune(_configs(dict(BLOCK_S=32, BLOCK_D=128), BLOCK_S=(16, 32, 64),
-                          BLOCK_D=(128, 256), num_warps=(4, 8)), key=["D"])
+@triton.autotune(_configs(dict(BLOCK_S=32, BLOCK_D=128), **SELECTED_DOTS_GRID), key=["D"])
 @triton.jit
 def _selected_dots_kernel(a_ptr, b_ptr, rows_ptr, cols_ptr, out_ptr, m, stride_a, stride_b,
                           D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -107,26 +122,39 @@ class ColumnOrder:
         self.seg = torch.searchsorted(cols[self.perm], torch.arange(n + 1, device=cols.device))
 
 
-def segment_rows(x: Tensor, rows: Tensor, coef: Tensor, order: ColumnOrder) -> Tensor:
+def _launcher(tuner: triton.runtime.Autotuner, config: triton.Config | None
+              ) -> tuple[object, dict[str, int]]:
+    """The kernel to launch and its extra arguments: the autotuner, or one given config."""
+    if config is None:
+        return tuner, {}
+    return tuner.fn, {**config.kwargs, "num_warps": config.num_warps}
+
+
+def segment_rows(x: Tensor, rows: Tensor, coef: Tensor, order: ColumnOrder,
+                 config: triton.Config | None = None) -> Tensor:
     """[n, d] fp32: out[j] = sum over selections i with column j of coef[i] * x[rows[i]]."""
     check_device(x, rows, coef)
     x = x.contiguous()
     n, d = order.seg.numel() - 1, x.shape[1]
     out = torch.empty(n, d, dtype=torch.float32, device=x.device)
     mean_run = triton.next_power_of_2(max(1, rows.numel() // max(n, 1)))
-    _segment_rows_kernel[lambda meta: (n, triton.cdiv(d, meta["BLOCK_D"]))](
+    kernel, extra = _launcher(_segment_rows_kernel, config)
+    kernel[lambda meta: (n, triton.cdiv(d, meta["BLOCK_D"]))](
         x, rows[order.perm].contiguous(), coef[order.perm].contiguous(), order.seg, out, d,
-        x.stride(0), out.stride(0), mean_run)
+        x.stride(0), out.stride(0), mean_run, **extra)
     return out
 
 
-def selected_dots(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def selected_dots(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor,
+                  config: triton.Config | None = None) -> Tensor:
     """[m] fp32 = <a[rows[i]], b[cols[i]]>, reading only the selected rows."""
     check_device(a, b, rows, cols)
     a, b = a.contiguous(), b.contiguous()
     m, d = rows.numel(), a.shape[1]
     out = torch.empty(m, dtype=torch.float32, device=a.device)
     if m:
-        _selected_dots_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_S"]),)](
-            a, b, rows.contiguous(), cols.contiguous(), out, m, a.stride(0), b.stride(0), D=d)
+        kernel, extra = _launcher(_selected_dots_kernel, config)
+        kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_S"]),)](
+            a, b, rows.contiguous(), cols.contiguous(), out, m, a.stride(0), b.stride(0), D=d,
+            **extra)
     return out
