@@ -67,14 +67,48 @@ def display_step(tolerance: float) -> float:
     return 10**exp
 
 
+def _finer_steps(step: float, levels: int = 9) -> list[float]:
+    """`step` and the next `levels` 1-2-5 steps below it (0.05 -> 0.02, 0.01, 0.005, ...)."""
+    exp = math.floor(math.log10(step) + 1e-9)
+    mantissas = [m for m in (5, 2, 1) if m * 10**exp <= step * (1 + 1e-9)]
+    out = [m * 10.0**exp for m in mantissas]
+    while len(out) <= levels:
+        exp -= 1
+        out += [m * 10.0**exp for m in (5, 2, 1)]
+    return out[:levels + 1]
+
+
+def _rounded(value: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{round(value / step) * step:.{decimals}f}"
+
+
 def round_to(value: float | None, tolerance: float) -> str:
     """`value` rounded to a multiple of display_step(tolerance), as text: stable across
     machines unless the value sits on a rounding boundary."""
     if value is None:
         return "-"
-    step = display_step(tolerance)
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    return f"{round(value / step) * step:.{decimals}f}"
+    if not math.isfinite(value):
+        return str(value)
+    return _rounded(value, display_step(tolerance))
+
+
+def shown_ours(ours: float | None, paper: float | None, tolerance: float,
+               direction_holds: bool | None = None, kind: Kind = "value") -> str:
+    """Our number as the claims tables show it: rounded like `round_to`, but never so
+    coarsely that the shown number would earn another verdict than the exact one: 0.666
+    against a paper's 0.609 +- 0.05 shows as 0.66 (the next 1-2-5 step, 0.02), not as 0.65,
+    which would read as reproduced. Only values within half a display step of the
+    tolerance's edge get the extra digits."""
+    text = round_to(ours, tolerance)
+    if paper is None or ours is None or not math.isfinite(ours):
+        return text
+    verdict = decide(paper, ours, tolerance, direction_holds, kind)
+    for step in _finer_steps(display_step(tolerance)):
+        text = _rounded(ours, step)
+        if decide(paper, float(text), tolerance, direction_holds, kind) == verdict:
+            return text
+    return f"{ours:.6g}"
 
 
 @dataclass(frozen=True)
@@ -120,9 +154,10 @@ class Claim:
                                                    self.direction_holds, self.kind))
 
     def line(self) -> str:
-        """The verdict with our number, rounded to the tolerance's precision."""
+        """The verdict with our number, rounded to the tolerance's precision (`shown_ours`)."""
         paper = _paper_text(self.paper, self.kind)
-        ours = round_to(self.ours, self.tolerance)
+        ours = shown_ours(self.ours, self.paper, self.tolerance, self.direction_holds,
+                          self.kind)
         return (f"{self.id}: {self.verdict} (paper {paper}, ours ~{ours}, "
                 f"tolerance {self.tolerance:g})")
 
@@ -236,6 +271,12 @@ class Run:
         return claims_markdown(self.claims)
 
 
+def _shown(d: dict[str, Any]) -> str:
+    """shown_ours of a claim's record (an asdict'ed Claim or a results-file entry)."""
+    return shown_ours(d["ours"], d["paper"], d["tolerance"], d.get("direction_holds"),
+                      d.get("kind", "value"))
+
+
 def claims_markdown(claims: list[Claim] | list[dict[str, Any]]) -> str:
     rows = ["| claim | paper | ours | tolerance | verdict | source |",
             "|---|---|---|---|---|---|"]
@@ -243,7 +284,7 @@ def claims_markdown(claims: list[Claim] | list[dict[str, Any]]) -> str:
         d = asdict(c) if isinstance(c, Claim) else c
         paper = _paper_text(d["paper"], d.get("kind", "value"))
         verdict = d["verdict"] + (" (noise level)" if d.get("noisy") else "")
-        rows.append(f"| `{d['id']}` | {paper} | {round_to(d['ours'], d['tolerance'])} | "
+        rows.append(f"| `{d['id']}` | {paper} | {_shown(d)} | "
                     f"{d['tolerance']:g} | {verdict} | {d['source']} |")
     return "\n".join(rows)
 
@@ -266,7 +307,7 @@ def findings_markdown(stem: str, profile: str = "smoke", root: Path = PROJECT_RO
     for c in rec["claims"]:
         paper = _paper_text(c["paper"], c.get("kind", "value"))
         rows.append(f"- {ICONS[c['verdict']]} {c['statement']} — paper {paper}, ours "
-                    f"{round_to(c['ours'], c['tolerance'])} (*{c['verdict']}*)")
+                    f"{_shown(c)} (*{c['verdict']}*)")
     return "\n".join([head, ""] + rows)
 
 

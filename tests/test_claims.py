@@ -51,9 +51,33 @@ def test_round_to_tolerance():
     assert claims.display_step(0.3) == pytest.approx(0.2)
 
 
+def test_round_to_passes_nan_through():
+    """A NaN measurement (never reproduced) is shown as nan instead of crashing the table."""
+    assert round_to(float("nan"), 0.05) == "nan"
+    assert claims.shown_ours(float("nan"), 0.5, 0.05) == "nan"
+
+
+@pytest.mark.parametrize("ours, paper, tol, direction, kind, shown", [
+    (0.6656, 0.609, 0.05, None, "value", "0.66"),   # 0.65 would sit inside 0.609 +- 0.05
+    (0.7871, 0.745, 0.05, None, "value", "0.78"),   # 0.80 would sit outside it
+    (0.6400, 0.609, 0.05, None, "value", "0.65"),   # far from the edge: the plain rounding
+    (0.6595, 0.609, 0.05, None, "value", "0.66"),   # just outside (0.0505): 0.65 would not do
+    (0.6613, 0.611, 0.05, None, "value", "0.662"),  # 0.65, 0.66, 0.66, 0.660 all sit inside
+    (0.1040, 0.07, 0.03, True, "at_most", "0.105"),  # 0.10 would sit inside the bound + tol
+    (0.7000, None, 0.0, True, "value", "0.70"),     # no paper number: nothing to contradict
+])
+def test_shown_number_never_contradicts_its_verdict(ours, paper, tol, direction, kind, shown):
+    """The claims tables round our number to the tolerance, one 1-2-5 step finer at a time
+    until the shown number earns the same verdict as the exact one."""
+    assert claims.shown_ours(ours, paper, tol, direction, kind) == shown
+    if paper is not None:
+        assert decide(paper, float(shown), tol, direction, kind) == \
+            decide(paper, ours, tol, direction, kind)
+
+
 def test_verdict_line_is_rounded():
     c = Claim("a.b", "s", 0.609, 0.6663, 0.05, "Table 1")
-    assert c.line() == "a.b: not reproduced (paper 0.609, ours ~0.65, tolerance 0.05)"
+    assert c.line() == "a.b: not reproduced (paper 0.609, ours ~0.66, tolerance 0.05)"
     # the nbval-checked form drops our number, which drifts with the CPU
     assert c.verdict_line() == "a.b: not reproduced (paper 0.609, tolerance 0.05)"
 
