@@ -4,8 +4,10 @@
 pins the CPU numerics its processes use. Without the pin, PyTorch and MKL pick the
 widest SIMD code path the CPU has (AVX2 on one machine, AVX-512 on the next), which
 sums floats in a different order: a CPU-trained model then drifts from machine to
-machine and the smoke numbers stop matching the committed notebooks. With every x86
-machine held to the AVX2 paths the numbers should agree (tried on one CPU type only).
+machine and the smoke numbers stop matching the committed notebooks; and MKL's products
+round differently with another thread count. With every x86 machine held to the AVX2 paths,
+MKL in its strict reproducible mode, the numbers should agree whatever the CPU type and
+core count (thread counts checked bit for bit; one CPU type at a time tried here).
 No torch import here: the variables only act in a process that has not loaded torch.
 
 It then byte-compiles the third-party modules every kernel, test and worker process
@@ -18,15 +20,23 @@ source: measured in a fresh clone, `make test`'s unit tests took 224 s that way 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 KERNEL = "paper-lib"
 DISPLAY_NAME = "Python (paper_lib)"
-PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# STRICT: MKL's plain CNR mode (MKL_CBWR=AVX2) repeats a GEMM's rounding only at a fixed
+# thread count; strict mode also makes it independent of the thread count. Without it, on a
+# 2-core AVX-512 host an LM trained with 1 and with 2 threads differed (weight gradients,
+# x.T @ g over the batch, summed in another order); with it they are bit-identical, at no
+# measurable cost (SAE steps and a 2048x512x2048 product on 2 cores).
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
+              "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -41,13 +51,32 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+def inductor_cache_dir() -> str:
+    """torch.compile's on-disk cache for pinned processes, beside its default one."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_{user}_paper_lib_avx2")
+
+
 def pinned_cpu_env(flags: set[str]) -> dict[str, str]:
     """Environment that holds PyTorch (ATen), MKL and oneDNN to their AVX2 code paths.
 
     Only on CPUs that have AVX2: ATen trusts ATEN_CPU_CAPABILITY without checking the
     hardware, so forcing it on an older CPU would crash with an illegal instruction.
+    It also gives torch.compile a cache of its own: inductor's on-disk cache does not key
+    its CPU code on ATEN_CPU_CAPABILITY, and on a 2-core AVX-512 host code compiled by an
+    unpinned process (AVX-512) and loaded by a pinned one, or the reverse, corrupted the
+    heap or gave wrong numbers (torch 2.13).
     """
-    return dict(PINNED_ENV) if "avx2" in flags else {}
+    if "avx2" not in flags:
+        return {}
+    return {**PINNED_ENV, "TORCHINDUCTOR_CACHE_DIR": inductor_cache_dir()}
+
+
+# Every variable pinned_cpu_env may set (what a stale kernel is checked for).
+PINNED_KEYS = (*PINNED_ENV, "TORCHINDUCTOR_CACHE_DIR")
 
 
 # Imported to write their bytecode: what kernels (notebook cells, the ipykernel debugger,
@@ -96,7 +125,7 @@ def install(name: str = KERNEL, prefix: str = sys.prefix) -> Path:
     subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", prefix,
                     "--name", name, "--display-name", DISPLAY_NAME],
                    check=True, stdout=subprocess.DEVNULL)
-    path = Path(prefix, "share", "jupyter", "kernels", name, "kernel.json")
+    path = kernel_json(name, prefix)
     spec = json.loads(path.read_text())
     # Quiet the kernel's start-up warning (unencrypted local TCP) in every run.
     if "--IPKernelApp.log_level=ERROR" not in spec["argv"]:
@@ -104,6 +133,28 @@ def install(name: str = KERNEL, prefix: str = sys.prefix) -> Path:
     spec["env"] = {**spec.get("env", {}), **pinned_cpu_env(cpu_flags())}
     path.write_text(json.dumps(spec, indent=1))
     return path
+
+
+def kernel_json(name: str = KERNEL, prefix: str = sys.prefix) -> Path:
+    return Path(prefix, "share", "jupyter", "kernels", name, "kernel.json")
+
+
+def refresh_if_stale(name: str = KERNEL, prefix: str = sys.prefix) -> str | None:
+    """Reinstall the kernelspec under `prefix` if it exists but pins other CPU numerics than
+    this version and CPU call for (a venv made before the pins changed: make reinstalls only
+    when pyproject.toml or the Makefile change, and a kernel's own env overrides what its
+    parent passes on). Returns what changed, or None."""
+    path = kernel_json(name, prefix)
+    try:
+        have = json.loads(path.read_text()).get("env", {})
+    except (OSError, ValueError):
+        return None  # not installed here: kernels inherit the caller's (pinned) env
+    want = pinned_cpu_env(cpu_flags())
+    stale = {k: (have.get(k), want.get(k)) for k in PINNED_KEYS if have.get(k) != want.get(k)}
+    if not stale:
+        return None
+    install(name, prefix)  # ipykernel writes a fresh kernel.json, then today's pins go in
+    return ", ".join(f"{k} {old} -> {new}" for k, (old, new) in stale.items())
 
 
 if __name__ == "__main__":

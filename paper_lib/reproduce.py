@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from paper_lib.config import PROFILES
-from paper_lib.kernelspec import KERNEL, cpu_flags, pinned_cpu_env
+from paper_lib.kernelspec import KERNEL, cpu_flags, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -344,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reproduce: {e}", file=sys.stderr)
             return 2
     nbs = notebooks(args.only)
+    changed = refresh_if_stale()
+    if changed:
+        print(f"kernel {KERNEL!r}: reinstalled with today's CPU numerics ({changed})",
+              flush=True)
     jobs = args.jobs or default_jobs(args.profile, len(nbs))
     update = args.profile == "smoke" and not args.no_update and not args.check_determinism
     total = time.perf_counter()

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+from paper_lib.kernelspec import cpu_flags, pinned_cpu_env
+
+# The CPU numerics the notebooks' kernel runs with (kernelspec): the tests, and the processes
+# they start, compute as the notebooks do. Read lazily by torch, MKL and oneDNN, so it must
+# be set before their first operation; nothing has imported torch yet (no plugin does).
+for _name, _value in pinned_cpu_env(cpu_flags()).items():
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without CUDA, Triton kernels (paper_lib.sae.triton_kernels) run in Triton's interpreter,
 # which must be chosen before anything imports Triton (paper_lib does, via torch._dynamo).

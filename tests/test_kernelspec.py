@@ -16,8 +16,25 @@ def test_pin_only_on_avx2_cpus():
     assert kernelspec.pinned_cpu_env({"sse2", "avx"}) == {}  # forcing avx2 would crash
     assert kernelspec.pinned_cpu_env(set()) == {}  # non-x86 / unknown: leave defaults
     env = kernelspec.pinned_cpu_env({"avx2", "avx512f"})
-    assert env == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
-                   "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert env.pop("TORCHINDUCTOR_CACHE_DIR")  # see the next test
+    assert env == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2"}  # STRICT: independent of the thread count
+
+
+def test_pinned_processes_keep_their_own_compile_cache():
+    """torch.compile code of pinned (AVX2) processes is cached apart from inductor's default
+    cache, which unpinned processes on this machine fill with AVX-512 code: inductor does
+    not key CPU code on ATEN_CPU_CAPABILITY, and mixing them corrupted the heap. The test
+    process runs pinned (tests/conftest.py), so it uses the separate cache too."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache = kernelspec.pinned_cpu_env({"avx2"})["TORCHINDUCTOR_CACHE_DIR"]
+    assert os.path.dirname(cache) == os.path.dirname(default_cache_dir())
+    assert cache != default_cache_dir()
+    if "avx2" in kernelspec.cpu_flags():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache
 
 
 def test_installed_kernel_carries_quiet_log_and_env(tmp_path, monkeypatch):
@@ -28,6 +45,23 @@ def test_installed_kernel_carries_quiet_log_and_env(tmp_path, monkeypatch):
     assert spec["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     kernelspec.install(prefix=str(tmp_path))  # idempotent
     assert json.loads(path.read_text())["argv"].count("--IPKernelApp.log_level=ERROR") == 1
+
+
+def test_stale_kernel_is_refreshed(tmp_path, monkeypatch):
+    """A kernel installed before the pins changed (MKL_CBWR=AVX2, not strict) is reinstalled
+    with today's; a current one is left alone, and a missing one is not created (kernels
+    then inherit the driver's pinned env)."""
+    monkeypatch.setattr(kernelspec, "cpu_flags", lambda: {"avx2"})
+    assert kernelspec.refresh_if_stale(prefix=str(tmp_path)) is None
+    assert not kernelspec.kernel_json(prefix=str(tmp_path)).exists()
+    path = kernelspec.install(prefix=str(tmp_path))
+    assert kernelspec.refresh_if_stale(prefix=str(tmp_path)) is None
+    spec = json.loads(path.read_text())
+    spec["env"]["MKL_CBWR"] = "AVX2"
+    path.write_text(json.dumps(spec))
+    assert kernelspec.refresh_if_stale(prefix=str(tmp_path)) == "MKL_CBWR AVX2 -> AVX2,STRICT"
+    assert json.loads(path.read_text())["env"] == kernelspec.pinned_cpu_env({"avx2"})
+    assert kernelspec.refresh_if_stale(prefix=str(tmp_path)) is None
 
 
 def test_precompile_writes_bytecode_despite_dontwritebytecode(tmp_path, monkeypatch, capfd):

@@ -141,7 +141,8 @@ def test_cpu_training_switches_on_deterministic_kernels():
 
 def test_lm_training_is_bit_identical_across_threads(tiny_corpus):
     """The same LM trained twice with 2 threads and once with 1 gives the same weights
-    (without the deterministic kernels, two 2-thread trainings of the smoke LM differed)."""
+    under the kernel's pinned CPU numerics (without the deterministic kernels, two 2-thread
+    trainings of the smoke LM differed; without MKL's strict mode, 1- and 2-thread ones)."""
     from paper_lib.data.lm import LMConfig, train_lm
 
     # the smoke LM's width: smaller tensors stay under the kernels' parallel grain size
