@@ -323,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--nbval checks the committed smoke notebooks: it takes no --profile, "
                  "--param or --check-determinism")
     if args.prepare:
+        if any(os.environ.get(k) != v for k, v in pinned_cpu_env(cpu_flags()).items()):
+            # Started without the kernel's pins (make test runs this beside the unit tests):
+            # prepare in a pinned process, as the notebooks' own prepare step does, or the LM
+            # cached for them would come from other CPU code paths (on an AVX-512 host it did,
+            # and the notebooks' numbers then depended on which command trained it first).
+            cmd = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile",
+                   args.profile]
+            return subprocess.run(cmd, env=child_env(1)).returncode
         try:
             prepare(args.profile)
         except ValueError as e:  # e.g. the gpu profile on a machine without CUDA

@@ -92,6 +92,11 @@ def git_commit() -> str:
         return os.environ.get("PAPER_LIB_GIT", "unknown")  # e.g. a copy without .git
 
 
+def cpu_numerics() -> dict[str, str]:
+    """The CPU code paths this process was pinned to by the kernelspec, if any."""
+    return {k: os.environ[k] for k in PINNED_ENV if k in os.environ}
+
+
 def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions and hardware, recorded in every results JSON."""
     dev = torch.device(device) if device is not None else pick_device()
@@ -101,8 +106,7 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
-        # SIMD paths pinned by the kernelspec, if any
-        "cpu_numerics": {k: os.environ[k] for k in PINNED_ENV if k in os.environ},
+        "cpu_numerics": cpu_numerics(),
         "device": str(dev),
         "git": git_commit(),
     }

@@ -120,6 +120,30 @@ def test_child_env_sleeping_waiters_only_in_parallel(monkeypatch):
     assert reproduce.child_env(2)["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+def test_prepare_runs_under_the_kernels_pins(monkeypatch):
+    """`reproduce --prepare` started without the kernel's pins (as make test starts it)
+    prepares in a pinned child process; started with them, it prepares in place. Without
+    this the cached LM came from the unpinned code paths whenever make test ran first."""
+    from paper_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "cpu_flags", lambda: {"avx2"})
+    launched, prepared = [], []
+    monkeypatch.setattr(reproduce.subprocess, "run",
+                        lambda cmd, env: launched.append((cmd, env)) or
+                        type("Done", (), {"returncode": 0})())
+    monkeypatch.setattr(reproduce, "prepare", prepared.append)
+    for name, value in reproduce.pinned_cpu_env({"avx2"}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MKL_CBWR", "AVX2")  # one pin off (a shell, an older kernel)
+    assert reproduce.main(["--prepare", "--profile", "smoke"]) == 0
+    (cmd, env), = launched
+    assert cmd[-3:] == ["--prepare", "--profile", "smoke"] and not prepared
+    assert env["MKL_CBWR"] == "AVX2,STRICT" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+    monkeypatch.setenv("MKL_CBWR", "AVX2,STRICT")
+    assert reproduce.main(["--prepare", "--profile", "smoke"]) == 0
+    assert prepared == ["smoke"] and len(launched) == 1
+
+
 def test_run_parallel_reports_each_failure(tmp_path, monkeypatch, capsys):
     """Every notebook's process runs (two at a time); a non-zero exit becomes a failure
     naming the notebook, with that process's output printed."""

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
-from paper_lib.runtime import PROJECT_ROOT, atomic_dir, deterministic_on_cpu, load_or_build
+from paper_lib.runtime import PROJECT_ROOT, atomic_dir, cpu_numerics, deterministic_on_cpu, \
+    load_or_build
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -190,6 +191,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
         "train_tokens": cfg.steps * cfg.batch_rows * cfg.n_ctx,
         "train_seconds": round(time.perf_counter() - t0, 1),
         "device": str(device),
+        "cpu_numerics": cpu_numerics(),  # {} where trained outside the pinned env
         "val_bits_per_byte": round(bits_per_byte(model, val), 4),
         "unigram_bits_per_byte": round(unigram_bits_per_byte(train, val), 4),
     }
