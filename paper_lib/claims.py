@@ -67,17 +67,6 @@ def display_step(tolerance: float) -> float:
     return 10**exp
 
 
-def _finer_steps(step: float, levels: int = 9) -> list[float]:
-    """`step` and the next `levels` 1-2-5 steps below it (0.05 -> 0.02, 0.01, 0.005, ...)."""
-    exp = math.floor(math.log10(step) + 1e-9)
-    mantissas = [m for m in (5, 2, 1) if m * 10**exp <= step * (1 + 1e-9)]
-    out = [m * 10.0**exp for m in mantissas]
-    while len(out) <= levels:
-        exp -= 1
-        out += [m * 10.0**exp for m in (5, 2, 1)]
-    return out[:levels + 1]
-
-
 def _rounded(value: float, step: float) -> str:
     decimals = max(0, -math.floor(math.log10(step) + 1e-9))
     return f"{round(value / step) * step:.{decimals}f}"
@@ -104,10 +93,12 @@ def shown_ours(ours: float | None, paper: float | None, tolerance: float,
     if paper is None or ours is None or not math.isfinite(ours):
         return text
     verdict = decide(paper, ours, tolerance, direction_holds, kind)
-    for step in _finer_steps(display_step(tolerance)):
+    step = display_step(tolerance)
+    for _ in range(10):
         text = _rounded(ours, step)
         if decide(paper, float(text), tolerance, direction_holds, kind) == verdict:
             return text
+        step = display_step(step / 1.5)  # the next finer 1-2-5 step (they are 2-2.5x apart)
     return f"{ours:.6g}"
 
 

@@ -322,15 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.nbval and (args.profile != "smoke" or args.param or args.check_determinism):
         ap.error("--nbval checks the committed smoke notebooks: it takes no --profile, "
                  "--param or --check-determinism")
+    # the LM and activations every notebook reads, made once (see run_parallel)
+    prep = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile", args.profile]
     if args.prepare:
         if any(os.environ.get(k) != v for k, v in pinned_cpu_env(cpu_flags()).items()):
             # Started without the kernel's pins (make test runs this beside the unit tests):
             # prepare in a pinned process, as the notebooks' own prepare step does, or the LM
             # cached for them would come from other CPU code paths (on an AVX-512 host it did,
             # and the notebooks' numbers then depended on which command trained it first).
-            cmd = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile",
-                   args.profile]
-            return subprocess.run(cmd, env=child_env(1)).returncode
+            return subprocess.run(prep, env=child_env(1)).returncode
         try:
             prepare(args.profile)
         except ValueError as e:  # e.g. the gpu profile on a machine without CUDA
@@ -359,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or default_jobs(args.profile, len(nbs))
     update = args.profile == "smoke" and not args.no_update and not args.check_determinism
     total = time.perf_counter()
-    # the LM and activations every notebook reads, made once (see run_parallel)
-    prep = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile", args.profile]
     try:
         if args.nbval:
             kernel = kernel_name()
