@@ -79,6 +79,26 @@ def pinned_cpu_env(flags: set[str]) -> dict[str, str]:
 PINNED_KEYS = (*PINNED_ENV, "TORCHINDUCTOR_CACHE_DIR")
 
 
+def missing_pins(env: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """The kernel's pins that `env` lacks or sets otherwise ({} when it has them all, or
+    where the CPU has nothing to pin)."""
+    return {k: v for k, v in pinned_cpu_env(cpu_flags()).items() if env.get(k) != v}
+
+
+def exec_pinned(module: str, argv: list[str]) -> None:
+    """Replace this process with `python -m module *argv` under the kernel's pins if it lacks
+    them; return if it has them. For commands whose CPU numbers must match the notebooks'
+    (the pins only act before torch loads, so setting them here would be too late). An exec,
+    not a child: the pid, signals and exit status stay the caller's (make test kills the
+    background prepare by pid)."""
+    missing = missing_pins()
+    if missing:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv],
+                  {**os.environ, **missing})
+
+
 # Imported to write their bytecode: what kernels (notebook cells, the ipykernel debugger,
 # PDF figures), pytest with nbval, Papermill and the SAELens check load. Two groups, one
 # process each, run side by side (22 s instead of 39 s on 2 cores): the torch stack and

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from paper_lib.config import PROFILES
-from paper_lib.kernelspec import KERNEL, cpu_flags, pinned_cpu_env, refresh_if_stale
+from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -325,12 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     # the LM and activations every notebook reads, made once (see run_parallel)
     prep = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile", args.profile]
     if args.prepare:
-        if any(os.environ.get(k) != v for k, v in pinned_cpu_env(cpu_flags()).items()):
-            # Started without the kernel's pins (make test runs this beside the unit tests):
-            # prepare in a pinned process, as the notebooks' own prepare step does, or the LM
-            # cached for them would come from other CPU code paths (on an AVX-512 host it did,
-            # and the notebooks' numbers then depended on which command trained it first).
-            return subprocess.run(prep, env=child_env(1)).returncode
+        if argv is None:
+            # A command started without the kernel's pins (make test runs it beside the unit
+            # tests) prepares under them, as the notebooks' own prepare step does: the LM
+            # cache is kept per CPU numerics, and an unpinned one is not what they read.
+            exec_pinned("paper_lib.reproduce", prep[3:])
         try:
             prepare(args.profile)
         except ValueError as e:  # e.g. the gpu profile on a machine without CUDA

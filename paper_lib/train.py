@@ -354,12 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m paper_lib.train`: train one SAE with checkpoints (rerunning the same
     command resumes) on the activations of an LM at a hook (`--model`: an embedded LM, or
     any transformer-lens model name with the internet), on a saved activation tensor
-    (`--acts`), or on synthetic sparse data (neither)."""
+    (`--acts`), or on synthetic sparse data (neither). It runs under the notebooks' pinned
+    CPU numerics (re-executing itself with them if needed), so its numbers and the LM it
+    caches are the notebooks' own."""
     import argparse
     import hashlib
     import sys
 
-    from paper_lib.runtime import atomic_write_json, pick_device
+    from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
     from paper_lib.sae import ARCHITECTURES, SAEConfig, make_sae, save_sae
 
     ap = argparse.ArgumentParser(prog="python -m paper_lib.train", description=main.__doc__)
@@ -412,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if args.acts is not None and not args.acts.is_file():
         ap.error(f"--acts {args.acts}: no such file")
+    if argv is None:  # a command line: the notebooks' CPU numerics, and so their cached LM
+        from paper_lib.kernelspec import exec_pinned
+
+        exec_pinned("paper_lib.train", sys.argv[1:])
     meta: dict[str, object] = {}
     if args.model is not None:
         from paper_lib.data.activations import load_activations
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         meta.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_recovered=ce.recovered)
     weights = b"".join(v.detach().cpu().numpy().tobytes()
                        for _, v in sorted(res.sae.state_dict().items()))
-    atomic_write_json(args.out, {"final": res.final, **meta,
+    atomic_write_json(args.out, {"final": res.final, **meta, "cpu_numerics": cpu_numerics(),
                                  "weights_sha256": hashlib.sha256(weights).hexdigest()})
     if args.save is not None:
         save_sae(res.sae, args.save, input_scale=float(meta.get("input_scale", 1.0)))

@@ -94,6 +94,38 @@ def test_lm_cache_reuse_and_invalidation(tiny_corpus, tmp_path, monkeypatch):
         lmmod.load_embedded_lm("embedded-huge", data_dir=tmp_path)
 
 
+def test_lm_cache_is_kept_per_training_numerics(tiny_corpus, tmp_path, monkeypatch):
+    """A process in other CPU numerics (a shell without the kernel's pins) trains and caches
+    its own copy: it neither reuses the pinned one nor replaces it. A cache whose manifest
+    names other numerics than its folder's is not trusted."""
+    cfg = lmmod.LMConfig("embedded-test", n_layers=1, d_model=16, n_heads=2, n_ctx=16, steps=3,
+                         batch_rows=2, warmup=1)
+    monkeypatch.setitem(lmmod.EMBEDDED_LMS, "embedded-test", cfg)
+    calls = []
+    real_train = lmmod.train_lm
+    monkeypatch.setattr(lmmod, "train_lm", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+
+    def load():
+        return lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False,
+                                      corpus=tiny_corpus)[1]
+
+    monkeypatch.setattr(lmmod, "cpu_numerics", lambda: {"MKL_CBWR": "AVX2,STRICT"})
+    pinned_dir = lmmod.lm_dir(cfg, tmp_path)
+    assert load()["numerics"] == {"device": "cpu", "MKL_CBWR": "AVX2,STRICT"}
+    monkeypatch.setattr(lmmod, "cpu_numerics", lambda: {})
+    plain_dir = lmmod.lm_dir(cfg, tmp_path)
+    assert plain_dir != pinned_dir and load()["numerics"] == {"device": "cpu"}
+    assert len(calls) == 2 and (pinned_dir / "model.safetensors").is_file()
+    load()
+    assert len(calls) == 2  # each copy reused by its own kind of process
+    assert lmmod.lm_dir(cfg, tmp_path, "cuda").name.split("-")[-2] == "cuda"
+    manifest = json.loads((plain_dir / "manifest.json").read_text())
+    manifest["numerics"] = {"device": "cpu", "MKL_CBWR": "AVX2,STRICT"}
+    (plain_dir / "manifest.json").write_text(json.dumps(manifest))
+    load()
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre",
                                   "blocks.0.hook_mlp_out", "hook_embed"])
 def test_harvest_equals_full_forward(tiny_lm, hook):

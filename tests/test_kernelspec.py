@@ -84,3 +84,33 @@ def test_precompile_writes_bytecode_despite_dontwritebytecode(tmp_path, monkeypa
     out = capfd.readouterr().out
     assert "no_such_module_xyz" not in out  # not installed: passed over quietly
     assert "skipped broken (ImportError: half-installed)" in out
+
+
+def test_missing_pins_names_each_pin_a_process_lacks(monkeypatch):
+    monkeypatch.setattr(kernelspec, "cpu_flags", lambda: {"avx2"})
+    pins = kernelspec.pinned_cpu_env({"avx2"})
+    assert kernelspec.missing_pins(pins) == {}
+    assert kernelspec.missing_pins({**pins, "MKL_CBWR": "AVX2"}) == {"MKL_CBWR": "AVX2,STRICT"}
+    assert kernelspec.missing_pins({}) == pins
+    monkeypatch.setattr(kernelspec, "cpu_flags", lambda: {"sse2"})
+    assert kernelspec.missing_pins({}) == {}  # nothing to pin on a CPU without AVX2
+
+
+def test_exec_pinned_replaces_only_an_unpinned_process(monkeypatch):
+    """An unpinned process is replaced by the same command with the pins added (its other
+    variables kept); a pinned one carries on."""
+    monkeypatch.setattr(kernelspec, "cpu_flags", lambda: {"avx2"})
+    execs = []
+    monkeypatch.setattr(kernelspec.os, "execve", lambda *a: execs.append(a))
+    pins = kernelspec.pinned_cpu_env({"avx2"})
+    for name, value in pins.items():
+        monkeypatch.setenv(name, value)
+    kernelspec.exec_pinned("paper_lib.train", ["--steps", "3"])
+    assert execs == []
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.setenv("PAPER_LIB_SOMETHING", "kept")
+    kernelspec.exec_pinned("paper_lib.train", ["--steps", "3"])
+    (path, args, env), = execs
+    assert args == [path, "-m", "paper_lib.train", "--steps", "3"]
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["PAPER_LIB_SOMETHING"] == "kept"
+    assert all(env[k] == v for k, v in pins.items())

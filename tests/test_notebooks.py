@@ -122,26 +122,33 @@ def test_child_env_sleeping_waiters_only_in_parallel(monkeypatch):
 
 def test_prepare_runs_under_the_kernels_pins(monkeypatch):
     """`reproduce --prepare` started without the kernel's pins (as make test starts it)
-    prepares in a pinned child process; started with them, it prepares in place. Without
-    this the cached LM came from the unpinned code paths whenever make test ran first."""
-    from paper_lib import reproduce
+    replaces itself with a pinned `--prepare`; started with them, it prepares in place.
+    Without this the cached LM came from the unpinned code paths whenever make test ran
+    first."""
+    from paper_lib import kernelspec, reproduce
 
-    monkeypatch.setattr(reproduce, "cpu_flags", lambda: {"avx2"})
-    launched, prepared = [], []
-    monkeypatch.setattr(reproduce.subprocess, "run",
-                        lambda cmd, env: launched.append((cmd, env)) or
-                        type("Done", (), {"returncode": 0})())
+    monkeypatch.setattr(kernelspec, "cpu_flags", lambda: {"avx2"})
+    execs, prepared = [], []
+
+    def fake_exec(path, args, env):
+        execs.append((args, env))
+        raise SystemExit(0)  # where the real exec would never come back
+
+    monkeypatch.setattr(kernelspec.os, "execve", fake_exec)
     monkeypatch.setattr(reproduce, "prepare", prepared.append)
-    for name, value in reproduce.pinned_cpu_env({"avx2"}).items():
+    for name, value in kernelspec.pinned_cpu_env({"avx2"}).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MKL_CBWR", "AVX2")  # one pin off (a shell, an older kernel)
-    assert reproduce.main(["--prepare", "--profile", "smoke"]) == 0
-    (cmd, env), = launched
-    assert cmd[-3:] == ["--prepare", "--profile", "smoke"] and not prepared
+    monkeypatch.setattr(reproduce.sys, "argv", ["reproduce.py", "--prepare", "--profile", "smoke"])
+    with pytest.raises(SystemExit):
+        reproduce.main()
+    (args, env), = execs
+    assert args[1:] == ["-m", "paper_lib.reproduce", "--prepare", "--profile", "smoke"]
     assert env["MKL_CBWR"] == "AVX2,STRICT" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert not prepared
     monkeypatch.setenv("MKL_CBWR", "AVX2,STRICT")
-    assert reproduce.main(["--prepare", "--profile", "smoke"]) == 0
-    assert prepared == ["smoke"] and len(launched) == 1
+    assert reproduce.main() == 0
+    assert prepared == ["smoke"] and len(execs) == 1
 
 
 def test_run_parallel_reports_each_failure(tmp_path, monkeypatch, capsys):

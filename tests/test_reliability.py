@@ -180,3 +180,23 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
         assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o750
     finally:
         os.umask(old)
+
+
+@pytest.mark.skipif("avx2" not in __import__("paper_lib.kernelspec").kernelspec.cpu_flags(),
+                    reason="no CPU numerics to pin on a CPU without AVX2")
+def test_train_command_runs_in_the_notebooks_numerics(tmp_path):
+    """Started from a shell without the kernel's pins, `python -m paper_lib.train` re-executes
+    itself with them (so an LM it trains and caches is the one the notebooks read) and
+    records them; its weights equal those of a run started pinned."""
+    from paper_lib.kernelspec import PINNED_ENV, PINNED_KEYS, pinned_cpu_env
+
+    args = ["--steps", "20", "--d-sae", "64", "--k", "4", "--quiet"]
+    bare = {k: v for k, v in os.environ.items() if k not in PINNED_KEYS}
+    plain = _run(args + ["--out", str(tmp_path / "plain.json")], env=bare)
+    pinned = _run(args + ["--out", str(tmp_path / "pinned.json")],
+                  env={**bare, **pinned_cpu_env({"avx2"})})
+    assert plain.returncode == 0 and pinned.returncode == 0, plain.stderr + pinned.stderr
+    a = json.loads((tmp_path / "plain.json").read_text())
+    b = json.loads((tmp_path / "pinned.json").read_text())
+    assert a["cpu_numerics"] == b["cpu_numerics"] == PINNED_ENV
+    assert a["weights_sha256"] == b["weights_sha256"]

@@ -2,10 +2,11 @@
 
 The embedded LM is a small `transformer_lens.HookedTransformer` built from a
 `HookedTransformerConfig` (no tokenizer or weights download), trained here on the
-stdlib corpus and cached under data/lm/<name>-<hash>/ as model.safetensors +
+stdlib corpus and cached under data/lm/<name>-<hash>-<device>-<numerics>/ as model.safetensors +
 config.json + manifest.json (corpus hash, weight checksum, validation bits/byte, the
-unigram baseline). A cache is reused only when config hash, corpus hash and weight
-checksum all match; otherwise the model is retrained. `load_lm` gives either it or,
+unigram baseline). A cache is reused only when config, corpus hash, training numerics
+(device type, pinned CPU code paths) and weight checksum all match; otherwise the model is
+retrained. `load_lm` gives either it or,
 for the paper profile, `HookedTransformer.from_pretrained(name)`.
 """
 
@@ -85,22 +86,36 @@ EMBEDDED_LMS = {
 }
 
 
-def lm_dir(cfg: LMConfig, data_dir: Path) -> Path:
-    return data_dir / "lm" / f"{cfg.name}-{cfg.key()}"
+def training_numerics(device: str | torch.device) -> dict[str, str]:
+    """What besides the config decides a trained LM's bits: the device type and, on the CPU,
+    the code paths the kernelspec pins ({} outside the pinned env)."""
+    dev = torch.device(device)
+    return {"device": dev.type, **(cpu_numerics() if dev.type == "cpu" else {})}
+
+
+def lm_dir(cfg: LMConfig, data_dir: Path, device: str | torch.device = "cpu") -> Path:
+    """The cache of `cfg` trained on `device` in this process's numerics: one per numerics, so
+    a process with other pins (a plain shell, a GPU) trains its own copy instead of silently
+    reusing, or replacing, the one the pinned notebooks read."""
+    numerics = training_numerics(device)
+    tag = hashlib.sha256(json.dumps(numerics, sort_keys=True).encode()).hexdigest()[:8]
+    return data_dir / "lm" / f"{cfg.name}-{cfg.key()}-{numerics['device']}-{tag}"
 
 
 def _checksum(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cached(cfg: LMConfig, corpus_sha: str, data_dir: Path) -> dict[str, Any] | None:
+def _cached(cfg: LMConfig, corpus_sha: str, data_dir: Path,
+            device: str | torch.device) -> dict[str, Any] | None:
     """The manifest of a valid cached model, or None (missing, stale or corrupt)."""
-    d = lm_dir(cfg, data_dir)
+    d = lm_dir(cfg, data_dir, device)
     try:
         manifest = json.loads((d / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     ok = (manifest.get("config") == asdict(cfg) and manifest.get("corpus_sha256") == corpus_sha
+          and manifest.get("numerics") == training_numerics(device)
           and (d / "model.safetensors").is_file()
           and manifest.get("weights_sha256") == _checksum(d / "model.safetensors"))
     return manifest if ok else None
@@ -116,11 +131,11 @@ def load_embedded_lm(name: str = "embedded-smoke", device: str | torch.device = 
         raise ValueError(f"unknown embedded LM {name!r}; choose one of {', '.join(EMBEDDED_LMS)}")
     cfg = EMBEDDED_LMS[name]
     corpus = corpus or load_stdlib_corpus(data_dir)
-    manifest, _ = load_or_build(lm_dir(cfg, data_dir),
-                                lambda: _cached(cfg, corpus.sha256, data_dir),
+    path = lm_dir(cfg, data_dir, device)
+    manifest, _ = load_or_build(path, lambda: _cached(cfg, corpus.sha256, data_dir, device),
                                 lambda: _train_and_save(cfg, corpus, device, progress, data_dir))
     model = HookedTransformer(cfg.tl_config(), move_to_device=False)
-    state = load_file(str(lm_dir(cfg, data_dir) / "model.safetensors"))
+    state = load_file(str(path / "model.safetensors"))
     model.load_state_dict(state)
     model.to(device, print_details=False).eval()
     return model, manifest
@@ -129,7 +144,7 @@ def load_embedded_lm(name: str = "embedded-smoke", device: str | torch.device = 
 def _train_and_save(cfg: LMConfig, corpus: Corpus, device: str | torch.device, progress: bool,
                     data_dir: Path) -> dict[str, Any]:
     model, manifest = train_lm(cfg, corpus, device, progress)
-    with atomic_dir(lm_dir(cfg, data_dir)) as tmp:
+    with atomic_dir(lm_dir(cfg, data_dir, device)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         manifest["weights_sha256"] = _checksum(tmp / "model.safetensors")
@@ -191,7 +206,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
         "train_tokens": cfg.steps * cfg.batch_rows * cfg.n_ctx,
         "train_seconds": round(time.perf_counter() - t0, 1),
         "device": str(device),
-        "cpu_numerics": cpu_numerics(),  # {} where trained outside the pinned env
+        "numerics": training_numerics(device),  # CPU: {"device": "cpu"} outside the pinned env
         "val_bits_per_byte": round(bits_per_byte(model, val), 4),
         "unigram_bits_per_byte": round(unigram_bits_per_byte(train, val), 4),
     }
