@@ -39,16 +39,31 @@ PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
               "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing, e.g. macOS)."""
+def _cpuinfo(field: str, cpuinfo: str | Path) -> str | None:
+    """The first `field` line of /proc/cpuinfo (None where it or the file is missing)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        name, _, value = line.partition(":")
+        if name.strip() == field:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing, e.g. macOS)."""
+    return set((_cpuinfo("flags", cpuinfo) or "").split())
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """Vendor and model, e.g. "GenuineIntel: Intel(R) Xeon(R) ...": the pins hold CPU numerics
+    only among Intel CPUs (MKL ignores MKL_CBWR=AVX2 on others), so results record it."""
+    import platform
+
+    vendor, model = _cpuinfo("vendor_id", cpuinfo), _cpuinfo("model name", cpuinfo)
+    return ": ".join(p for p in (vendor, model) if p) or platform.processor() or "unknown"
 
 
 def inductor_cache_dir() -> str:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from paper_lib.kernelspec import PINNED_ENV
+from paper_lib.kernelspec import PINNED_ENV, cpu_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -105,6 +105,7 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_numerics": cpu_numerics(),
         "device": str(dev),

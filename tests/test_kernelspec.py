@@ -114,3 +114,11 @@ def test_exec_pinned_replaces_only_an_unpinned_process(monkeypatch):
     assert args == [path, "-m", "paper_lib.train", "--steps", "3"]
     assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["PAPER_LIB_SOMETHING"] == "kept"
     assert all(env[k] == v for k, v in pins.items())
+
+
+def test_cpu_model_names_vendor_and_model(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+                    "flags\t\t: avx2\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    assert kernelspec.cpu_model(info) == "AuthenticAMD: AMD EPYC"
+    assert kernelspec.cpu_model(tmp_path / "missing")  # platform's name, or "unknown"
