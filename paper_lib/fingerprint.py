@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and not args.as_is:
         from paper_lib.kernelspec import exec_pinned
 
-        exec_pinned("paper_lib.fingerprint", sys.argv[1:])
+        exec_pinned("paper_lib.fingerprint")
     from paper_lib.runtime import atomic_write_json, env_info
 
     ops = fingerprint()

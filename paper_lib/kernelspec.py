@@ -100,17 +100,18 @@ def missing_pins(env: dict[str, str] | os._Environ = os.environ) -> dict[str, st
     return {k: v for k, v in pinned_cpu_env(cpu_flags()).items() if env.get(k) != v}
 
 
-def exec_pinned(module: str, argv: list[str]) -> None:
-    """Replace this process with `python -m module *argv` under the kernel's pins if it lacks
-    them; return if it has them. For commands whose CPU numbers must match the notebooks'
-    (the pins only act before torch loads, so setting them here would be too late). An exec,
-    not a child: the pid, signals and exit status stay the caller's (make test kills the
-    background prepare by pid)."""
+def exec_pinned(module: str, argv: list[str] | None = None) -> None:
+    """Replace this process with `python -m module *argv` (default: this command's own
+    arguments) under the kernel's pins if it lacks them; return if it has them. For commands
+    whose CPU numbers must match the notebooks' (the pins only act before torch loads, so
+    setting them here would be too late). An exec, not a child: the pid, signals and exit
+    status stay the caller's (make test kills the background prepare by pid)."""
     missing = missing_pins()
     if missing:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", module, *argv],
+        args = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", module, *args],
                   {**os.environ, **missing})
 
 

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             # A command started without the kernel's pins (make test runs it beside the unit
             # tests) prepares under them, as the notebooks' own prepare step does: the LM
             # cache is kept per CPU numerics, and an unpinned one is not what they read.
-            exec_pinned("paper_lib.reproduce", prep[3:])
+            exec_pinned("paper_lib.reproduce")
         try:
             prepare(args.profile)
         except ValueError as e:  # e.g. the gpu profile on a machine without CUDA

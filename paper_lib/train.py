@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a command line: the notebooks' CPU numerics, and so their cached LM
         from paper_lib.kernelspec import exec_pinned
 
-        exec_pinned("paper_lib.train", sys.argv[1:])
+        exec_pinned("paper_lib.train")
     meta: dict[str, object] = {}
     if args.model is not None:
         from paper_lib.data.activations import load_activations

@@ -2,12 +2,12 @@
 
 The embedded LM is a small `transformer_lens.HookedTransformer` built from a
 `HookedTransformerConfig` (no tokenizer or weights download), trained here on the
-stdlib corpus and cached under data/lm/<name>-<hash>-<device>-<numerics>/ as model.safetensors +
-config.json + manifest.json (corpus hash, weight checksum, validation bits/byte, the
-unigram baseline). A cache is reused only when config, corpus hash, training numerics
-(device type, pinned CPU code paths) and weight checksum all match; otherwise the model is
-retrained. `load_lm` gives either it or,
-for the paper profile, `HookedTransformer.from_pretrained(name)`.
+stdlib corpus and cached under data/lm/<name>-<hash>-<device>-<numerics>/ as
+model.safetensors + config.json + manifest.json (corpus hash, weight checksum, validation
+bits/byte, the unigram baseline). A cache is reused only when config, corpus hash, training
+numerics (device type, pinned CPU code paths) and weight checksum all match; otherwise the
+model is retrained. `load_lm` gives either it or, for the paper profile,
+`HookedTransformer.from_pretrained(name)`.
 """
 
 from __future__ import annotations
