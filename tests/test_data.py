@@ -66,14 +66,22 @@ def test_tiny_lm_beats_unigram(tiny_lm):
     assert manifest["val_bits_per_byte"] < manifest["unigram_bits_per_byte"]
 
 
-def test_lm_cache_reuse_and_invalidation(tiny_corpus, tmp_path, monkeypatch):
-    """Trained once and reused; retrained when the weights are corrupt or the corpus changes."""
+@pytest.fixture
+def counted_lm(monkeypatch):
+    """A tiny embedded LM config registered as "embedded-test", and the list `train_lm`
+    appends to each time it trains one."""
     cfg = lmmod.LMConfig("embedded-test", n_layers=1, d_model=16, n_heads=2, n_ctx=16, steps=3,
                          batch_rows=2, warmup=1)
     monkeypatch.setitem(lmmod.EMBEDDED_LMS, "embedded-test", cfg)
     calls = []
     real_train = lmmod.train_lm
     monkeypatch.setattr(lmmod, "train_lm", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    return cfg, calls
+
+
+def test_lm_cache_reuse_and_invalidation(tiny_corpus, tmp_path, counted_lm):
+    """Trained once and reused; retrained when the weights are corrupt or the corpus changes."""
+    cfg, calls = counted_lm
     m1, man1 = lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False,
                                       corpus=tiny_corpus)
     m2, _ = lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False,
@@ -94,16 +102,12 @@ def test_lm_cache_reuse_and_invalidation(tiny_corpus, tmp_path, monkeypatch):
         lmmod.load_embedded_lm("embedded-huge", data_dir=tmp_path)
 
 
-def test_lm_cache_is_kept_per_training_numerics(tiny_corpus, tmp_path, monkeypatch):
+def test_lm_cache_is_kept_per_training_numerics(tiny_corpus, tmp_path, monkeypatch,
+                                                counted_lm):
     """A process in other CPU numerics (a shell without the kernel's pins) trains and caches
     its own copy: it neither reuses the pinned one nor replaces it. A cache whose manifest
     names other numerics than its folder's is not trusted."""
-    cfg = lmmod.LMConfig("embedded-test", n_layers=1, d_model=16, n_heads=2, n_ctx=16, steps=3,
-                         batch_rows=2, warmup=1)
-    monkeypatch.setitem(lmmod.EMBEDDED_LMS, "embedded-test", cfg)
-    calls = []
-    real_train = lmmod.train_lm
-    monkeypatch.setattr(lmmod, "train_lm", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    cfg, calls = counted_lm
 
     def load():
         return lmmod.load_embedded_lm("embedded-test", data_dir=tmp_path, progress=False,
