@@ -15,7 +15,10 @@ Everything a claim compares is measured in the same run on the same device:
   of the triton + blockmax step at the largest batch;
 - the device's copy bandwidth and matrix-product throughput, measured in the same run, and
   for every TopK row the step floor they imply (`step_floor_seconds`): how far each
-  implementation is from what fp32 Adam and the dense encoder alone cost.
+  implementation is from what fp32 Adam and the dense encoder alone cost;
+- `targets`: per TopK size and batch, our fastest TopK step against eai-sparsify's fastest,
+  and whether #10's targets (5 M tok/s at d=768 n=32768 k=32; >= 1.0x eai-sparsify) are met
+  (`--summary FILE` prints them first).
 `--quick` runs tiny sizes (the CPU smoke check used by the tests); `--configs` and
 `--strategies` pick sizes and kernel strategies (a GPU lease is short), and the torch.compile
 row is timed at the first size only (compiling is slow; on the H100 it failed alike at all
@@ -340,12 +343,75 @@ def profile_step(cfg: SAEConfig, batch: int, dev: torch.device, grads: str = "in
     return rows
 
 
+# Issue #10's targets for the TopK step, each met in one benchmark run: tokens/s at one size
+# (stated for one H100: on another chip read it beside that run's step floor) and the ratio
+# to eai-sparsify's fastest step at the same size and batch.
+TARGET_SIZE, TARGET_TOKENS_PER_S, TARGET_RATIO = (768, 32768, 32), 5e6, 1.0
+
+
+def _side(variant: str) -> str | None:
+    """Which side of the targets a step row is on, by its topk_suite name: "ours" (a TopK
+    step of the sparse path, any kernel strategy or compiled), "eai" or None (the dense
+    reference, the other architectures)."""
+    if variant.startswith("paper_lib sparse") and not any(
+            arch in variant for arch in ("batchtopk", "matryoshka")):
+        return "ours"
+    return "eai" if variant.startswith("eai-sparsify") else None
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size and batch of the TopK rows: our fastest TopK step, eai-sparsify's fastest, the
+    ratio, and whether each target is met (None where it does not apply or a side is
+    missing, e.g. eai-sparsify not installed)."""
+    best: dict[tuple[int, int, int, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        side = _side(r.get("variant", ""))
+        if side is None or "tokens_per_s" not in r:
+            continue
+        sides = best.setdefault((r["d"], r["n"], r["k"], r["batch"]), {})
+        if side not in sides or r["tokens_per_s"] > sides[side]["tokens_per_s"]:
+            sides[side] = r
+    out = []
+    for (d, n, k, batch), sides in best.items():
+        ours, eai = sides.get("ours"), sides.get("eai")
+        ratio = ours["tokens_per_s"] / eai["tokens_per_s"] if ours and eai else None
+        out.append({
+            "d": d, "n": n, "k": k, "batch": batch,
+            "ours": ours and ours["variant"], "ours_tokens_per_s": ours and ours["tokens_per_s"],
+            "eai": eai and eai["variant"], "eai_tokens_per_s": eai and eai["tokens_per_s"],
+            "ratio_to_eai": ratio,
+            "meets_ratio": None if ratio is None else ratio >= TARGET_RATIO,
+            "meets_tokens_per_s": (ours["tokens_per_s"] >= TARGET_TOKENS_PER_S
+                                   if ours and (d, n, k) == TARGET_SIZE else None)})
+    return out
+
+
+def _cell(value: Any, fmt: str = "") -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def summary(result: dict[str, Any]) -> str:
-    """Markdown tables of a benchmark JSON: steps (with the floor), harvest, profile."""
-    lines = ["| step | d | n | k | batch | M tok/s | peak GiB | of floor |", "|---" * 8 + "|"]
+    """Markdown tables of a benchmark JSON: #10's targets, steps (with the floor), harvest,
+    profile."""
+    gpu = result.get("env", {}).get("gpu") or result.get("env", {}).get("device", "?")
+    lines = [f"Targets (#10, on {gpu}): >= {TARGET_TOKENS_PER_S / 1e6:g} M tok/s at d, n, k = "
+             f"{', '.join(map(str, TARGET_SIZE))} (stated for one H100) and >= "
+             f"{TARGET_RATIO:g}x eai-sparsify's fastest step, in the same run.", "",
+             "| d | n | k | batch | ours, fastest TopK step | M tok/s | eai-sparsify, fastest "
+             "| M tok/s | ratio | ratio met | 5 M met |", "|---" * 11 + "|"]
+    for t in targets(result.get("topk", [])):
+        lines.append(
+            f"| {t['d']} | {t['n']} | {t['k']} | {t['batch']} | {_cell(t['ours'])} | "
+            f"{_cell(t['ours_tokens_per_s'] and t['ours_tokens_per_s'] / 1e6, '.2f')} | "
+            f"{_cell(t['eai'])} | "
+            f"{_cell(t['eai_tokens_per_s'] and t['eai_tokens_per_s'] / 1e6, '.2f')} | "
+            f"{_cell(t['ratio_to_eai'], '.2f')} | {_cell(t['meets_ratio'])} | "
+            f"{_cell(t['meets_tokens_per_s'])} |")
+    lines += ["", "| step | d | n | k | batch | M tok/s | peak GiB | of floor |", "|---" * 8 + "|"]
     for r in result.get("topk", []):
         if "error" in r:
-            lines.append(f"| {r.get('variant', '?')} | | | | | error: {r['error'][:60]} | | |")
+            error = " ".join(r["error"].split())[:60]  # one line: a newline ends the row
+            lines.append(f"| {r.get('variant', '?')} | | | | | error: {error} | | |")
             continue
         frac = r.get("fraction_of_floor")
         peak = r.get("peak_memory_gib")
@@ -432,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or PROJECT_ROOT / "results" / "bench" / f"{slug}.json"
     result: dict[str, Any] = {"env": env, "python": platform.python_version(),
                               "quick": args.quick, "complete": False,
-                              "topk": [], "harvest": [], "profile": []}
+                              "topk": [], "targets": [], "harvest": [], "profile": []}
     try:
         from importlib.metadata import version
 
@@ -466,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # record the failure, keep the other suites
             rows = [{"error": f"{type(e).__name__}: {e}"}]
         result[name] += rows
+        result["targets"] = targets(result["topk"])
         print(json.dumps(rows, indent=1), flush=True)
         atomic_write_json(partial, result)  # a kill from here on loses only the next suite
     result["complete"] = True

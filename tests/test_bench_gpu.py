@@ -40,6 +40,7 @@ def test_quick_bench_writes_json(quick_bench):
     table = bench.summary(rec)
     assert "| paper_lib sparse, csr grads, blockmax topk (Adam) | 32 | 2048 | 8 | 256 |" in table
     assert "| harvest (fused forward, torch.compile) (rows 8) |" in table
+    assert rec["targets"] == bench.targets(rec["topk"]) and len(rec["targets"]) == 1
 
 
 def test_quick_bench_compiled_step_runs(quick_bench):
@@ -127,6 +128,37 @@ def test_step_floor_hand_case():
     # 50.4 M params * 32 B = 1.61 GB -> 0.537 ms; 206 GFLOP -> 0.261 ms.
     h100 = {"copy_bytes_per_s": 3.0e12, "matmul_flop_per_s": 790e12}
     assert bench.step_floor_seconds(768, 32768, 4096, h100) == pytest.approx(7.98e-4, rel=1e-3)
+
+
+def test_targets_hand_case():
+    """At the target size our fastest TopK row (any strategy, not BatchTopK, not the dense
+    reference, not an error row) against eai-sparsify's fastest: 6 / 4 = 1.5x and 6 M tok/s,
+    both met; at another size only the ratio applies (0.5: not met), and without
+    eai-sparsify neither side's ratio exists."""
+    def row(variant, tok, d=768, n=32768, k=32, batch=4096):
+        return {"variant": variant, "tokens_per_s": tok, "d": d, "n": n, "k": k, "batch": batch}
+    rows = [row("paper_lib sparse (Adam)", 5e6), row("paper_lib sparse, triton grads, "
+            "blockmax topk (Adam)", 6e6), row("paper_lib sparse batchtopk (Adam)", 9e6),
+            row("naive dense PyTorch (Adam)", 8e6), row("eai-sparsify (signum)", 3e6),
+            row("eai-sparsify (adam)", 4e6),
+            {"variant": "paper_lib sparse, torch.compile (Adam)",
+             "error": "InductorError: NotImplementedError: View\n\nSet TORCHDYNAMO_VERBOSE=1"},
+            row("paper_lib sparse (Adam)", 1e6, 2304, 65536, 64),
+            row("eai-sparsify (adam)", 2e6, 2304, 65536, 64),
+            row("paper_lib sparse (Adam)", 2e6, batch=65536)]
+    at, other, alone = bench.targets(rows)
+    assert at["ours"] == "paper_lib sparse, triton grads, blockmax topk (Adam)"
+    assert at["eai"] == "eai-sparsify (adam)" and at["ratio_to_eai"] == 1.5
+    assert at["meets_ratio"] is True and at["meets_tokens_per_s"] is True
+    assert (other["d"], other["ratio_to_eai"], other["meets_ratio"]) == (2304, 0.5, False)
+    assert other["meets_tokens_per_s"] is None  # not the target size
+    assert alone["batch"] == 65536 and alone["eai"] is None and alone["ratio_to_eai"] is None
+    assert alone["meets_tokens_per_s"] is False  # 2 M < 5 M
+    table = bench.summary({"env": {"gpu": "NVIDIA H200"}, "topk": rows})
+    assert "on NVIDIA H200" in table
+    assert "| 768 | 32768 | 32 | 4096 | paper_lib sparse, triton grads, blockmax topk (Adam) | " \
+           "6.00 | eai-sparsify (adam) | 4.00 | 1.50 | True | True |" in table
+    assert "| error: InductorError: NotImplementedError: View Set TORCHDYNAMO" in table  # one row
 
 
 def test_compile_fallback_is_recorded_not_timed(broken_compiler):
