@@ -11,7 +11,9 @@ For a claim with no paper number (a pure ordering) only the direction decides.
 `Run` is what a notebook uses: it times the run, saves figures to `figures/<profile>/`,
 collects claims and metrics, and writes `results/<profile>/<stem>.json` atomically.
 `python -m paper_lib.claims` prints the markdown scoreboard over every results file;
-`--update-readme` rewrites the copy embedded in README.md.
+`--update-readme` rewrites the copy embedded in README.md; `--compare [REV]` reports how the
+results here differ from those committed at a git revision (after a rerun: do my numbers
+match the reference ones?).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -339,10 +342,113 @@ def embed_in_readme(readme: str, board: str) -> str:
     return f"{head}{README_START}\n{board}\n{README_END}{tail}"
 
 
+VOLATILE_KEYS = {"seconds", "env", "figures", "volatile_metrics"}
+
+
+def comparable(rec: dict[str, Any]) -> dict[str, Any]:
+    """What two runs must agree on: everything but timings, environment and the claims and
+    metrics marked volatile (wall-clock measurements)."""
+    out = {k: v for k, v in rec.items() if k not in VOLATILE_KEYS}
+    out["claims"] = [c for c in rec.get("claims", []) if not c.get("volatile")]
+    skip = set(rec.get("volatile_metrics", []))
+    out["metrics"] = {k: v for k, v in rec.get("metrics", {}).items() if k not in skip}
+    return out
+
+
+def _leaves(x: Any, path: str = "") -> Any:
+    """(path, value) of every number or string in a nested metrics record."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
+def _same(a: Any, b: Any) -> bool:
+    nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return nan or a == b
+
+
+def compare_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """How two runs of one notebook differ, on what `comparable` keeps (no timings): the
+    claims whose verdict changed, and the metric values that differ, with the relative size
+    |a - b| / max(|a|, |b|) of the numeric ones (claims' `ours` among them)."""
+    a, b = comparable(old), comparable(new)
+    old_claims = {c["id"]: c for c in a["claims"]}
+    verdicts = [(c["id"], old_claims[c["id"]]["verdict"], c["verdict"]) for c in b["claims"]
+                if c["id"] in old_claims and c["verdict"] != old_claims[c["id"]]["verdict"]]
+    values = dict(_leaves(a["metrics"], "metrics"))
+    values.update({f"claims.{i}.ours": c["ours"] for i, c in old_claims.items()})
+    news = dict(_leaves(b["metrics"], "metrics"))
+    news.update({f"claims.{c['id']}.ours": c["ours"] for c in b["claims"]})
+    differ, rel = [], []
+    for key, v in values.items():
+        w = news.get(key)
+        if _same(v, w):
+            continue
+        differ.append(key)
+        if all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+               for t in (v, w)):
+            rel.append((abs(v - w) / max(abs(v), abs(w)), key))
+    rel.sort()
+    return {"values": len(values), "differ": differ,
+            "only_old": sorted(set(old_claims) - {c["id"] for c in b["claims"]}),
+            "verdicts": verdicts, "median_rel": rel[len(rel) // 2][0] if rel else None,
+            "max_rel": rel[-1] if rel else None}
+
+
+def _git_record(rev: str, path: Path, root: Path) -> dict[str, Any] | None:
+    rel = path.resolve().relative_to(root.resolve()).as_posix()
+    out = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def compare_lines(profile: str, rev: str, root: Path = PROJECT_ROOT) -> list[str]:
+    """A report of results/<profile>/*.json against the same files at git revision `rev`:
+    per notebook, what differs (see compare_records), timings left out."""
+    paths = sorted((root / "results" / profile).glob("*.json"))
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           cwd=root, capture_output=True)
+    if known.returncode != 0:
+        raise ValueError(f"--compare {rev}: not a revision of a git checkout at {root}")
+    if not paths:
+        raise ValueError(f"no results/{profile}/*.json here: run `make reproduce` (or "
+                         f"`python -m paper_lib.reproduce --profile {profile}`) first")
+    lines = []
+    for path in paths:
+        old = _git_record(rev, path, root)
+        if old is None:
+            lines.append(f"{path.stem}: not in git revision {rev}")
+            continue
+        c = compare_records(old, json.loads(path.read_text()))
+        head = f"{path.stem}: {len(c['differ'])} of {c['values']} values differ"
+        if c["max_rel"] is not None:
+            head += (f" (relative: median {c['median_rel']:.1e}, max {c['max_rel'][0]:.1e} at "
+                     f"{c['max_rel'][1]})")
+        lines.append(head)
+        lines += [f"  verdict {i}: {was} -> {now}" for i, was, now in c["verdicts"]]
+        lines += [f"  claim {i}: only in {rev}" for i in c["only_old"]]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--update-readme", action="store_true", help="rewrite README's scoreboard")
+    ap.add_argument("--compare", metavar="REV", nargs="?", const="HEAD",
+                    help="compare results/<profile>/*.json with their committed copies at git "
+                         "revision REV (default HEAD): changed verdicts, differing values")
+    ap.add_argument("--profile", default="smoke", help="with --compare (default smoke)")
     args = ap.parse_args(argv)
+    if args.compare:
+        try:
+            print("\n".join(compare_lines(args.profile, args.compare)))
+        except ValueError as e:
+            ap.error(str(e))
+        return 0
     board = scoreboard()
     if args.update_readme:
         readme = PROJECT_ROOT / "README.md"

@@ -35,12 +35,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from paper_lib.claims import comparable
 from paper_lib.config import PROFILES
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-VOLATILE_KEYS = {"seconds", "env", "figures", "volatile_metrics"}
 # Notebooks that read what the others save (05 explores their SAEs): run after the rest.
 AFTER_ALL = ("05_explore",)
 # Notebooks that need the LM only in their last section (02: synthetic experiments first):
@@ -96,16 +96,6 @@ def run_one(nb: Path, profile: str, out_dir: Path, params: dict[str, Any],
         executed = strip_volatile(nbformat.read(str(out), as_version=4))
         atomic_write_text(nb, nbformat.writes(executed) + "\n")
     return seconds
-
-
-def comparable(rec: dict[str, Any]) -> dict[str, Any]:
-    """What two runs must agree on: everything but timings, environment and the claims and
-    metrics marked volatile (wall-clock measurements)."""
-    out = {k: v for k, v in rec.items() if k not in VOLATILE_KEYS}
-    out["claims"] = [c for c in rec.get("claims", []) if not c.get("volatile")]
-    skip = set(rec.get("volatile_metrics", []))
-    out["metrics"] = {k: v for k, v in rec.get("metrics", {}).items() if k not in skip}
-    return out
 
 
 def default_jobs(profile: str, n_notebooks: int, cpus: int | None = None) -> int:

@@ -139,7 +139,7 @@ def test_scoreboard_counts(tmp_path):
 
 def test_volatile_claims_stay_out_of_checked_lines_and_comparisons(tmp_path):
     """Wall-clock claims are recorded but excluded from verdict lines and determinism."""
-    from paper_lib.reproduce import comparable
+    from paper_lib.claims import comparable
 
     run = claims.Run("97_t", AmortParams.from_profile("smoke"), root=tmp_path)
     run.claim("a.stable", "s", 1.0, 1.0, 0.1, "T1")
@@ -154,6 +154,54 @@ def test_volatile_claims_stay_out_of_checked_lines_and_comparisons(tmp_path):
     assert comparable(rec) == comparable(other)
     other["metrics"]["fvu"] = 0.2
     assert comparable(rec) != comparable(other)
+
+
+def _rec(ours, verdict, fvu, dead, cost=1.0):
+    return {"claims": [{"id": "a", "ours": ours, "verdict": verdict},
+                       {"id": "t", "ours": cost, "verdict": "reproduced", "volatile": True}],
+            "metrics": {"grid": [{"fvu": fvu, "dead": dead}], "name": "x", "nan": float("nan"),
+                        "cost": cost},
+            "volatile_metrics": ["cost"], "seconds": cost, "env": {"cpu": str(cost)}}
+
+
+def test_compare_records_hand_case():
+    """fvu 0.25 -> 0.2 (relative 0.05 / 0.25 = 0.2), dead 0 -> 1 (relative 1), claim a's ours
+    0.5 -> 0.4 (0.2) with its verdict flipped; NaN equals NaN; the volatile claim, metric,
+    timings and environment never count."""
+    c = claims.compare_records(_rec(0.5, "reproduced", 0.25, 0, cost=1.0),
+                               _rec(0.4, "not reproduced", 0.2, 1, cost=9.0))
+    assert c["values"] == 5  # grid fvu, grid dead, name, nan, and claim a's ours
+    assert sorted(c["differ"]) == ["claims.a.ours", "metrics.grid[0].dead",
+                                   "metrics.grid[0].fvu"]
+    assert c["verdicts"] == [("a", "reproduced", "not reproduced")]
+    assert c["median_rel"] == pytest.approx(0.2) and c["max_rel"] == (1.0, "metrics.grid[0].dead")
+    same = claims.compare_records(_rec(0.5, "reproduced", 0.25, 0), _rec(0.5, "reproduced",
+                                                                           0.25, 0, cost=3.0))
+    assert same["differ"] == [] and same["max_rel"] is None and same["verdicts"] == []
+
+
+def test_compare_against_git_reports_each_notebook(tmp_path):
+    """A rerun's results/<profile>/*.json against their committed copies: the changed
+    verdict and differing values named per notebook; a notebook not committed says so."""
+    import subprocess
+
+    res = tmp_path / "results" / "smoke"
+    res.mkdir(parents=True)
+    (res / "01_x.json").write_text(json.dumps(_rec(0.5, "reproduced", 0.25, 0)))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git[:-2] + ["init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "ref"], check=True)
+    (res / "01_x.json").write_text(json.dumps(_rec(0.4, "not reproduced", 0.25, 0)))
+    (res / "02_y.json").write_text(json.dumps(_rec(0.5, "reproduced", 0.25, 0)))
+    lines = claims.compare_lines("smoke", "HEAD", tmp_path)
+    assert lines == ["01_x: 1 of 5 values differ (relative: median 2.0e-01, max 2.0e-01 at "
+                     "claims.a.ours)", "  verdict a: reproduced -> not reproduced",
+                     "02_y: not in git revision HEAD"]
+    with pytest.raises(ValueError, match="no results/gpu"):
+        claims.compare_lines("gpu", "HEAD", tmp_path)
+    with pytest.raises(ValueError, match="nosuchrev: not a revision"):
+        claims.compare_lines("smoke", "nosuchrev", tmp_path)
 
 
 def test_noise_level_claims_are_named_but_not_checked(tmp_path):

@@ -116,7 +116,7 @@ def _run_notebook(out_root: Path) -> dict:
 def test_notebook_rerun_gives_identical_claims(tmp_path):
     """Two Papermill runs of notebook 02 (reduced sizes, outputs redirected away from the
     committed results) give identical claims and metrics; only timings and env differ."""
-    from paper_lib.reproduce import comparable
+    from paper_lib.claims import comparable
 
     first = _run_notebook(tmp_path / "a")
     second = _run_notebook(tmp_path / "b")
