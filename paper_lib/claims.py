@@ -407,10 +407,13 @@ def _git_record(rev: str, path: Path, root: Path) -> dict[str, Any] | None:
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
-def compare_lines(profile: str, rev: str, root: Path = PROJECT_ROOT) -> list[str]:
-    """A report of results/<profile>/*.json against the same files at git revision `rev`:
-    per notebook, what differs (see compare_records), timings left out."""
-    paths = sorted((root / "results" / profile).glob("*.json"))
+def compare_lines(profile: str, rev: str, root: Path = PROJECT_ROOT,
+                  stems: list[str] | None = None) -> list[str]:
+    """A report of results/<profile>/*.json (those of `stems` only, if given) against the same
+    files at git revision `rev`: per notebook, what differs (see compare_records), timings
+    left out."""
+    paths = sorted(p for p in (root / "results" / profile).glob("*.json")
+                   if stems is None or p.stem in stems)
     known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
                            cwd=root, capture_output=True)
     if known.returncode != 0:

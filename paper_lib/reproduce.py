@@ -258,6 +258,25 @@ def latest_results(profile: str, stem: str) -> Path:
                default=paths[0])
 
 
+def report_against_committed(profile: str, stems: list[str], since: float,
+                             root: Path = PROJECT_ROOT) -> None:
+    """Print how the results this run wrote to results/<profile>/ (not -custom) compare with
+    the committed ones (`claims --compare HEAD`): the reader's first question after a rerun.
+    Silent outside a git checkout."""
+    from paper_lib.claims import compare_lines
+
+    written = [stem for stem in stems if (f := root / "results" / profile / f"{stem}.json")
+               .exists() and f.stat().st_mtime >= since]
+    if not written:
+        return
+    try:
+        lines = compare_lines(profile, "HEAD", root, stems=written)
+    except ValueError:
+        return
+    print("against the committed results (python -m paper_lib.claims --compare):", *lines,
+          sep="\n  ")
+
+
 def run_sequential(nbs: list[Path], profile: str, params: dict[str, Any], update: bool,
                    check_determinism: bool) -> list[str]:
     """Run the notebooks one after another in this process; returns failure messages."""
@@ -347,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     jobs = args.jobs or default_jobs(args.profile, len(nbs))
     update = args.profile == "smoke" and not args.no_update and not args.check_determinism
-    total = time.perf_counter()
+    total, started = time.perf_counter(), time.time()
     try:
         if args.nbval:
             kernel = kernel_name()
@@ -372,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", flush=True)
         return 130
     print(f"total {time.perf_counter() - total:.1f} s for {len(nbs)} notebook(s)")
+    if not args.nbval and not args.no_scoreboard:  # a worker's parent reports for it
+        report_against_committed(args.profile, [nb.stem for nb in nbs], started)
     if failures:
         print("\n".join(["FAILED:"] + failures), file=sys.stderr)
         return 1

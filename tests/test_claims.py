@@ -180,18 +180,25 @@ def test_compare_records_hand_case():
     assert same["differ"] == [] and same["max_rel"] is None and same["verdicts"] == []
 
 
-def test_compare_against_git_reports_each_notebook(tmp_path):
-    """A rerun's results/<profile>/*.json against their committed copies: the changed
-    verdict and differing values named per notebook; a notebook not committed says so."""
+@pytest.fixture
+def committed_results(tmp_path):
+    """A git checkout in tmp_path whose HEAD holds results/smoke/01_x.json."""
     import subprocess
 
     res = tmp_path / "results" / "smoke"
     res.mkdir(parents=True)
     (res / "01_x.json").write_text(json.dumps(_rec(0.5, "reproduced", 0.25, 0)))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
-    subprocess.run(git[:-2] + ["init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run(git + ["add", "."], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "ref"], check=True)
+    return res
+
+
+def test_compare_against_git_reports_each_notebook(tmp_path, committed_results):
+    """A rerun's results/<profile>/*.json against their committed copies: the changed
+    verdict and differing values named per notebook; a notebook not committed says so."""
+    res = committed_results
     (res / "01_x.json").write_text(json.dumps(_rec(0.4, "not reproduced", 0.25, 0)))
     (res / "02_y.json").write_text(json.dumps(_rec(0.5, "reproduced", 0.25, 0)))
     lines = claims.compare_lines("smoke", "HEAD", tmp_path)
@@ -202,6 +209,27 @@ def test_compare_against_git_reports_each_notebook(tmp_path):
         claims.compare_lines("gpu", "HEAD", tmp_path)
     with pytest.raises(ValueError, match="nosuchrev: not a revision"):
         claims.compare_lines("smoke", "nosuchrev", tmp_path)
+
+
+def test_reproduce_reports_only_what_this_run_wrote(tmp_path, committed_results, capsys,
+                                                    tmp_path_factory):
+    """After a run, reproduce compares the results it wrote (newer than its start) with the
+    committed ones, and says nothing outside a git checkout or when it wrote none."""
+    import time
+
+    from paper_lib.reproduce import report_against_committed
+
+    start = time.time()
+    (committed_results / "01_x.json").write_text(json.dumps(_rec(0.5, "reproduced", 0.2, 0)))
+    report_against_committed("smoke", ["01_x", "02_y"], start, tmp_path)
+    out = capsys.readouterr().out
+    assert out.startswith("against the committed results") and "\n  01_x: 1 of 5 values" in out
+    report_against_committed("smoke", ["01_x"], time.time() + 60, tmp_path)  # none newer
+    plain = tmp_path_factory.mktemp("plain")  # a copy without .git
+    (plain / "results" / "smoke").mkdir(parents=True)
+    (plain / "results" / "smoke" / "01_x.json").write_text(json.dumps(_rec(0.5, "x", 0.2, 0)))
+    report_against_committed("smoke", ["01_x"], start, plain)
+    assert capsys.readouterr().out == ""
 
 
 def test_noise_level_claims_are_named_but_not_checked(tmp_path):
