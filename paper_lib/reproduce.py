@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from paper_lib.claims import comparable
+from paper_lib.claims import comparable, compare_records
 from paper_lib.config import PROFILES
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
@@ -292,13 +292,17 @@ def run_sequential(nbs: list[Path], profile: str, params: dict[str, Any], update
             status = f"ok in {secs:.1f} s"
             if check_determinism:
                 res = latest_results(profile, nb.stem)
-                first = comparable(json.loads(res.read_text()))
+                first = json.loads(res.read_text())
                 secs2 = run_one(nb, profile, out_dir, params, False)
-                second = comparable(json.loads(res.read_text()))
-                same = first == second
+                second = json.loads(res.read_text())
+                same = comparable(first) == comparable(second)
                 status += f"; rerun {secs2:.1f} s: {'identical' if same else 'DIFFERENT'}"
                 if not same:
-                    failures.append(f"{nb.stem}: claims/metrics differ between two runs")
+                    c = compare_records(first, second)
+                    where = (f"; largest relative difference {c['max_rel'][0]:.1e} at "
+                             f"{c['max_rel'][1]}" if c["max_rel"] else "")
+                    failures.append(f"{nb.stem}: claims/metrics differ between two runs "
+                                    f"({len(c['differ'])} of {c['values']} values{where})")
             print(status, flush=True)
         except PapermillExecutionError as e:
             print("FAILED", flush=True)

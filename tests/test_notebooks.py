@@ -151,6 +151,31 @@ def test_prepare_runs_under_the_kernels_pins(monkeypatch):
     assert prepared == ["smoke"] and len(execs) == 1
 
 
+def test_determinism_check_names_what_differs(tmp_path, monkeypatch):
+    """--check-determinism runs a notebook twice; a difference fails the run, saying how many
+    values differ and the largest relative difference (0.25 -> 0.2: 0.2), while a timing
+    change alone does not."""
+    from paper_lib import reproduce
+
+    results = tmp_path / "r.json"
+    runs = iter([(0.25, 1.0), (0.2, 2.0), (0.25, 1.0), (0.25, 3.0)])
+
+    def fake_run(nb, profile, out_dir, params, update):
+        fvu, secs = next(runs)
+        results.write_text(json.dumps({"claims": [], "metrics": {"fvu": fvu},
+                                       "seconds": secs, "volatile_metrics": []}))
+        return secs
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "run_one", fake_run)
+    monkeypatch.setattr(reproduce, "latest_results", lambda profile, stem: results)
+    nb = tmp_path / "01_x.ipynb"
+    assert reproduce.run_sequential([nb], "smoke", {}, False, True) == [
+        "01_x: claims/metrics differ between two runs (1 of 1 values; largest relative "
+        "difference 2.0e-01 at metrics.fvu)"]
+    assert reproduce.run_sequential([nb], "smoke", {}, False, True) == []
+
+
 def test_run_parallel_reports_each_failure(tmp_path, monkeypatch, capsys):
     """Every notebook's process runs (two at a time); a non-zero exit becomes a failure
     naming the notebook, with that process's output printed."""
