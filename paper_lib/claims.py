@@ -356,7 +356,7 @@ def comparable(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _leaves(x: Any, path: str = "") -> Any:
-    """(path, value) of every number or string in a nested metrics record."""
+    """(path, value) of every leaf of a nested metrics record."""
     if isinstance(x, dict):
         for k, v in x.items():
             yield from _leaves(v, f"{path}.{k}" if path else str(k))

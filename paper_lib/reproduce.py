@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from paper_lib.claims import comparable, compare_records
+from paper_lib.claims import comparable, compare_lines, compare_records
 from paper_lib.config import PROFILES
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
@@ -263,8 +263,6 @@ def report_against_committed(profile: str, stems: list[str], since: float,
     """Print how the results this run wrote to results/<profile>/ (not -custom) compare with
     the committed ones (`claims --compare HEAD`): the reader's first question after a rerun.
     Silent outside a git checkout."""
-    from paper_lib.claims import compare_lines
-
     written = [stem for stem in stems if (f := root / "results" / profile / f"{stem}.json")
                .exists() and f.stat().st_mtime >= since]
     if not written:
