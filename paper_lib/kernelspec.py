@@ -6,8 +6,10 @@ widest SIMD code path the CPU has (AVX2 on one machine, AVX-512 on the next), wh
 sums floats in a different order: a CPU-trained model then drifts from machine to
 machine and the smoke numbers stop matching the committed notebooks; and MKL's products
 round differently with another thread count. With every x86 machine held to the AVX2 paths,
-MKL in its strict reproducible mode, the numbers should agree whatever the CPU type and
-core count (thread counts checked bit for bit; one CPU type at a time tried here).
+MKL in its strict reproducible mode, the numbers should agree across Intel CPUs whatever the
+model and core count (thread counts checked bit for bit). Not across vendors: MKL honours
+MKL_CBWR=AVX2 on Intel CPUs only (on an AMD host the smoke numbers differed from the Intel
+ones in the 3rd-4th digit; see README, *CPU numerics*, and `paper_lib.fingerprint`).
 No torch import here: the variables only act in a process that has not loaded torch.
 
 It then byte-compiles the third-party modules every kernel, test and worker process

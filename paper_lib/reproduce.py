@@ -333,8 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.nbval and (args.profile != "smoke" or args.param or args.check_determinism):
         ap.error("--nbval checks the committed smoke notebooks: it takes no --profile, "
                  "--param or --check-determinism")
-    # the LM and activations every notebook reads, made once (see run_parallel)
-    prep = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile", args.profile]
     if args.prepare:
         if argv is None:
             # A command started without the kernel's pins (make test runs it beside the unit
@@ -369,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or default_jobs(args.profile, len(nbs))
     update = args.profile == "smoke" and not args.no_update and not args.check_determinism
     total, started = time.perf_counter(), time.time()
+    # the LM and activations every notebook reads, made once (see run_parallel)
+    prep = [sys.executable, "-m", "paper_lib.reproduce", "--prepare", "--profile", args.profile]
     try:
         if args.nbval:
             kernel = kernel_name()
