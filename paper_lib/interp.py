@@ -11,11 +11,15 @@
   simulated activation and the true one (the offline proxy for Peter & Sogaard's
   explanation-correlation score);
 - `ablation_sparsity`: how many output logits ablating one latent changes
-  ((L1/L2)^2 / size of the logit-difference vector; Gao et al. Sec. 4.5).
+  ((L1/L2)^2 / size of the logit-difference vector; Gao et al. Sec. 4.5);
+- `latent_ablation`: what removing one latent's contribution from the model's own
+  activation does to its next-token predictions where the latent fires (the explorer's
+  "effect" panel).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -237,8 +241,8 @@ def ablation_sparsity(model: Any, hook: str, tokens: Tensor, acts: Tensor, codes
     and vocabulary gives (||d||_1 / ||d||_2)^2 / size in (0, 1] (lower: sparser effect)."""
     dev = next(model.parameters()).device
     per_row = tokens.shape[1] - (1 if drop_bos else 0)
-    full = acts.shape[0] // per_row  # only complete token rows can be re-run
-    by_row = acts[: full * per_row].view(full, per_row, acts.shape[-1])
+    by_row = by_token_row(acts, per_row)
+    full = by_row.shape[0]
     out = []
     for j in latents:
         fired = torch.unique((codes[: full * per_row, j] > 0).nonzero().flatten() // per_row)
@@ -268,3 +272,87 @@ def ablation_sparsity(model: Any, hook: str, tokens: Tensor, acts: Tensor, codes
         if l2 > 0:
             out.append(float((d.abs().sum() / l2) ** 2 / d.numel()))
     return out
+
+
+def by_token_row(t: Tensor, per_row: int) -> Tensor:
+    """[N, ...] per-token rows (activations, codes) as [rows, per_row, ...]: only complete
+    token rows, the ones a model can re-run."""
+    full = t.shape[0] // per_row
+    return t[: full * per_row].view(full, per_row, *t.shape[1:])
+
+
+@dataclass(frozen=True)
+class LatentEffect:
+    """What removing one latent did to the model's next-token log-probabilities."""
+
+    rows: int
+    """Token rows re-run (those of the latent's strongest activations)."""
+    positions: int
+    """Positions in them where the latent fired (and was removed)."""
+    next_token: float
+    """Mean change of log p(actual next token) at those positions (negative: the latent
+    helped predict what came next). The last position of a row has no next token."""
+    elsewhere: float
+    """Mean change of log p(actual next token) at the rows' other positions after the
+    first firing: effects carried to later tokens (through attention)."""
+    supported: list[tuple[int, float]]
+    """Tokens whose log-probability falls most where the latent fired, with the mean change."""
+    suppressed: list[tuple[int, float]]
+    """Tokens whose log-probability rises most there."""
+
+
+@torch.no_grad()
+def latent_ablation(model: Any, hook: str, tokens: Tensor, acts: Tensor, codes: Tensor,
+                    sae: Any, latent: int, rows: int = 4, top: int = 8,
+                    drop_bos: bool = True) -> LatentEffect | None:
+    """Remove latent `latent`'s contribution from the model's own activation at `hook`
+    and compare next-token log-probabilities with the clean run.
+
+    acts [N, d] are the held-out activations at `hook` in raw model units, codes [N, n]
+    the SAE's codes of them, laid out as `tokens` [rows, T] minus the BOS column when
+    drop_bos. The contribution is decode(codes) - decode(codes with the latent zeroed),
+    subtracted from the activation itself, not from the SAE's reconstruction: the rest of
+    the residual (and the SAE's error) stays, so only this latent's part is tested.
+    None when the latent never fires in a complete row."""
+    off = 1 if drop_bos else 0
+    per_row = tokens.shape[1] - off
+    col = by_token_row(codes[:, latent], per_row)                  # [full, per_row]
+    strongest = col.flatten().argsort(descending=True)
+    fired = strongest[col.flatten()[strongest] > 0] // per_row
+    if fired.numel() == 0:
+        return None
+    picked = list(dict.fromkeys(fired.tolist()))[:rows]  # each row once, strongest first
+    pick = torch.tensor(picked)
+    x = by_token_row(acts, per_row)[pick]                          # [R, P, d]
+    c = by_token_row(codes, per_row)[pick]                         # [R, P, n]
+    dev_sae = sae.W_dec.device
+    flat_x = x.reshape(-1, x.shape[-1]).to(dev_sae)
+    flat_c = c.reshape(-1, c.shape[-1]).to(dev_sae)
+    without = flat_c.clone()
+    without[:, latent] = 0
+    delta = (sae.decode_like(flat_x, flat_c) - sae.decode_like(flat_x, without)).view_as(x)
+    dev = next(model.parameters()).device
+    tok = tokens[pick].to(dev)
+    delta = delta.to(dev)
+
+    def remove(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        new = act.clone()
+        new[:, off:] -= delta.to(act.dtype)
+        return new
+
+    clean = model.run_with_hooks(tok, fwd_hooks=[]).float().log_softmax(-1)[:, off:]
+    ablated = model.run_with_hooks(tok, fwd_hooks=[(hook, remove)]).float().log_softmax(-1)
+    diff = ablated[:, off:] - clean                                 # [R, P, V]
+    active = c[..., latent].to(dev) > 0                             # [R, P]
+    nxt = diff[:, :-1].gather(-1, tok[:, off + 1:, None]).squeeze(-1)  # [R, P - 1]
+    at = active[:, :-1]
+    later = (active.int().cumsum(1) > 0)[:, :-1] & ~at
+    vocab = diff[active].mean(0)                                    # [V]
+    low, high = vocab.topk(min(top, vocab.numel()), largest=False), vocab.topk(
+        min(top, vocab.numel()))
+    return LatentEffect(
+        rows=len(picked), positions=int(active.sum()),
+        next_token=float(nxt[at].mean()) if at.any() else float("nan"),
+        elsewhere=float(nxt[later].mean()) if later.any() else float("nan"),
+        supported=list(zip(low.indices.tolist(), low.values.tolist())),
+        suppressed=list(zip(high.indices.tolist(), high.values.tolist())))

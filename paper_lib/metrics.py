@@ -102,6 +102,17 @@ def dictionary_mcc(true_dict: torch.Tensor, est_dict: torch.Tensor) -> float:
     return matched_mean((t @ e.T).abs().cpu().numpy())[0]
 
 
+def nearest_atoms(direction: torch.Tensor, atoms: torch.Tensor, top: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top` rows of atoms [n, d] most similar to direction [d] by signed cosine
+    (codes are non-negative, so an opposite atom is not the same feature): (indices,
+    cosines), best first."""
+    cos = torch.nn.functional.normalize(atoms.detach().double(), dim=1) @ \
+        torch.nn.functional.normalize(direction.detach().double().to(atoms.device), dim=0)
+    vals, idx = cos.topk(min(top, cos.numel()))
+    return idx, vals
+
+
 # --------------------------------------------------------------------------- AFA (Lee et al.)
 
 

@@ -2,8 +2,9 @@
 
 - `LatentExplorer`: pick an SAE and a latent (slider, or search by the text that should
   make it fire); shows its top-activating contexts with per-token highlighting, its
-  activation histogram, and the tokens its decoder direction promotes through the
-  unembedding.
+  activation histogram, the tokens its decoder direction promotes through the
+  unembedding, what removing it from the model's activation does to the next-token
+  predictions where it fires, and the closest latent of every other SAE.
 - `ZFExplorer`: an SAE's ZF plot (Lee et al. 2025) with a slider for the band eps(h-1);
   selecting a range of ||f~||/||z|| lists those tokens in context.
 - `PrefixExplorer`: a Matryoshka SAE's prefix size: FVU at that size and which of one
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from paper_lib import metrics, plots
+from paper_lib import interp, metrics, plots
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, load_sae
+from paper_lib.sae.base import initial_decoder
 from paper_lib.sae.io import read_cfg
 
 
@@ -62,6 +64,8 @@ class ExplorerData:
     """text -> list of token ids (for search)."""
     saes: dict[str, SAE]
     drop_bos: bool = True
+    hook: str = ""
+    """Where the activations were read (needed to re-run the model with a latent removed)."""
     _codes: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -70,7 +74,8 @@ class ExplorerData:
         """From an ActivationSet's first n held-out tokens; `saes` must take raw activations
         (as saved files do)."""
         return cls((acts_set.eval[:n] / acts_set.scale).cpu(), acts_set.eval_tokens, acts_set.model,
-                   acts_set.token_str, acts_set.encode_text, saes, acts_set.drop_bos)
+                   acts_set.token_str, acts_set.encode_text, saes, acts_set.drop_bos,
+                   acts_set.hook)
 
     def find(self, text: str) -> Tensor:
         """Activation indices at which `text` has just been read (its last token)."""
@@ -145,7 +150,8 @@ def _png(fig: plt.Figure) -> bytes:
 
 
 class LatentExplorer:
-    """SAE dropdown, latent slider and text search; contexts, histogram, promoted tokens."""
+    """SAE dropdown, latent slider and text search; contexts, histogram, promoted tokens,
+    the latent's effect on next-token predictions, its closest latents in the other SAEs."""
 
     def __init__(self, data: ExplorerData, n_contexts: int = 8) -> None:
         self.data, self.n_contexts = data, n_contexts
@@ -159,12 +165,16 @@ class LatentExplorer:
         self.contexts = W.HTML()
         self.histogram = W.Image(format="png")
         self.promoted = W.HTML()
+        self.effect = W.HTML()
+        self.neighbours = W.HTML()
+        self._inits: dict[tuple[int, int], Tensor] = {}
         self.sae_dropdown.observe(self._on_sae, names="value")
         self.latent_slider.observe(lambda _: self.render(), names="value")
         self.search.observe(self._on_search, names="value")
         self.widget = W.VBox([W.HBox([self.sae_dropdown, self.latent_slider]), self.search,
                               self.status, self.contexts,
-                              W.HBox([self.histogram, self.promoted])])
+                              W.HBox([self.histogram, self.promoted]),
+                              W.HBox([self.effect, self.neighbours])])
         self.render()
 
     @property
@@ -209,6 +219,8 @@ class LatentExplorer:
                ylabel="tokens")
         self.histogram.value = _png(fig)
         self.promoted.value = self._promoted_tokens(j)
+        self.effect.value = self._effect(j)
+        self.neighbours.value = self._neighbours(j)
 
     def _promoted_tokens(self, j: int, top: int = 10) -> str:
         """Tokens whose logits the decoder direction raises most (logit lens, no LayerNorm)."""
@@ -218,10 +230,60 @@ class LatentExplorer:
         with torch.no_grad():
             logits = self.sae.W_dec[j].to(w_u.device, w_u.dtype) @ w_u
         vals, idx = logits.topk(top)
-        items = "".join(f"<li><code>{html.escape(self.data.token_str(int(t)))!r}</code> "
-                        f"{v:+.2f}</li>" for v, t in zip(vals.tolist(), idx.tolist()))
+        items = self._tokens_html(list(zip(idx.tolist(), vals.tolist())))
         return f"<b>promotes</b><ol>{items}</ol>"
 
+    def _tokens_html(self, items: list[tuple[int, float]]) -> str:
+        return "".join(f"<li><code>{html.escape(self.data.token_str(t))!r}</code> {v:+.2f}</li>"
+                       for t, v in items)
+
+    def _effect(self, j: int) -> str:
+        """Removing the latent from the model's own activation where it fires (its
+        strongest rows): the change in next-token log-probabilities."""
+        d = self.data
+        if d.model is None or not d.hook:
+            return ""
+        eff = interp.latent_ablation(d.model, d.hook, d.tokens, d.acts,
+                                     d.codes(self.sae_dropdown.value), self.sae, j,
+                                     drop_bos=d.drop_bos)
+        if eff is None:
+            return ""
+        def signed(v: float) -> str:
+            return "n/a" if v != v else f"{v:+.3f}"  # NaN: no such position
+        return (f"<b>removing it</b> from {d.hook} ({eff.positions} positions in "
+                f"{eff.rows} rows):<br>log p(next token) {signed(eff.next_token)} where it "
+                f"fires, {signed(eff.elsewhere)} at later positions<br>"
+                f"<b>it supports</b><ol>{self._tokens_html(eff.supported)}</ol>"
+                f"<b>it suppresses</b><ol>{self._tokens_html(eff.suppressed)}</ol>")
+
+    def _neighbours(self, j: int) -> str:
+        """The latent of each other SAE whose decoder direction is closest to this one's,
+        with the cosine of the two latents' initial decoder rows: SAEs of one seed start
+        from the same directions, so a match inherited from initialisation is no evidence
+        of a shared feature."""
+        name = self.sae_dropdown.value
+        direction, start = self.sae.W_dec[j], self._initial_row(self.sae, j)
+        rows = []
+        for other, sae in self.data.saes.items():
+            if other != name:
+                idx, cos = metrics.nearest_atoms(direction, sae.W_dec)
+                i = int(idx[0])
+                at_init = float(self._initial_row(sae, i) @ start)
+                rows.append((float(cos[0]), other, i, at_init))
+        items = "".join(f"<tr><td>{html.escape(o)}</td><td>{i}</td><td>{c:.2f}</td>"
+                        f"<td>{a:.2f}</td></tr>" for c, o, i, a in sorted(rows, reverse=True))
+        return ("<b>closest latent elsewhere</b> (decoder cosine; <i>at init</i>: the same "
+                "pair's cosine before training, high when both SAEs share a seed)<table>"
+                "<tr><th>SAE</th><th>latent</th><th>cos</th><th>at init</th></tr>"
+                f"{items}</table>" if items else "")
+
+    def _initial_row(self, sae: SAE, j: int) -> Tensor:
+        """Row j of the SAE's initial decoder. One draw per (seed, d_in), at the largest n
+        asked for: a seed's smaller SAEs start from its first rows."""
+        key = (sae.cfg.seed, sae.cfg.d_in)
+        if key not in self._inits or len(self._inits[key]) < sae.cfg.d_sae:
+            self._inits[key] = initial_decoder(sae.cfg)
+        return self._inits[key][j]
 
 class ZFExplorer:
     """ZF plot with a band slider; a ratio range selects tokens to show in context."""

@@ -1,5 +1,8 @@
 """Offline interpretability measures on hand-made byte rows."""
 
+import math
+
+import pytest
 import torch
 
 from paper_lib import interp
@@ -58,3 +61,53 @@ def test_ngram_explanation_finds_the_trigger():
     exp = interp.ngram_explanations(codes, tok, [0])
     assert exp[0]["precision"] == 1.0 and exp[0]["recall"] == 1.0
     assert exp[0]["ngram"].endswith("f") and exp[0]["pearson"] > 0.99
+
+
+class _HookBeforeUnembed(torch.nn.Module):
+    """A model whose one hook point `resid` sits between an embedding and the unembedding
+    U = I: logits = hook(E[tokens]), so every log-probability can be worked out by hand."""
+
+    def __init__(self, emb: torch.Tensor) -> None:
+        super().__init__()
+        self.E = torch.nn.Parameter(emb)
+
+    def run_with_hooks(self, tokens, fwd_hooks):
+        resid = self.E[tokens]
+        for name, fn in fwd_hooks:
+            assert name == "resid"
+            resid = fn(resid)
+        return resid
+
+
+def test_latent_ablation_hand_case():
+    """Tokens 0/1 embed as (0, 0) / (1, 0); column 0 is BOS (dropped). Latent 0 (decoder
+    row (1, 0)) fires 0.5 at row 0's position 1 and 0.25 at its last position 3, and 0.1
+    in row 2, which rows=1 leaves out (row 0 holds the strongest activation). Removing it
+    turns the logits (1, 0) at positions 1 and 3 into (0.5, 0) and (0.75, 0). With
+    lse(a) = log(e^a + 1), log p(token 0) = a - lse(a) and log p(token 1) = -lse(a); the
+    next token after position 1 is 0, position 3 has none, and position 2 (latent silent,
+    logits unchanged) is the only later position."""
+    from paper_lib.sae import SAEConfig, make_sae
+
+    tokens = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0], [0, 1, 1, 1]])
+    model = _HookBeforeUnembed(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    acts = model.E.detach()[tokens[:, 1:]].reshape(-1, 2)
+    codes = torch.zeros(9, 2)
+    codes[0, 0], codes[2, 0], codes[6, 0] = 0.5, 0.25, 0.1
+    codes[4, 1] = 3.0  # another latent: stays in place
+    sae = make_sae(SAEConfig("topk", 2, 2, k=1))
+    sae.set_decoder_(torch.eye(2))
+    eff = interp.latent_ablation(model, "resid", tokens, acts, codes, sae, latent=0, rows=1,
+                                 top=2)
+
+    def lse(a):
+        return math.log(math.exp(a) + 1)
+    d0 = [(a - lse(a)) - (1 - lse(1)) for a in (0.5, 0.75)]   # token 0 at positions 1, 3
+    d1 = [-lse(a) + lse(1) for a in (0.5, 0.75)]              # token 1
+    assert (eff.rows, eff.positions) == (1, 2)
+    assert eff.next_token == pytest.approx(d0[0], abs=1e-6)
+    assert eff.elsewhere == pytest.approx(0.0, abs=1e-7)
+    assert [t for t, _ in eff.supported] == [0, 1]
+    assert [v for _, v in eff.supported] == pytest.approx([sum(d0) / 2, sum(d1) / 2], abs=1e-6)
+    assert [t for t, _ in eff.suppressed] == [1, 0]
+    assert interp.latent_ablation(model, "resid", tokens, acts, torch.zeros(9, 2), sae, 0) is None

@@ -62,6 +62,17 @@ def test_dictionary_mcc_hand_case():
     assert metrics.dictionary_mcc(true, est) == pytest.approx((1 + 1 / math.sqrt(2)) / 2)
 
 
+def test_nearest_atoms_hand_case():
+    """Direction (1, 1) against atoms (2, 0), (0, -1), (3, 3), (-1, -1): cosines 1/sqrt(2),
+    -1/sqrt(2), 1, -1 whatever the atoms' lengths; the opposite atom ranks last."""
+    atoms = torch.tensor([[2.0, 0.0], [0.0, -1.0], [3.0, 3.0], [-1.0, -1.0]])
+    idx, cos = metrics.nearest_atoms(torch.tensor([1.0, 1.0]), atoms, top=4)
+    assert idx.tolist() == [2, 0, 1, 3]
+    assert cos.tolist() == pytest.approx([1, 1 / math.sqrt(2), -1 / math.sqrt(2), -1])
+    idx, cos = metrics.nearest_atoms(torch.tensor([0.0, 5.0]), atoms, top=9)  # top > n: all
+    assert idx.tolist()[:2] == [2, 0] and len(idx) == 4
+
+
 def test_afa_and_eps_lbo_hand_case():
     """Atoms at 60 degrees (cos 1/2), f = (1, 1): ||z||^2 = 1 + 1 + 2 * 0.5 = 3, ||f||^2 = 2,
     h = 2, so eps-LBO = |3 - 2| / (1 * 2) = 0.5, which is the true coherence."""

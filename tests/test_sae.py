@@ -91,6 +91,21 @@ def test_topk_tied_init_and_bad_k():
         SAEConfig("gated", 8, 32)
 
 
+def test_initial_decoder_is_the_init_and_shared_by_a_seeds_smaller_saes():
+    """An SAE starts from initial_decoder(cfg) (unit rows); a seed's n = 32 draw is the
+    first 32 rows of its n = 64 draw (what the explorer's 'at init' column relies on),
+    and another seed draws other directions."""
+    from paper_lib.sae.base import initial_decoder
+
+    small, large = SAEConfig("topk", 8, 32, k=2, seed=3), SAEConfig("relu", 8, 64, seed=3)
+    w = initial_decoder(small)
+    assert torch.equal(make_sae(small).W_dec.detach(), w)
+    assert torch.allclose(w.norm(dim=1), torch.ones(32))
+    assert torch.equal(initial_decoder(large)[:32], w)
+    other = initial_decoder(SAEConfig("topk", 8, 32, k=2, seed=4))
+    assert (other * w).sum(1).abs().max() < 0.99
+
+
 def test_batchtopk_keeps_k_times_batch_and_learns_threshold():
     """Training: exactly k*B nonzeros over the batch; eval: a single threshold."""
     sae = make_sae(cfg_for("batchtopk"))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from paper_lib import interp
 from paper_lib.data.corpus import byte_tokens
 from paper_lib.data.harvest import harvest, row_batches
 from paper_lib.experiments.matryoshka import matryoshka_config
@@ -33,7 +34,8 @@ def data(tiny_lm, tiny_corpus, tmp_path_factory):
     def token_str(t):
         return "<BOS>" if t == 256 else bytes([t]).decode("latin-1")
 
-    return ExplorerData(acts, tokens, model, token_str, lambda s: list(s.encode()), saes)
+    return ExplorerData(acts, tokens, model, token_str, lambda s: list(s.encode()), saes,
+                        hook=hook)
 
 
 def test_explorer_loads_only_saes_made_for_these_activations(tmp_path):
@@ -74,6 +76,31 @@ def test_latent_explorer_updates(data):
     assert "promotes" in ex.promoted.value
     ex.sae_dropdown.value = "smoke/matryoshka"
     assert ex.latent_slider.max == 127
+
+
+def test_latent_explorer_effect_and_neighbours(data):
+    """The effect panel re-runs the LM with the latent removed where it fires (a latent
+    that fires changes the next-token log-probabilities); the neighbours panel lists the
+    closest latent of every other SAE, so an SAE loaded twice finds each latent itself."""
+    import dataclasses
+
+    ex = LatentExplorer(data)
+    ex.sae_dropdown.value = "smoke/topk"
+    j = int((data.codes("smoke/topk") > 0).float().mean(0).argmax())  # the most frequent
+    ex.latent_slider.value = j
+    assert "removing it</b> from blocks.1.hook_resid_pre" in ex.effect.value
+    assert "it supports" in ex.effect.value and "it suppresses" in ex.effect.value
+    eff = interp.latent_ablation(data.model, data.hook, data.tokens, data.acts,
+                                 data.codes("smoke/topk"), data.saes["smoke/topk"], j)
+    assert eff.positions > 0 and eff.next_token != 0
+    assert "smoke/matryoshka" in ex.neighbours.value and "smoke/topk<" not in ex.neighbours.value
+    twice = dataclasses.replace(data, saes={"a": data.saes["smoke/topk"],
+                                            "b": data.saes["smoke/topk"]}, _codes={})
+    ex2 = LatentExplorer(twice)
+    ex2.latent_slider.value = 7
+    assert "<tr><td>b</td><td>7</td><td>1.00</td><td>1.00</td></tr>" in ex2.neighbours.value
+    no_hook = LatentExplorer(dataclasses.replace(data, hook="", _codes={}))
+    assert no_hook.effect.value == ""  # nothing to re-run without knowing the hook
 
 
 def test_latent_search_picks_a_firing_latent(data):

@@ -177,8 +177,7 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
-        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        w_dec = initial_decoder(cfg, gen)
         if cfg.tied_init:
             w_enc = w_dec.T.clone()
         else:
@@ -347,6 +346,17 @@ class SAE(nn.Module):
         """Renormalise decoder rows to unit norm."""
         if self.cfg.unit_norm_decoder and self.W_dec.requires_grad:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def initial_decoder(cfg: SAEConfig, gen: torch.Generator | None = None) -> Tensor:
+    """[n, d] the unit-norm random decoder an SAE of this config starts from: the first
+    draw of its seed's generator (`gen`, when the caller goes on drawing from it). The
+    draw fills rows in order, so SAEs of one seed and width d share their first rows'
+    initial directions whatever their n."""
+    if gen is None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+    w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+    return w_dec / w_dec.norm(dim=1, keepdim=True)
 
 
 @torch.compiler.disable
