@@ -296,9 +296,11 @@ class LatentEffect:
     """Mean change of log p(actual next token) at the rows' other positions after the
     first firing: effects carried to later tokens (through attention)."""
     supported: list[tuple[int, float]]
-    """Tokens whose log-probability falls most where the latent fired, with the mean change."""
+    """Tokens whose probability falls most where the latent fired, with the mean change
+    (probabilities, not log-probabilities: a rare token's log-probability swings with any
+    shift of the logits and would crowd out the tokens the model actually predicts)."""
     suppressed: list[tuple[int, float]]
-    """Tokens whose log-probability rises most there."""
+    """Tokens whose probability rises most there."""
 
 
 @torch.no_grad()
@@ -347,7 +349,7 @@ def latent_ablation(model: Any, hook: str, tokens: Tensor, acts: Tensor, codes: 
     nxt = diff[:, :-1].gather(-1, tok[:, off + 1:, None]).squeeze(-1)  # [R, P - 1]
     at = active[:, :-1]
     later = (active.int().cumsum(1) > 0)[:, :-1] & ~at
-    vocab = diff[active].mean(0)                                    # [V]
+    vocab = (ablated[:, off:].exp() - clean.exp())[active].mean(0)  # [V] probabilities
     low, high = vocab.topk(min(top, vocab.numel()), largest=False), vocab.topk(
         min(top, vocab.numel()))
     return LatentEffect(

@@ -233,9 +233,9 @@ class LatentExplorer:
         items = self._tokens_html(list(zip(idx.tolist(), vals.tolist())))
         return f"<b>promotes</b><ol>{items}</ol>"
 
-    def _tokens_html(self, items: list[tuple[int, float]]) -> str:
-        return "".join(f"<li><code>{html.escape(self.data.token_str(t))!r}</code> {v:+.2f}</li>"
-                       for t, v in items)
+    def _tokens_html(self, items: list[tuple[int, float]], spec: str = "+.2f") -> str:
+        return "".join(f"<li><code>{html.escape(self.data.token_str(t))!r}</code> "
+                       f"{v:{spec}}</li>" for t, v in items)
 
     def _effect(self, j: int) -> str:
         """Removing the latent from the model's own activation where it fires (its
@@ -253,8 +253,9 @@ class LatentExplorer:
         return (f"<b>removing it</b> from {d.hook} ({eff.positions} positions in "
                 f"{eff.rows} rows):<br>log p(next token) {signed(eff.next_token)} where it "
                 f"fires, {signed(eff.elsewhere)} at later positions<br>"
-                f"<b>it supports</b><ol>{self._tokens_html(eff.supported)}</ol>"
-                f"<b>it suppresses</b><ol>{self._tokens_html(eff.suppressed)}</ol>")
+                "change of each token's probability there:<br>"
+                f"<b>it supports</b><ol>{self._tokens_html(eff.supported, '+.1%')}</ol>"
+                f"<b>it suppresses</b><ol>{self._tokens_html(eff.suppressed, '+.1%')}</ol>")
 
     def _neighbours(self, j: int) -> str:
         """The latent of each other SAE whose decoder direction is closest to this one's,

@@ -86,7 +86,8 @@ def test_latent_ablation_hand_case():
     turns the logits (1, 0) at positions 1 and 3 into (0.5, 0) and (0.75, 0). With
     lse(a) = log(e^a + 1), log p(token 0) = a - lse(a) and log p(token 1) = -lse(a); the
     next token after position 1 is 0, position 3 has none, and position 2 (latent silent,
-    logits unchanged) is the only later position."""
+    logits unchanged) is the only later position. Supported and suppressed tokens go by
+    the mean change of probability: p(token 0) = sigmoid(a), p(token 1) = 1 - sigmoid(a)."""
     from paper_lib.sae import SAEConfig, make_sae
 
     tokens = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0], [0, 1, 1, 1]])
@@ -102,12 +103,13 @@ def test_latent_ablation_hand_case():
 
     def lse(a):
         return math.log(math.exp(a) + 1)
-    d0 = [(a - lse(a)) - (1 - lse(1)) for a in (0.5, 0.75)]   # token 0 at positions 1, 3
-    d1 = [-lse(a) + lse(1) for a in (0.5, 0.75)]              # token 1
+    def sigmoid(a):
+        return 1 / (1 + math.exp(-a))
     assert (eff.rows, eff.positions) == (1, 2)
-    assert eff.next_token == pytest.approx(d0[0], abs=1e-6)
+    assert eff.next_token == pytest.approx((0.5 - lse(0.5)) - (1 - lse(1)), abs=1e-6)
     assert eff.elsewhere == pytest.approx(0.0, abs=1e-7)
+    dp0 = (sigmoid(0.5) + sigmoid(0.75)) / 2 - sigmoid(1)   # token 0, mean of positions 1, 3
     assert [t for t, _ in eff.supported] == [0, 1]
-    assert [v for _, v in eff.supported] == pytest.approx([sum(d0) / 2, sum(d1) / 2], abs=1e-6)
+    assert [v for _, v in eff.supported] == pytest.approx([dp0, -dp0], abs=1e-6)
     assert [t for t, _ in eff.suppressed] == [1, 0]
     assert interp.latent_ablation(model, "resid", tokens, acts, torch.zeros(9, 2), sae, 0) is None

@@ -21,6 +21,7 @@ from paper_lib.runtime import PROJECT_ROOT
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = PROJECT_ROOT / "figures" / "browser" / "05_explore_lab.png"
+SCREENSHOT_PANELS = SCREENSHOT.with_name("05_explore_lab_effect.png")
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -74,8 +75,12 @@ def lab(tmp_path):
 
 
 def _contexts_text(page) -> str:
+    return _panel_text(page, "fires on")
+
+
+def _panel_text(page, marker: str) -> str:
     # textContent, not innerText: JupyterLab skips rendering off-screen cells.
-    return page.locator(".widget-html-content", has_text="fires on").first.text_content()
+    return page.locator(".widget-html-content", has_text=marker).first.text_content()
 
 
 def test_explorer_in_jupyterlab(lab):
@@ -96,6 +101,8 @@ def test_explorer_in_jupyterlab(lab):
         page.wait_for_selector(".widget-html-content:has-text('fires on')", timeout=240_000)
         before = _contexts_text(page)
         assert "latent 0" in before
+        effect_before = _panel_text(page, "removing it")
+        assert "log p(next token)" in effect_before and "it supports" in effect_before
         handle = page.locator(".widget-slider .noUi-handle").first
         handle.scroll_into_view_if_needed()
         handle.focus()
@@ -106,8 +113,17 @@ def test_explorer_in_jupyterlab(lab):
             ".some(e => e.textContent.includes('latent 3 fires on'))", timeout=60_000)
         after = _contexts_text(page)
         assert after != before and "latent 3" in after
+        page.wait_for_function(  # the effect panel re-ran the LM for latent 3
+            f"() => [...document.querySelectorAll('.widget-html-content')].some(e => "
+            f"e.textContent.includes('removing it') && e.textContent !== {effect_before!r})",
+            timeout=60_000)
+        assert "closest latent elsewhere" in _panel_text(page, "closest latent elsewhere")
         page.wait_for_timeout(2000)  # let the histogram image follow before the screenshot
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=False)
+        page.locator(".widget-html-content", has_text="removing it").first \
+            .scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(SCREENSHOT_PANELS), full_page=False)
         browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert SCREENSHOT.stat().st_size > 10_000 and SCREENSHOT_PANELS.stat().st_size > 10_000
