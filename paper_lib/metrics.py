@@ -107,8 +107,10 @@ def nearest_atoms(direction: torch.Tensor, atoms: torch.Tensor, top: int = 1
     """The `top` rows of atoms [n, d] most similar to direction [d] by signed cosine
     (codes are non-negative, so an opposite atom is not the same feature): (indices,
     cosines), best first."""
-    cos = torch.nn.functional.normalize(atoms.detach().double(), dim=1) @ \
-        torch.nn.functional.normalize(direction.detach().double().to(atoms.device), dim=0)
+    atoms = atoms.detach()
+    v = direction.detach().to(atoms.device, atoms.dtype)
+    # a product and the row norms: no normalised [n, d] copy of a large dictionary
+    cos = (atoms @ v) / (atoms.norm(dim=1) * v.norm()).clamp_min(1e-12)
     vals, idx = cos.topk(min(top, cos.numel()))
     return idx, vals
 
