@@ -1,7 +1,8 @@
 """ipywidgets explorers for trained SAEs (notebook 05).
 
 - `LatentExplorer`: pick an SAE and a latent (slider, or search by the text that should
-  make it fire); shows its top-activating contexts with per-token highlighting, its
+  make it fire or the token it should predict); shows its top-activating contexts (or
+  contexts spread over its range of activations) with per-token highlighting, its
   activation histogram, the tokens its decoder direction promotes through the
   unembedding, what removing it from the model's activation does to the next-token
   predictions where it fires, and the closest latent of every other SAE.
@@ -149,6 +150,20 @@ def _png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
+def context_indices(acts: Tensor, n: int, spread: bool = False) -> list[int]:
+    """Up to n tokens where a latent is active, strongest first: the n strongest, or
+    (spread) n spread evenly over its active tokens ranked by activation, from the
+    strongest to the weakest (top activations alone can make a latent look more specific
+    than it is)."""
+    active = (acts > 0).nonzero().flatten()
+    if active.numel() == 0:
+        return []
+    ranked = active[acts[active].argsort(descending=True, stable=True)]
+    if not spread or ranked.numel() <= n:
+        return ranked[:n].tolist()
+    ranks = torch.linspace(0, ranked.numel() - 1, n).round().long().unique()
+    return ranked[ranks].tolist()
+
 class LatentExplorer:
     """SAE dropdown, latent slider and text search; contexts, histogram, promoted tokens,
     the latent's effect on next-token predictions, its closest latents in the other SAEs."""
@@ -161,6 +176,10 @@ class LatentExplorer:
                                          description="latent", continuous_update=False)
         self.search = W.Text(placeholder="text that should fire it, e.g. 'def '",
                              description="search", continuous_update=False)
+        self.token_search = W.Text(placeholder="a token it should predict, e.g. '('",
+                                   description="promotes", continuous_update=False)
+        self.spread = W.ToggleButtons(options=["strongest", "across its range"],
+                                      description="contexts")
         self.status = W.HTML()
         self.contexts = W.HTML()
         self.histogram = W.Image(format="png")
@@ -171,8 +190,11 @@ class LatentExplorer:
         self.sae_dropdown.observe(self._on_sae, names="value")
         self.latent_slider.observe(lambda _: self.render(), names="value")
         self.search.observe(self._on_search, names="value")
-        self.widget = W.VBox([W.HBox([self.sae_dropdown, self.latent_slider]), self.search,
-                              self.status, self.contexts,
+        self.token_search.observe(self._on_token_search, names="value")
+        self.spread.observe(lambda _: self.render(), names="value")
+        self.widget = W.VBox([W.HBox([self.sae_dropdown, self.latent_slider]),
+                              W.HBox([self.search, self.token_search]), self.status,
+                              self.spread, self.contexts,
                               W.HBox([self.histogram, self.promoted]),
                               W.HBox([self.effect, self.neighbours])])
         self.render()
@@ -200,12 +222,31 @@ class LatentExplorer:
                              f"({len(hits)} occurrences)")
         self.latent_slider.value = best
 
+    def _on_token_search(self, change: Any) -> None:
+        """Pick the latent whose decoder direction raises the token's logit most (the
+        logit lens of the promotes panel, read the other way)."""
+        text = change["new"]
+        w_u = getattr(self.data.model, "W_U", None)
+        ids = self.data.encode_text(text) if text else []
+        if w_u is None or not ids:
+            self.status.value = ("<i>no unembedding to read</i>" if w_u is None else
+                                 f"<i>'{html.escape(text)}' encodes to no token</i>")
+            return
+        t = ids[0]
+        with torch.no_grad():
+            logit = self.sae.W_dec.to(w_u.device, w_u.dtype) @ w_u[:, t]
+        best = int(logit.argmax())
+        shown = html.escape(repr(self.data.token_str(t)))
+        first = f"; first of {len(ids)} tokens" if len(ids) > 1 else ""
+        self.status.value = (f"latent promoting {shown} most: {best} "
+                             f"(logit {float(logit[best]):+.2f}{first})")
+        self.latent_slider.value = best
+
     def render(self) -> None:
         j = self.latent_slider.value
         codes = self.data.codes(self.sae_dropdown.value)
         a = codes[:, j]
-        top = a.topk(min(self.n_contexts, int((a > 0).sum()))).indices.tolist() if (a > 0).any() \
-            else []
+        top = context_indices(a, self.n_contexts, self.spread.value != "strongest")
         vmax = float(a.max()) if len(top) else 1.0
         freq = float((a > 0).float().mean())
         rows = [f"<div>{a[i]:.3f}&nbsp;&nbsp;{self.data.context_html(i, a, vmax=vmax)}</div>"

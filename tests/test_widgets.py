@@ -114,6 +114,32 @@ def test_latent_search_picks_a_firing_latent(data):
     assert "does not occur" in ex.status.value
 
 
+def test_context_indices_hand_case():
+    """Activations (0, 5, 1, 0, 3, 2, 4): the 3 strongest are tokens 1, 6, 4; spread over
+    the 5 active ones ranked (1, 6, 4, 5, 2), ranks 0, 2 and 4 are tokens 1, 4, 2."""
+    from paper_lib.widgets import context_indices
+
+    a = torch.tensor([0.0, 5, 1, 0, 3, 2, 4])
+    assert context_indices(a, 3) == [1, 6, 4]
+    assert context_indices(a, 3, spread=True) == [1, 4, 2]
+    assert context_indices(a, 9, spread=True) == [1, 6, 4, 5, 2]  # fewer active than asked
+    assert context_indices(torch.zeros(4), 3) == []
+
+
+def test_latent_explorer_spread_contexts_and_token_search(data):
+    ex = LatentExplorer(data)
+    ex.sae_dropdown.value = "smoke/topk"
+    ex.latent_slider.value = int((data.codes("smoke/topk") > 0).float().mean(0).argmax())
+    strongest = ex.contexts.value
+    ex.spread.value = "across its range"
+    assert ex.contexts.value != strongest and "fires on" in ex.contexts.value
+    ex.token_search.value = "("
+    t = ord("(")
+    logits = data.saes["smoke/topk"].W_dec.detach() @ data.model.W_U.detach()[:, t]
+    assert ex.latent_slider.value == int(logits.argmax())
+    assert "latent promoting" in ex.status.value and "&#x27;(&#x27;" in ex.status.value
+
+
 def test_find_locates_text(data):
     hits = data.find("def")
     row, pos = data.locate(int(hits[0]))
