@@ -164,6 +164,7 @@ def context_indices(acts: Tensor, n: int, spread: bool = False) -> list[int]:
     ranks = torch.linspace(0, ranked.numel() - 1, n).round().long().unique()
     return ranked[ranks].tolist()
 
+
 class LatentExplorer:
     """SAE dropdown, latent slider and text search; contexts, histogram, promoted tokens,
     the latent's effect on next-token predictions, its closest latents in the other SAEs."""
@@ -280,7 +281,7 @@ class LatentExplorer:
 
     def _effect(self, j: int) -> str:
         """Removing the latent from the model's own activation where it fires (its
-        strongest rows): the change in next-token log-probabilities."""
+        strongest rows): the change in next-token log-probabilities and probabilities."""
         d = self.data
         if d.model is None or not d.hook:
             return ""
@@ -289,6 +290,7 @@ class LatentExplorer:
                                      drop_bos=d.drop_bos)
         if eff is None:
             return ""
+
         def signed(v: float) -> str:
             return "n/a" if v != v else f"{v:+.3f}"  # NaN: no such position
         return (f"<b>removing it</b> from {d.hook} ({eff.positions} positions in "
@@ -326,6 +328,7 @@ class LatentExplorer:
         if key not in self._inits or len(self._inits[key]) < sae.cfg.d_sae:
             self._inits[key] = initial_decoder(sae.cfg)
         return self._inits[key][j]
+
 
 class ZFExplorer:
     """ZF plot with a band slider; a ratio range selects tokens to show in context."""
