@@ -332,20 +332,32 @@ class SAE(nn.Module):
         if self.cfg.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
-    @torch.no_grad()
     def before_step_(self) -> None:
         """Remove the gradient component parallel to each unit-norm decoder row (the rows
         are unit norm already: after_step_ renormalises after every step, and at init)."""
-        if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
-            w, g = self.W_dec, self.W_dec.grad
-            # g -= w <g, w> row-wise, with no [n, d] temporaries (two passes, not five)
-            g.addcmul_(w, torch.einsum("nd,nd->n", g, w).unsqueeze(1), value=-1)
+        if self.cfg.unit_norm_decoder:
+            remove_parallel_grad_(self.W_dec)
 
-    @torch.no_grad()
     def after_step_(self) -> None:
         """Renormalise decoder rows to unit norm."""
-        if self.cfg.unit_norm_decoder and self.W_dec.requires_grad:
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        if self.cfg.unit_norm_decoder:
+            renorm_rows_(self.W_dec)
+
+
+@torch.no_grad()
+def remove_parallel_grad_(w_dec: Tensor) -> None:
+    """grad -= W <grad, W> row-wise, for unit-norm rows of W_dec [n, d] (Gao et al. Sec. 2.4)."""
+    if w_dec.grad is not None:
+        g = w_dec.grad
+        # row-wise, with no [n, d] temporaries (two passes, not five)
+        g.addcmul_(w_dec, torch.einsum("nd,nd->n", g, w_dec).unsqueeze(1), value=-1)
+
+
+@torch.no_grad()
+def renorm_rows_(w_dec: Tensor) -> None:
+    """Rows of a trained W_dec [n, d] back to unit norm (a frozen decoder is left alone)."""
+    if w_dec.requires_grad:
+        w_dec /= w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
 def initial_decoder(cfg: SAEConfig, gen: torch.Generator | None = None) -> Tensor:
