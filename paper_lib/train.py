@@ -30,6 +30,7 @@ from tqdm import tqdm
 from paper_lib import metrics
 from paper_lib.runtime import atomic_path, clean_stale_tmp, deterministic_on_cpu
 from paper_lib.sae.base import SAE
+from paper_lib.sae.stack import TopKStack, stack_groups
 
 
 class BatchSource(Protocol):
@@ -96,6 +97,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each SAE's forward pass and loss (fuses the elementwise work; the
     first steps pay the compilation; sparse kernels run between compiled pieces)."""
+    stack: bool = False
+    """Train TopK SAEs whose configs differ only in seed and k as one stacked module
+    (paper_lib.sae.stack: one encoder product, top-k, decode and Adam step for the whole
+    group), many SAEs per pass. Same losses and updates as alone, rounded differently; so
+    off by default, leaving the committed results' step unchanged."""
     progress: bool = True
     desc: str = "train SAEs"
 
@@ -117,6 +123,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if cfg.decay_fraction and step >= decay_start:
         warm *= max(0.0, (cfg.steps - step) / (cfg.steps - decay_start))
     return warm
+
+
+def base_lr(cfg: TrainConfig, n: int) -> float:
+    """The lr of an SAE with n latents before warmup and decay (lr_scale_with_n: ~1/sqrt(n))."""
+    return cfg.lr * (math.sqrt(cfg.lr_ref_latents / n) if cfg.lr_scale_with_n else 1)
 
 
 @dataclass
@@ -166,15 +177,17 @@ def configs_key(saes: list[SAE], cfg: TrainConfig) -> str:
                       sort_keys=True, default=str)
 
 
-def make_adam(sae: SAE, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+def make_adam(sae: SAE | TopKStack, lr: float, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 6.25e-10) -> torch.optim.Adam:
-    """Adam over the SAE's trainable parameters (fused on CUDA; defaults: Gao et al.)."""
+    """Adam over the SAE's (or stack's) trainable parameters (fused on CUDA; defaults: Gao
+    et al.)."""
     params = [p for p in sae.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps,
                             fused=params[0].device.type == "cuda")
 
 
-def forward_loss(sae: SAE, x: Tensor, dead: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+def forward_loss(sae: SAE | TopKStack, x: Tensor, dead: Tensor | None
+                 ) -> tuple[dict[str, Tensor], Tensor]:
     """Named loss terms of one batch and the [n] mask of latents that fired in it: the
     part of a step that `TrainConfig.compile` hands to torch.compile."""
     out = sae(x)
@@ -190,8 +203,8 @@ def _compiled_forward_loss() -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     return torch.compile(forward_loss)  # one compiled function; dynamo guards per SAE
 
 
-def make_step(sae: SAE, opt: torch.optim.Optimizer, bf16: bool = True, compile: bool = False
-              ) -> Callable[..., Tensor]:
+def make_step(sae: SAE | TopKStack, opt: torch.optim.Optimizer, bf16: bool = True,
+              compile: bool = False) -> Callable[..., Tensor]:
     """The training step, `step(x, dead, l1_scale=1.0) -> fired`: forward and loss (bf16
     autocast on CUDA), backward, parallel-gradient removal, Adam, decoder renormalisation.
     `dead` [n] bool feeds AuxK; `l1_scale` ramps the L1 penalty."""
@@ -242,15 +255,27 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     """
     device = next(saes[0].parameters()).device
     deterministic_on_cpu(device)
-    opts = []
-    for sae in saes:
-        if init_x is not None:
+    if init_x is not None:
+        for sae in saes:
             sae.init_from_data_(init_x.to(device))
-        lr = cfg.lr * (math.sqrt(cfg.lr_ref_latents / sae.cfg.d_sae) if cfg.lr_scale_with_n else 1)
-        opts.append(make_adam(sae, lr, (cfg.beta1, cfg.beta2), cfg.eps))
+    # What each optimiser step updates: one SAE, or a stack of them (TrainConfig.stack).
+    groups = stack_groups(saes) if cfg.stack else []
+    stacked = {i for g in groups for i in g}
+    stacks = [TopKStack([saes[i] for i in g]) for g in groups]
+    units: list[SAE | TopKStack] = [s for i, s in enumerate(saes) if i not in stacked] + stacks
+    opts = [make_adam(u, base_lr(cfg, u.cfg.d_sae), (cfg.beta1, cfg.beta2), cfg.eps)
+            for u in units]
     base_lrs = [o.param_groups[0]["lr"] for o in opts]
-    steps = [make_step(s, o, cfg.bf16, cfg.compile) for s, o in zip(saes, opts)]
-    since = [torch.zeros(s.cfg.d_sae, dtype=torch.long, device=device) for s in saes]
+    steps = [make_step(u, o, cfg.bf16, cfg.compile) for u, o in zip(units, opts)]
+    # tokens since each latent last fired, per unit; each SAE reads its own slice
+    unit_since = [torch.zeros(u.n_latents if isinstance(u, TopKStack) else u.cfg.d_sae,
+                              dtype=torch.long, device=device) for u in units]
+    since_of = {id(u): cnt for u, cnt in zip(units, unit_since)}
+    for st in stacks:
+        n = st.cfg.d_sae
+        since_of.update({id(s): since_of[id(st)][g * n:(g + 1) * n]
+                         for g, s in enumerate(st.saes)})
+    since = [since_of[id(s)] for s in saes]
     results = [TrainResult(s) for s in saes]
     start, key = 0, configs_key(saes, cfg)
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
@@ -280,10 +305,10 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
         f = lr_factor(step, cfg)
         l1_scale = (step + 1) / cfg.sparsity_warmup_steps \
             if step < cfg.sparsity_warmup_steps else 1.0
-        for sae, opt, base, cnt, train_step in zip(saes, opts, base_lrs, since, steps):
+        for unit, opt, base, cnt, train_step in zip(units, opts, base_lrs, unit_since, steps):
             for g in opt.param_groups:
                 g["lr"] = base * f
-            fired = train_step(x, cnt >= sae.cfg.dead_tokens, l1_scale)
+            fired = train_step(x, cnt >= unit.cfg.dead_tokens, l1_scale)
             with torch.no_grad():
                 cnt.add_(x.shape[0]).masked_fill_(fired, 0)
         done = step + 1
@@ -299,8 +324,10 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     bar.close()
     run_eval(cfg.steps)
     elapsed = time.perf_counter() - t0
+    for st in stacks:
+        st.unstack_()  # each SAE its own weights again
     for res, cnt in zip(results, since):
-        res.tokens_since_fired = cnt
+        res.tokens_since_fired = cnt.clone() if stacks else cnt
         res.seconds += elapsed
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()  # finished: the checkpoint has served its purpose
@@ -309,6 +336,8 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
 
 def _save_checkpoint(path: Path, key: str, step: int, saes: list[SAE], opts: list,
                      since: list[Tensor], results: list[TrainResult]) -> None:
+    """opts: one per optimiser unit (an SAE or a stack); the rest one per SAE (a stack's
+    SAEs hold views of its tensors, which torch.save writes once)."""
     state = {
         "key": key, "step": step,
         "saes": [s.state_dict() for s in saes],
@@ -332,13 +361,13 @@ def _load_checkpoint(path: Path, key: str, saes: list[SAE], opts: list, since: l
     if state.get("key") != key:
         raise ValueError(f"checkpoint {path} belongs to a different configuration; "
                          "delete it or choose another checkpoint_path")
-    for sae, opt, cnt, res, s_sd, o_sd, c, h, sec in zip(
-            saes, opts, since, results, state["saes"], state["opts"], state["since"],
-            state["history"], state["seconds"]):
-        sae.load_state_dict(s_sd)
-        opt.load_state_dict(o_sd)
+    for sae, cnt, res, s_sd, c, h, sec in zip(saes, since, results, state["saes"],
+                                              state["since"], state["history"], state["seconds"]):
+        sae.load_state_dict(s_sd)  # in place: a stack's SAEs keep viewing its tensors
         cnt.copy_(c)
         res.history, res.seconds = h, sec
+    for opt, o_sd in zip(opts, state["opts"]):
+        opt.load_state_dict(o_sd)
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 

@@ -31,19 +31,21 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
              eval_every: int = 0, heldout_midway: bool = True,
              sparsity_warmup_steps: int | None = None,
              eval_fn: Callable[[SAE], dict[str, float]] | None = None,
-             checkpoint_seconds: float = 60.0, compile: bool = False) -> list[TrainResult]:
+             checkpoint_seconds: float = 60.0, compile: bool = False,
+             stack: bool = False) -> list[TrainResult]:
     """Train every config in lockstep on the same batches of `acts` (one harvest, a sweep).
     The L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default. A
     checkpoint keyed by the configs and data is written every `checkpoint_seconds` of
     training under data/ckpt/, so re-running an interrupted notebook resumes where it
-    stopped (0 disables). `compile`: torch.compile each SAE's forward and loss.
+    stopped (0 disables). `compile`: torch.compile each SAE's forward and loss. `stack`:
+    TopK SAEs that differ only in seed and k train as one stacked module (TrainConfig.stack).
     `heldout_midway`: see TrainConfig (False: held-out metrics only at the end)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
     tc = TrainConfig(steps=steps, lr=lr, lr_scale_with_n=lr_scale_with_n,
                      lr_ref_latents=lr_ref_latents, progress=progress,
                      desc=desc, eval_every=eval_every, heldout_midway=heldout_midway,
-                     sparsity_warmup_steps=warm, compile=compile)
+                     sparsity_warmup_steps=warm, compile=compile, stack=stack)
     if checkpoint_seconds:
         # The trainer's own key (SAE configs, every TrainConfig field that matters) plus the
         # data: a leftover checkpoint of other settings gets another file, never refused.
