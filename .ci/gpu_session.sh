@@ -30,11 +30,12 @@
 # Stages (a failing stage is recorded and the rest go on, except env, which stops the
 # session):
 #   env      driver, versions, every import the later stages need
-#   tests    the CUDA tests (test_kernels, test_fused, test_bench_gpu, test_train) with
+#   tests    the CUDA tests (test_kernels, test_stack, test_fused, test_bench_gpu, test_train) with
 #            PAPER_LIB_TRITON_AUTOTUNE=0: each Triton kernel's default configuration (the
 #            CPU tests check every candidate; tuning each test shape costs minutes)
 #   bench    python -m paper_lib.bench at the four TopK sizes, the largest batch first (the
-#            5 M tok/s question), all strategies, no harvest rows (measured, #4); the log
+#            5 M tok/s question), all strategies, then the stacked-SAE rows (many SAEs per
+#            pass: three sizes, seconds), no harvest rows (measured, #4); the log
 #            shows the Triton autotuner's picks and full compiler tracebacks
 #   bench-full  the whole default benchmark, harvest included
 #   prepare  the gpu profile's LM and shared activations (reproduce --prepare)
@@ -73,7 +74,8 @@ print(\"torch\", torch.__version__, torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA\")
 import paper_lib.reproduce, paper_lib.bench" && python3 -m paper_lib.kernelspec' ;;
         tests) echo 'PAPER_LIB_TRITON_AUTOTUNE=0 python3 -m pytest -q -rs tests/test_kernels.py' \
-                    'tests/test_fused.py tests/test_bench_gpu.py tests/test_train.py' ;;
+                    'tests/test_stack.py tests/test_fused.py tests/test_bench_gpu.py' \
+                    'tests/test_train.py' ;;
         bench) echo 'TORCHDYNAMO_VERBOSE=1 TRITON_PRINT_AUTOTUNING=1 python3 -m paper_lib.bench' \
                     "--configs $BENCH_CONFIGS --skip harvest" ;;
         bench-full) echo 'TORCHDYNAMO_VERBOSE=1 TRITON_PRINT_AUTOTUNING=1' \

@@ -7,6 +7,9 @@ Everything a claim compares is measured in the same run on the same device:
   d=768 n=32768 k=32 (batch 4096, 16384 and 65536) and d=2304 n=65536 k=64 (batch 4096), bf16
   autocast with fp32 master weights;
 - BatchTopK and Matryoshka steps on the sparse path;
+- many SAEs per pass: G TopK SAEs of one size (k per SAE) as one `TopKStack` step against
+  their G separate steps, interleaved (`time_pair`), in SAE-tokens/s (G x batch per step),
+  with seeds (one k) and with a k sweep, at `STACK_CONFIGS` (`--stacks` picks others);
 - harvest tokens/s for a GPT-2-small-shaped model (random weights), hook at layer 6:
   `harvest` (blocks 0-5) by the fused forward and by TransformerLens' forward, each eager
   and with torch.compile, run_with_cache with stop_at_layer=7 (blocks 0-6) and a full
@@ -46,6 +49,7 @@ import torch
 
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_json, env_info
 from paper_lib.sae import SAEConfig, kernels, make_sae
+from paper_lib.sae.stack import TopKStack
 from paper_lib.train import CompileFallbackWarning, make_adam, make_step
 
 
@@ -263,6 +267,41 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
     return rows
 
 
+def stack_suite(d: int, n: int, ks: tuple[int, ...], batch: int, dev: torch.device,
+                rounds: int, warmup: int) -> list[dict[str, Any]]:
+    """G = len(ks) TopK SAEs of d x n (SAE g with k = ks[g], seed g) trained one batch at a
+    time: as one TopKStack step against their G separate steps (each as `our_step`),
+    interleaved round by round. Rows: each side's SAE-tokens/s and peak memory, and the
+    median per-round speed-up of the stack."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(batch, d, device=dev, generator=gen)
+    cfgs = [SAEConfig("topk", d, n, k=k, seed=g) for g, k in enumerate(ks)]
+    common = {"d": d, "n": n, "ks": list(ks), "saes": len(ks), "batch": batch}
+    try:
+        separate = [our_step(c, x) for c in cfgs]
+        stack = TopKStack([make_sae(c).to(dev).train() for c in cfgs])
+        stacked = make_step(stack, make_adam(stack, lr=1e-4))
+
+        def one_by_one() -> None:
+            for step in separate:
+                step()
+        with kernels.use_sparse(True):
+            t = time_pair(one_by_one, lambda: stacked(x, None), dev, rounds, warmup)
+            peaks = []
+            for step in (one_by_one, lambda: stacked(x, None)):  # peak memory of each alone
+                _peak_reset(dev)
+                step()
+                _sync(dev)
+                peaks.append(_peak(dev))
+    except Exception as e:  # report, do not hide, a size that cannot run here
+        return [{**common, "variant": "stacked TopK", "error": f"{type(e).__name__}: {e}"}]
+    return [{**common, "variant": label, "seconds_per_step": sec,
+             "sae_tokens_per_s": len(ks) * batch / sec, "peak_memory_gib": peak,
+             **({"speedup": 1 / t.ratio} if label.startswith("stacked") else {})}
+            for label, sec, peak in ((f"{len(ks)} separate TopK steps", t.seconds_a, peaks[0]),
+                                     ("stacked TopK (one step)", t.seconds_b, peaks[1]))]
+
+
 def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
                   ) -> list[dict[str, Any]]:
     """Tokens/s of harvest() at blocks.6.hook_resid_pre of a GPT-2-small-shaped model."""
@@ -418,6 +457,19 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"| {r['variant']} | {r['d']} | {r['n']} | {r['k']} | {r['batch']} | "
                      f"{r['tokens_per_s'] / 1e6:.2f} | {'' if peak is None else f'{peak:.1f}'} | "
                      f"{'' if frac is None else f'{frac:.0%}'} |")
+    if result.get("stack"):
+        lines += ["", "| many SAEs per pass | d | n | k per SAE | batch | M SAE-tok/s | "
+                  "peak GiB | speed-up |", "|---" * 8 + "|"]
+        for r in result["stack"]:
+            head = f"| {r['variant']} | {r['d']} | {r['n']} | {','.join(map(str, r['ks']))} | " \
+                   f"{r['batch']} |"
+            if "error" in r:
+                lines.append(f"{head} error: {' '.join(r['error'].split())[:60]} | | |")
+                continue
+            peak, up = r.get("peak_memory_gib"), r.get("speedup")
+            lines.append(f"{head} {r['sae_tokens_per_s'] / 1e6:.2f} | "
+                         f"{'' if peak is None else f'{peak:.1f}'} | "
+                         f"{'' if up is None else f'{up:.2f}x'} |")
     if result.get("harvest"):
         lines += ["", "| harvest | M tok/s |", "|---|---|"]
         lines += [f"| {r.get('variant', r.get('error'))} (rows {r.get('batch_rows')}) | "
@@ -437,6 +489,11 @@ def summary(result: dict[str, Any]) -> str:
 DEFAULT_CONFIGS = [(768, 32768, 32, 4096), (768, 32768, 32, 16384), (768, 32768, 32, 65536),
                    (2304, 65536, 64, 4096)]
 QUICK_CONFIGS = [(32, 2048, 8, 256)]
+# Stacks: seeds (one k) and a k sweep, where a step is small (n = 4096: launch-bound on a
+# GPU) and at the TopK target's size.
+STACK_CONFIGS = [(768, 4096, (32,) * 4, 4096), (768, 4096, (8, 16, 32, 64), 4096),
+                 (768, 32768, (8, 16, 32, 64), 4096)]
+QUICK_STACKS = [(32, 512, (4, 8), 256)]
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -449,6 +506,20 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     if min(d, n, k, b) < 1 or k > n:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1 and k <= n")
     return d, n, k, b
+
+
+def parse_stack(text: str) -> tuple[int, int, tuple[int, ...], int]:
+    """`DxNxK1,K2,...xB` (e.g. 768x4096x8,16,32,64x4096): one SAE per k, all d x n."""
+    try:
+        d, n, ks, b = text.lower().split("x")
+        d, n, b, ks = int(d), int(n), int(b), tuple(int(k) for k in ks.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give DxNxK1,K2,...xB, e.g. 768x4096x8,16,32,64x4096 (d, latents, "
+            "one k per SAE, batch)") from None
+    if min(d, n, b, *ks) < 1 or max(ks) > n:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1 and every k <= n")
+    return d, n, ks, b
 
 
 def parse_strategy(text: str) -> tuple[str, str]:
@@ -476,7 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", type=parse_strategy, nargs="+", default=None,
                     metavar="GRADS/TOPK", help="sparse-path kernel strategies to time "
                     "(default: all, " + " ".join(f"{g}/{t}" for g, t in STRATEGIES) + ")")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["topk", "harvest", "profile"])
+    ap.add_argument("--stacks", type=parse_stack, nargs="+", default=None,
+                    metavar="DxNxK1,K2,...xB", help="stacked-SAE sizes (default: "
+                    + " ".join(f"{d}x{n}x{','.join(map(str, ks))}x{b}"
+                               for d, n, ks, b in STACK_CONFIGS) + ")")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["topk", "stack", "harvest", "profile"])
     ap.add_argument("--harvest-rows", type=int, nargs="*", default=[],
                     help="extra harvest batch sizes (rows of 128 tokens) to compare")
     ap.add_argument("--summary", type=Path, default=None,
@@ -498,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or PROJECT_ROOT / "results" / "bench" / f"{slug}.json"
     result: dict[str, Any] = {"env": env, "python": platform.python_version(),
                               "quick": args.quick, "complete": False,
-                              "topk": [], "targets": [], "harvest": [], "profile": []}
+                              "topk": [], "targets": [], "stack": [], "harvest": [],
+                              "profile": []}
     try:
         from importlib.metadata import version
 
@@ -512,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
             suites.append(("topk", lambda d=d, n=n, k=k, b=b, first=i == 0:
                            topk_suite(d, n, k, b, dev, steps, warmup, peaks, args.strategies,
                                       compile=first)))
+    if "stack" not in args.skip:
+        for d, n, ks, b in args.stacks or (QUICK_STACKS if args.quick else STACK_CONFIGS):
+            suites.append(("stack", lambda d=d, n=n, ks=ks, b=b:
+                           stack_suite(d, n, ks, b, dev, 3 if args.quick else 15, warmup)))
     if "harvest" not in args.skip:
         suites.append(("harvest", lambda: harvest_suite(dev, args.quick)))
         for r in args.harvest_rows:
