@@ -267,14 +267,14 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
             for u in units]
     base_lrs = [o.param_groups[0]["lr"] for o in opts]
     steps = [make_step(u, o, cfg.bf16, cfg.compile) for u, o in zip(units, opts)]
-    # tokens since each latent last fired, per unit; each SAE reads its own slice
+    # tokens since each latent last fired, per unit; a stack's SAEs read their rows of it
     unit_since = [torch.zeros(u.n_latents if isinstance(u, TopKStack) else u.cfg.d_sae,
                               dtype=torch.long, device=device) for u in units]
-    since_of = {id(u): cnt for u, cnt in zip(units, unit_since)}
-    for st in stacks:
-        n = st.cfg.d_sae
-        since_of.update({id(s): since_of[id(st)][g * n:(g + 1) * n]
-                         for g, s in enumerate(st.saes)})
+    since_of = {}
+    for u, cnt in zip(units, unit_since):
+        members = zip(u.saes, cnt.view(len(u.saes), -1)) if isinstance(u, TopKStack) else \
+            [(u, cnt)]
+        since_of.update({id(s): part for s, part in members})
     since = [since_of[id(s)] for s in saes]
     results = [TrainResult(s) for s in saes]
     start, key = 0, configs_key(saes, cfg)
@@ -327,7 +327,7 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     for st in stacks:
         st.unstack_()  # each SAE its own weights again
     for res, cnt in zip(results, since):
-        res.tokens_since_fired = cnt.clone() if stacks else cnt
+        res.tokens_since_fired = cnt
         res.seconds += elapsed
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()  # finished: the checkpoint has served its purpose

@@ -37,8 +37,6 @@ from paper_lib.sae import kernels
 from paper_lib.sae.base import SAE, SAEConfig, SAEOutput, remove_parallel_grad_, renorm_rows_
 from paper_lib.sae.topk import TopKSAE
 
-PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
 
 def stack_key(cfg: SAEConfig) -> str | None:
     """What SAEs must share to train as one stack: their whole config but seed and k.
