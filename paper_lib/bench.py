@@ -7,9 +7,10 @@ Everything a claim compares is measured in the same run on the same device:
   d=768 n=32768 k=32 (batch 4096, 16384 and 65536) and d=2304 n=65536 k=64 (batch 4096), bf16
   autocast with fp32 master weights;
 - BatchTopK and Matryoshka steps on the sparse path;
-- many SAEs per pass: G TopK SAEs of one size (k per SAE) as one `TopKStack` step against
-  their G separate steps, interleaved (`time_pair`), in SAE-tokens/s (G x batch per step),
-  with seeds (one k) and with a k sweep, at `STACK_CONFIGS` (`--stacks` picks others);
+- many SAEs per pass: G TopK-family SAEs of one size (k per SAE) as one `SAEStack` step
+  against their G separate steps, interleaved (`time_pair`), in SAE-tokens/s (G x batch
+  per step), with seeds (one k) and with a k sweep, at `STACK_CONFIGS` (`--stacks` picks
+  others);
 - harvest tokens/s for a GPT-2-small-shaped model (random weights), hook at layer 6:
   `harvest` (blocks 0-5) by the fused forward and by TransformerLens' forward, each eager
   and with torch.compile, run_with_cache with stop_at_layer=7 (blocks 0-6) and a full
@@ -49,7 +50,8 @@ import torch
 
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_json, env_info
 from paper_lib.sae import SAEConfig, kernels, make_sae
-from paper_lib.sae.stack import TopKStack
+from paper_lib.sae.base import TOPK_FAMILY
+from paper_lib.sae.stack import SAEStack
 from paper_lib.train import CompileFallbackWarning, make_adam, make_step
 
 
@@ -267,19 +269,19 @@ def topk_suite(d: int, n: int, k: int, batch: int, dev: torch.device, steps: int
     return rows
 
 
-def stack_suite(d: int, n: int, ks: tuple[int, ...], batch: int, dev: torch.device,
-                rounds: int, warmup: int) -> list[dict[str, Any]]:
-    """G = len(ks) TopK SAEs of d x n (SAE g with k = ks[g], seed g) trained one batch at a
-    time: as one TopKStack step against their G separate steps (each as `our_step`),
+def stack_suite(arch: str, d: int, n: int, ks: tuple[int, ...], batch: int,
+                dev: torch.device, rounds: int, warmup: int) -> list[dict[str, Any]]:
+    """G = len(ks) SAEs of `arch` and d x n (SAE g with k = ks[g], seed g) trained one batch
+    at a time: as one SAEStack step against their G separate steps (each as `our_step`),
     interleaved round by round. Rows: each side's SAE-tokens/s and peak memory, and the
     median per-round speed-up of the stack."""
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(batch, d, device=dev, generator=gen)
-    cfgs = [SAEConfig("topk", d, n, k=k, seed=g) for g, k in enumerate(ks)]
-    common = {"d": d, "n": n, "ks": list(ks), "saes": len(ks), "batch": batch}
+    cfgs = [SAEConfig(arch, d, n, k=k, seed=g) for g, k in enumerate(ks)]
+    common = {"arch": arch, "d": d, "n": n, "ks": list(ks), "saes": len(ks), "batch": batch}
     try:
         separate = [our_step(c, x) for c in cfgs]
-        stack = TopKStack([make_sae(c).to(dev).train() for c in cfgs])
+        stack = SAEStack([make_sae(c).to(dev).train() for c in cfgs])
         stacked = make_step(stack, make_adam(stack, lr=1e-4))
 
         def one_by_one() -> None:
@@ -294,12 +296,12 @@ def stack_suite(d: int, n: int, ks: tuple[int, ...], batch: int, dev: torch.devi
                 _sync(dev)
                 peaks.append(_peak(dev))
     except Exception as e:  # report, do not hide, a size that cannot run here
-        return [{**common, "variant": "stacked TopK", "error": f"{type(e).__name__}: {e}"}]
+        return [{**common, "variant": f"stacked {arch}", "error": f"{type(e).__name__}: {e}"}]
     return [{**common, "variant": label, "seconds_per_step": sec,
              "sae_tokens_per_s": len(ks) * batch / sec, "peak_memory_gib": peak,
              **({"speedup": 1 / t.ratio} if label.startswith("stacked") else {})}
-            for label, sec, peak in ((f"{len(ks)} separate TopK steps", t.seconds_a, peaks[0]),
-                                     ("stacked TopK (one step)", t.seconds_b, peaks[1]))]
+            for label, sec, peak in ((f"{len(ks)} separate {arch} steps", t.seconds_a, peaks[0]),
+                                     (f"stacked {arch} (one step)", t.seconds_b, peaks[1]))]
 
 
 def harvest_suite(dev: torch.device, quick: bool, rows: int | None = None
@@ -489,11 +491,12 @@ def summary(result: dict[str, Any]) -> str:
 DEFAULT_CONFIGS = [(768, 32768, 32, 4096), (768, 32768, 32, 16384), (768, 32768, 32, 65536),
                    (2304, 65536, 64, 4096)]
 QUICK_CONFIGS = [(32, 2048, 8, 256)]
-# Stacks: seeds (one k) and a k sweep, where a step is small (n = 4096: launch-bound on a
-# GPU) and at the TopK target's size.
-STACK_CONFIGS = [(768, 4096, (32,) * 4, 4096), (768, 4096, (8, 16, 32, 64), 4096),
-                 (768, 32768, (8, 16, 32, 64), 4096)]
-QUICK_STACKS = [(32, 512, (4, 8), 256)]
+# Stacks: TopK seeds (one k) and k sweeps where a step is small (n = 4096: launch-bound on
+# a GPU) and at the TopK target's size, and a Matryoshka k sweep.
+STACK_CONFIGS = [("topk", 768, 4096, (32,) * 4, 4096), ("topk", 768, 4096, (8, 16, 32, 64), 4096),
+                 ("topk", 768, 32768, (8, 16, 32, 64), 4096),
+                 ("matryoshka", 768, 4096, (8, 16, 32, 64), 4096)]
+QUICK_STACKS = [("topk", 32, 512, (4, 8), 256)]
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -508,18 +511,24 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     return d, n, k, b
 
 
-def parse_stack(text: str) -> tuple[int, int, tuple[int, ...], int]:
-    """`DxNxK1,K2,...xB` (e.g. 768x4096x8,16,32,64x4096): one SAE per k, all d x n."""
+def parse_stack(text: str) -> tuple[str, int, int, tuple[int, ...], int]:
+    """`[ARCH:]DxNxK1,K2,...xB` (e.g. matryoshka:768x4096x8,16,32,64x4096): one SAE per k,
+    all d x n, of a TopK-family architecture (default topk)."""
+    arch, _, size = text.lower().rpartition(":")
+    arch = arch or "topk"
+    if arch not in TOPK_FAMILY:
+        raise argparse.ArgumentTypeError(f"{text!r}: {arch!r} does not stack; choose one of "
+                                         f"{', '.join(TOPK_FAMILY)}")
     try:
-        d, n, ks, b = text.lower().split("x")
+        d, n, ks, b = size.split("x")
         d, n, b, ks = int(d), int(n), int(b), tuple(int(k) for k in ks.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give DxNxK1,K2,...xB, e.g. 768x4096x8,16,32,64x4096 (d, latents, "
-            "one k per SAE, batch)") from None
+            f"{text!r}: give [ARCH:]DxNxK1,K2,...xB, e.g. 768x4096x8,16,32,64x4096 (d, "
+            "latents, one k per SAE, batch)") from None
     if min(d, n, b, *ks) < 1 or max(ks) > n:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1 and every k <= n")
-    return d, n, ks, b
+    return arch, d, n, ks, b
 
 
 def parse_strategy(text: str) -> tuple[str, str]:
@@ -548,9 +557,9 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="GRADS/TOPK", help="sparse-path kernel strategies to time "
                     "(default: all, " + " ".join(f"{g}/{t}" for g, t in STRATEGIES) + ")")
     ap.add_argument("--stacks", type=parse_stack, nargs="+", default=None,
-                    metavar="DxNxK1,K2,...xB", help="stacked-SAE sizes (default: "
-                    + " ".join(f"{d}x{n}x{','.join(map(str, ks))}x{b}"
-                               for d, n, ks, b in STACK_CONFIGS) + ")")
+                    metavar="[ARCH:]DxNxK1,K2,...xB", help="stacked-SAE sizes (default: "
+                    + " ".join(f"{a}:{d}x{n}x{','.join(map(str, ks))}x{b}"
+                               for a, d, n, ks, b in STACK_CONFIGS) + ")")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["topk", "stack", "harvest", "profile"])
     ap.add_argument("--harvest-rows", type=int, nargs="*", default=[],
@@ -590,9 +599,9 @@ def main(argv: list[str] | None = None) -> int:
                            topk_suite(d, n, k, b, dev, steps, warmup, peaks, args.strategies,
                                       compile=first)))
     if "stack" not in args.skip:
-        for d, n, ks, b in args.stacks or (QUICK_STACKS if args.quick else STACK_CONFIGS):
-            suites.append(("stack", lambda d=d, n=n, ks=ks, b=b:
-                           stack_suite(d, n, ks, b, dev, 3 if args.quick else 15, warmup)))
+        for a, d, n, ks, b in args.stacks or (QUICK_STACKS if args.quick else STACK_CONFIGS):
+            suites.append(("stack", lambda a=a, d=d, n=n, ks=ks, b=b:
+                           stack_suite(a, d, n, ks, b, dev, 3 if args.quick else 15, warmup)))
     if "harvest" not in args.skip:
         suites.append(("harvest", lambda: harvest_suite(dev, args.quick)))
         for r in args.harvest_rows:

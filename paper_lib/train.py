@@ -30,7 +30,7 @@ from tqdm import tqdm
 from paper_lib import metrics
 from paper_lib.runtime import atomic_path, clean_stale_tmp, deterministic_on_cpu
 from paper_lib.sae.base import SAE
-from paper_lib.sae.stack import TopKStack, stack_groups
+from paper_lib.sae.stack import SAEStack, stack_groups
 
 
 class BatchSource(Protocol):
@@ -98,10 +98,10 @@ class TrainConfig:
     """torch.compile each SAE's forward pass and loss (fuses the elementwise work; the
     first steps pay the compilation; sparse kernels run between compiled pieces)."""
     stack: bool = False
-    """Train TopK SAEs whose configs differ only in seed and k as one stacked module
-    (paper_lib.sae.stack: one encoder product, top-k, decode and Adam step for the whole
-    group), many SAEs per pass. Same losses and updates as alone, rounded differently; so
-    off by default, leaving the committed results' step unchanged."""
+    """Train TopK-family SAEs whose configs differ only in seed and k as one stacked module
+    (paper_lib.sae.stack: one encoder product, selection, decode and Adam step for the
+    whole group), many SAEs per pass. Same losses and updates as alone, rounded
+    differently; so off by default, leaving the committed results' step unchanged."""
     progress: bool = True
     desc: str = "train SAEs"
 
@@ -177,7 +177,7 @@ def configs_key(saes: list[SAE], cfg: TrainConfig) -> str:
                       sort_keys=True, default=str)
 
 
-def make_adam(sae: SAE | TopKStack, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+def make_adam(sae: SAE | SAEStack, lr: float, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 6.25e-10) -> torch.optim.Adam:
     """Adam over the SAE's (or stack's) trainable parameters (fused on CUDA; defaults: Gao
     et al.)."""
@@ -186,7 +186,7 @@ def make_adam(sae: SAE | TopKStack, lr: float, betas: tuple[float, float] = (0.9
                             fused=params[0].device.type == "cuda")
 
 
-def forward_loss(sae: SAE | TopKStack, x: Tensor, dead: Tensor | None
+def forward_loss(sae: SAE | SAEStack, x: Tensor, dead: Tensor | None
                  ) -> tuple[dict[str, Tensor], Tensor]:
     """Named loss terms of one batch and the [n] mask of latents that fired in it: the
     part of a step that `TrainConfig.compile` hands to torch.compile."""
@@ -203,7 +203,7 @@ def _compiled_forward_loss() -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     return torch.compile(forward_loss)  # one compiled function; dynamo guards per SAE
 
 
-def make_step(sae: SAE | TopKStack, opt: torch.optim.Optimizer, bf16: bool = True,
+def make_step(sae: SAE | SAEStack, opt: torch.optim.Optimizer, bf16: bool = True,
               compile: bool = False) -> Callable[..., Tensor]:
     """The training step, `step(x, dead, l1_scale=1.0) -> fired`: forward and loss (bf16
     autocast on CUDA), backward, parallel-gradient removal, Adam, decoder renormalisation.
@@ -261,18 +261,18 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     # What each optimiser step updates: one SAE, or a stack of them (TrainConfig.stack).
     groups = stack_groups(saes) if cfg.stack else []
     stacked = {i for g in groups for i in g}
-    stacks = [TopKStack([saes[i] for i in g]) for g in groups]
-    units: list[SAE | TopKStack] = [s for i, s in enumerate(saes) if i not in stacked] + stacks
+    stacks = [SAEStack([saes[i] for i in g]) for g in groups]
+    units: list[SAE | SAEStack] = [s for i, s in enumerate(saes) if i not in stacked] + stacks
     opts = [make_adam(u, base_lr(cfg, u.cfg.d_sae), (cfg.beta1, cfg.beta2), cfg.eps)
             for u in units]
     base_lrs = [o.param_groups[0]["lr"] for o in opts]
     steps = [make_step(u, o, cfg.bf16, cfg.compile) for u, o in zip(units, opts)]
     # tokens since each latent last fired, per unit; a stack's SAEs read their rows of it
-    unit_since = [torch.zeros(u.n_latents if isinstance(u, TopKStack) else u.cfg.d_sae,
+    unit_since = [torch.zeros(u.n_latents if isinstance(u, SAEStack) else u.cfg.d_sae,
                               dtype=torch.long, device=device) for u in units]
     since_of = {}
     for u, cnt in zip(units, unit_since):
-        members = zip(u.saes, cnt.view(len(u.saes), -1)) if isinstance(u, TopKStack) else \
+        members = zip(u.saes, cnt.view(len(u.saes), -1)) if isinstance(u, SAEStack) else \
             [(u, cnt)]
         since_of.update({id(s): part for s, part in members})
     since = [since_of[id(s)] for s in saes]

@@ -42,11 +42,11 @@ def test_quick_bench_writes_json(quick_bench):
     assert "| harvest (fused forward, torch.compile) (rows 8) |" in table
     assert rec["targets"] == bench.targets(rec["topk"]) and len(rec["targets"]) == 1
     separate, stacked = rec["stack"]  # many SAEs per pass: both sides of one timing
-    assert (separate["variant"], stacked["variant"]) == ("2 separate TopK steps",
-                                                         "stacked TopK (one step)")
+    assert (separate["variant"], stacked["variant"]) == ("2 separate topk steps",
+                                                         "stacked topk (one step)")
     assert separate["ks"] == stacked["ks"] == [4, 8] and stacked["speedup"] > 0
     assert all(r["sae_tokens_per_s"] > 0 for r in rec["stack"])
-    assert "| stacked TopK (one step) | 32 | 512 | 4,8 | 256 |" in table
+    assert "| stacked topk (one step) | 32 | 512 | 4,8 | 256 |" in table
 
 
 def test_quick_bench_compiled_step_runs(quick_bench):
@@ -184,7 +184,8 @@ def test_compile_fallback_is_recorded_not_timed(broken_compiler):
     (["--configs", "768x32768x32"], "give DxNxKxB"),
     (["--configs", "16x256x512x32"], "k <= n"),
     (["--strategies", "triton/topk"], "not a strategy; choose from index/full"),
-    (["--stacks", "16x64x4x32x8"], "give DxNxK1,K2,...xB"),
+    (["--stacks", "16x64x4x32x8"], "give [ARCH:]DxNxK1,K2,...xB"),
+    (["--stacks", "relu:16x64x4x32"], "'relu' does not stack; choose one of topk"),
     (["--stacks", "16x64x4,128x32"], "every k <= n"),
     (["--steps", "0"], "--steps 0: must be >= 1"),
 ])
@@ -218,9 +219,12 @@ def test_bench_runs_the_chosen_sizes_and_strategies(tmp_path, compile_asked):
     out = tmp_path / "b.json"
     assert bench.main(["--quick", "--out", str(out), "--skip", "harvest", "profile",
                        "--configs", "16x256x4x32", "8x128x2x16",
-                       "--strategies", "index/blockmax", "--stacks", "8x64x2,2,2x16"]) == 0
+                       "--strategies", "index/blockmax",
+                       "--stacks", "8x64x2,2,2x16", "matryoshka:8x64x2,4x16"]) == 0
     rec = json.loads(out.read_text())
-    assert [(r["d"], r["n"], r["ks"], r["saes"]) for r in rec["stack"]] == [(8, 64, [2] * 3, 3)] * 2
+    assert [(r["arch"], r["n"], r["ks"], r["saes"]) for r in rec["stack"]] == \
+        [("topk", 64, [2] * 3, 3)] * 2 + [("matryoshka", 64, [2, 4], 2)] * 2
+    assert all(r["sae_tokens_per_s"] > 0 for r in rec["stack"]), rec["stack"]
     assert rec["complete"] and not bench.partial_path(out).exists()
     assert [(r["d"], r["batch"]) for r in rec["topk"] if "grads" in r] == [(16, 32), (8, 16)]
     assert {(r["grads"], r["topk"]) for r in rec["topk"] if "grads" in r} == {("index", "blockmax")}

@@ -1,4 +1,4 @@
-"""Many SAEs per pass: a TopKStack's step against its SAEs' own (dense reference) steps,
+"""Many SAEs per pass: an SAEStack's step against its SAEs' own (dense reference) steps,
 which SAEs stack, and stacked training through the one trainer (resume, saving)."""
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from paper_lib.sae import SAEConfig, kernels, load_sae, make_sae, save_sae
-from paper_lib.sae.stack import TopKStack, stack_groups
+from paper_lib.sae.stack import SAEStack, stack_groups
 from paper_lib.train import ShuffledBatches, TrainConfig, train_saes
 from tests.conftest import Interrupted, interrupting_batches, require_grads, requires_cuda
 from tests.test_train import sparse_data
@@ -17,10 +17,10 @@ STRATEGIES = list(itertools.product(kernels.GRADS, kernels.TOPK))
 D, N = 12, 48
 
 
-def _saes(ks, **extra):
-    """TopK SAEs of one size, seed g for the g-th k, with non-trivial biases (b_dec apart,
-    so the stack's shared centring has something to correct)."""
-    saes = [make_sae(SAEConfig("topk", D, N, k=k, seed=g, **extra)) for g, k in enumerate(ks)]
+def _saes(ks, arch="topk", **extra):
+    """SAEs of one architecture and size, seed g for the g-th k, with non-trivial biases
+    (b_dec apart, so the stack's shared centring has something to correct)."""
+    saes = [make_sae(SAEConfig(arch, D, N, k=k, seed=g, **extra)) for g, k in enumerate(ks)]
     with torch.no_grad():
         for s in saes:
             s.b_dec.normal_()
@@ -37,19 +37,21 @@ def _dead_masks(g_count):
     return dead.flatten()
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("ks", [(5, 5, 5), (5, 2, 7)], ids=["one_k", "k_per_sae"])
 @pytest.mark.parametrize("with_dead", [False, True], ids=["no_dead", "auxk"])
 @pytest.mark.parametrize("grads,topk", STRATEGIES, ids=["-".join(s) for s in STRATEGIES])
-def test_stack_matches_each_sae_alone(ks, with_dead, grads, topk):
+def test_stack_matches_each_sae_alone(arch, ks, with_dead, grads, topk):
     """The stack's loss terms are the sums of each SAE's own (dense reference) terms, and
     every gradient of the stacked parameters is that SAE's own gradient (float32, 1e-4
-    relative), for every kernel strategy."""
+    relative), for every kernel strategy and architecture of the TopK family (BatchTopK:
+    each SAE's inference threshold updated as its own training would)."""
     require_grads(grads)
-    saes = _saes(ks, aux_k=6)
+    saes = _saes(ks, arch, aux_k=6)
     alone = copy.deepcopy(saes)
     x = torch.randn(24, D)
     dead = _dead_masks(len(ks)) if with_dead else None
-    stack = TopKStack(saes)
+    stack = SAEStack(saes)
     with kernels.strategy(grads=grads, topk=topk):
         terms = stack.loss(stack(x), dead)
         sum(terms.values()).backward()
@@ -69,6 +71,10 @@ def test_stack_matches_each_sae_alone(ks, with_dead, grads, topk):
         ref = cat([getattr(s, name).grad for s in alone])
         err = (getattr(stack, name).grad - ref).norm() / ref.norm()
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
+    if arch != "topk":
+        for sae, own in zip(saes, alone):
+            assert float(sae.threshold) > 0
+            assert float(sae.threshold) == pytest.approx(float(own.threshold), rel=1e-6)
 
 
 def test_stack_standardised_inputs_and_frozen_decoder():
@@ -77,7 +83,7 @@ def test_stack_standardised_inputs_and_frozen_decoder():
     saes = _saes((3, 4), standardize_input=True, freeze_decoder=True)
     alone = copy.deepcopy(saes)
     x = 3 + 2 * torch.randn(16, D)
-    stack = TopKStack(saes)
+    stack = SAEStack(saes)
     out = stack(x)
     assert not stack.W_dec.requires_grad
     for g, sae in enumerate(alone):
@@ -89,9 +95,10 @@ def test_stack_standardised_inputs_and_frozen_decoder():
 
 
 def test_which_saes_stack():
-    """Hand case: plain TopK SAEs of one config up to seed and k group together (in order
-    of first appearance); another n, another option, multi-TopK, another architecture or
-    a lone SAE stay alone."""
+    """Hand case: TopK-family SAEs of one architecture and config up to seed and k group
+    together (in order of first appearance); another n, another option, multi-TopK,
+    another architecture or a lone SAE stay alone."""
+    halves = (0.5, 0.5)
     cfgs = [SAEConfig("topk", 16, 64, k=4, seed=0),          # 0: group A
             SAEConfig("topk", 16, 128, k=4),                  # 1: alone (n)
             SAEConfig("topk", 16, 64, k=8, seed=5),           # 2: group A
@@ -99,9 +106,12 @@ def test_which_saes_stack():
             SAEConfig("relu", 16, 64, l1_coeff=1.0),          # 4: alone (architecture)
             SAEConfig("topk", 16, 64, k=4, multi_topk=True),  # 5: alone (multi-TopK)
             SAEConfig("topk", 16, 64, k=2, auxk=False),       # 6: group B
-            SAEConfig("batchtopk", 16, 64, k=4),              # 7: alone (architecture)
-            SAEConfig("topk", 16, 64, k=8, seed=1)]           # 8: group A
-    assert stack_groups([make_sae(c) for c in cfgs]) == [[0, 2, 8], [3, 6]]
+            SAEConfig("batchtopk", 16, 64, k=4),              # 7: alone (the only BatchTopK)
+            SAEConfig("topk", 16, 64, k=8, seed=1),           # 8: group A
+            SAEConfig("matryoshka", 16, 64, k=4),             # 9: group C
+            SAEConfig("matryoshka", 16, 64, k=2, seed=3),     # 10: group C
+            SAEConfig("matryoshka", 16, 64, k=4, group_fractions=halves)]  # 11: alone
+    assert stack_groups([make_sae(c) for c in cfgs]) == [[0, 2, 8], [3, 6], [9, 10]]
     # k / n above the sparse path's 1/8 threshold: trained densely, so never stacked
     dense = [make_sae(SAEConfig("topk", 16, 64, k=k)) for k in (4, 16)]
     assert stack_groups(dense) == []
@@ -115,18 +125,19 @@ def test_stack_refuses_saes_that_differ():
     saes = [make_sae(SAEConfig("topk", 16, 64, k=4)), make_sae(SAEConfig("topk", 16, 128, k=4))]
     w_enc = saes[0].W_enc
     with pytest.raises(ValueError, match="differ in seed and k only; stack_groups"):
-        TopKStack(saes)
+        SAEStack(saes)
     assert saes[0].W_enc is w_enc
 
 
 def test_stacked_training_matches_separate_training():
-    """train_saes with stack=True (three TopK SAEs stacked, a ReLU SAE beside them, dead
-    latents and AuxK on) ends within float rounding of separate training, with the same
-    dead-latent counts and held-out metrics; afterwards each SAE owns contiguous weights,
-    which save and load in the SAELens layout."""
+    """train_saes with stack=True (three TopK SAEs stacked, two Matryoshka SAEs stacked, a
+    ReLU SAE beside them, dead latents and AuxK on) ends within float rounding of separate
+    training, with the same dead-latent counts, held-out metrics and BatchTopK thresholds;
+    afterwards each SAE owns contiguous weights."""
     x = sparse_data(n=2048, d=16, n_feat=64)
     cfgs = [SAEConfig("topk", 16, 128, k=k, seed=g, dead_tokens=128)
-            for g, k in enumerate((4, 8, 4))] + [SAEConfig("relu", 16, 64, l1_coeff=1e-3)]
+            for g, k in enumerate((4, 8, 4))] + [SAEConfig("relu", 16, 64, l1_coeff=1e-3)] + [
+            SAEConfig("matryoshka", 16, 128, k=k, seed=k, dead_tokens=128) for k in (4, 8)]
     runs = {}
     for stack in (False, True):
         tc = TrainConfig(steps=60, lr=3e-3, eval_every=20, stack=stack, progress=False)
@@ -141,6 +152,8 @@ def test_stacked_training_matches_separate_training():
             assert getattr(b.sae, name).is_contiguous() or name == "W_enc" and \
                 b.sae.cfg.architecture == "relu"
         assert torch.equal(b.tokens_since_fired, a.tokens_since_fired)
+        if hasattr(a.sae, "threshold"):
+            assert float(b.sae.threshold) == pytest.approx(float(a.sae.threshold), rel=1e-4)
         for ra, rb in zip(a.history, b.history):
             assert rb.keys() == ra.keys()
             assert rb["fvu"] == pytest.approx(ra["fvu"], rel=1e-4)
@@ -184,20 +197,21 @@ def test_stacked_checkpoint_resume_matches_uninterrupted(tmp_path):
 
 
 @requires_cuda
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("grads", kernels.GRADS)
-def test_stacked_bf16_matches_dense_on_cuda(grads):
+def test_stacked_bf16_matches_dense_on_cuda(grads, arch):
     """On a GPU under bf16 autocast, the stack's loss and gradients agree with each SAE's
     dense reference, within the tolerances the single-SAE kernels meet there
     (test_kernels.test_strategies_match_dense_bf16_cuda)."""
     require_grads(grads, "cuda")
     dev = torch.device("cuda")
-    saes = [make_sae(SAEConfig("topk", 256, 4096, k=k, seed=g)).to(dev)
+    saes = [make_sae(SAEConfig(arch, 256, 4096, k=k, seed=g)).to(dev)
             for g, k in enumerate((16, 32, 64))]
     alone = copy.deepcopy(saes)
     x = torch.randn(1024, 256, device=dev)
     dead = torch.zeros(3 * 4096, dtype=torch.bool, device=dev)
     dead[::7] = True
-    stack = TopKStack(saes)
+    stack = SAEStack(saes)
     with kernels.strategy(grads=grads), torch.autocast("cuda", dtype=torch.bfloat16):
         loss = sum(stack.loss(stack(x), dead).values())
     loss.float().backward()

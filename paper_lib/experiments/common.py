@@ -38,7 +38,8 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
     checkpoint keyed by the configs and data is written every `checkpoint_seconds` of
     training under data/ckpt/, so re-running an interrupted notebook resumes where it
     stopped (0 disables). `compile`: torch.compile each SAE's forward and loss. `stack`:
-    TopK SAEs that differ only in seed and k train as one stacked module (TrainConfig.stack).
+    TopK-family SAEs that differ only in seed and k train as one stacked module
+    (TrainConfig.stack).
     `heldout_midway`: see TrainConfig (False: held-out metrics only at the end)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps

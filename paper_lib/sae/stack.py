@@ -1,19 +1,21 @@
-"""Many SAEs per pass: TopK SAEs that differ only in seed and k, trained as one module.
+"""Many SAEs per pass: TopK-family SAEs that differ only in seed and k, trained as one module.
 
 A sweep of small SAEs (seeds for error bars, the k of a scaling law at one n) spends a
 GPU step mostly launching kernels: every SAE's step is the same few dozen small kernels.
-`TopKStack` lays G such SAEs side by side,
+`SAEStack` lays G such SAEs (TopK, BatchTopK or Matryoshka) side by side,
 
     W_enc [d, G n],  b_enc [G n],  W_dec [G n, d],  b_dec [G, d],
 
-and runs the training step once for all of them: one encoder product, one top-k over the
-[B G, n] pre-activations, one grouped decode (a bag per sample and SAE, as Matryoshka's
-prefixes, `kernels.sparse_decode`), one loss, one Adam over four tensors, one decoder
-renormalisation. The loss is the sum of the G SAEs' own TopK losses (Gao et al. 2024:
-reconstruction Eq. 3 plus AuxK, App. B.1), so each SAE receives the gradient, and (with
-Adam's elementwise update and one shared lr) the update it would get alone; only float
-rounding differs (tests/test_stack.py). Each SAE keeps its own k: the top max(k) of each
-row, in order, each SAE keeping its first k.
+and runs the training step once for all of them: one encoder product, one selection, one
+grouped decode (a bag per sample and SAE, or per sample, SAE and nested group: Matryoshka's
+mechanism, `kernels.sparse_decode`), one loss, one Adam over four tensors, one decoder
+renormalisation. The loss is the sum of the G SAEs' own losses (reconstruction, or the
+mean over Matryoshka's prefixes, plus AuxK per SAE: Gao et al. 2024 App. B.1), so each SAE
+receives the gradient, and (with Adam's elementwise update and one shared lr) the update it
+would get alone; only float rounding differs (tests/test_stack.py). TopK selects for all
+SAEs at once, each keeping its own k (the top max(k) of each row, in order, each SAE its
+first k); BatchTopK and Matryoshka select batch-wide per SAE (`select`, which also updates
+each SAE's own inference threshold).
 
 One encoder product serves G centrings: with c the SAEs' mean b_dec (detached),
     (x - b_dec_g) W_g + b_enc_g = (x - c) W_g + [b_enc_g - (b_dec_g - c) W_g],
@@ -23,7 +25,8 @@ the same geometric median), which keeps the bf16 product as precise as a single 
 While the stack trains, the SAEs' parameters are views of its tensors, so held-out
 evaluations, eval_fn and checkpoints read current weights through the SAEs themselves;
 `unstack_` gives each SAE its own contiguous tensors again (SAELens' files need them).
-The forward returns an `SAEOutput` whose recon and recon_in are [B, G, d], pre [B, G n].
+The forward returns an `SAEOutput` whose recon and recon_in are [B, G, d], pre [B, G n],
+and for Matryoshka prefixes [B, G, m, d] (m nested groups per SAE).
 """
 
 from __future__ import annotations
@@ -34,29 +37,35 @@ import torch
 from torch import Tensor, nn
 
 from paper_lib.sae import kernels
-from paper_lib.sae.base import SAE, SAEConfig, SAEOutput, remove_parallel_grad_, renorm_rows_
-from paper_lib.sae.topk import TopKSAE
+from paper_lib.sae.base import (
+    SAE,
+    TOPK_FAMILY,
+    SAEConfig,
+    SAEOutput,
+    remove_parallel_grad_,
+    renorm_rows_,
+)
+from paper_lib.sae.registry import REGISTRY
 
 
 def stack_key(cfg: SAEConfig) -> str | None:
     """What SAEs must share to train as one stack: their whole config but seed and k.
-    None for a config that never stacks (another architecture, or multi-TopK, whose
+    None for a config that never stacks (outside the TopK family, or multi-TopK, whose
     L(4k) term needs the dense codes)."""
-    if cfg.architecture != "topk" or cfg.multi_topk:
+    if cfg.architecture not in TOPK_FAMILY or cfg.multi_topk:
         return None
     return json.dumps({**cfg.to_dict(), "seed": None, "k": None}, sort_keys=True, default=str)
 
 
 def stack_groups(saes: list[SAE]) -> list[list[int]]:
-    """Indices of the SAEs that can train as one `TopKStack`: groups of two or more plain
-    TopK SAEs with the same `stack_key`, on one device and dtype, each on the sparse path
-    (`kernels.want_sparse`: a stack always runs sparse, so an SAE the current mode would
-    train densely stays alone). In order of first appearance."""
+    """Indices of the SAEs that can train as one `SAEStack`: groups of two or more SAEs of
+    the registry's own classes with the same `stack_key`, on one device and dtype, each on
+    the sparse path (`kernels.want_sparse`: a stack always runs sparse, so an SAE the
+    current mode would train densely stays alone). In order of first appearance."""
     groups: dict[tuple, list[int]] = {}
     for i, sae in enumerate(saes):
         key = stack_key(sae.cfg)
-        if key is None or type(sae) is not TopKSAE or \
-                not kernels.want_sparse(sae.expected_density()):
+        if key is None or not _plain(sae) or not kernels.want_sparse(sae.expected_density()):
             continue
         groups.setdefault((key, sae.W_enc.device, sae.W_enc.dtype), []).append(i)
     return [g for g in groups.values() if len(g) > 1]
@@ -69,17 +78,22 @@ def largest(counts: Tensor) -> int:
     return int(counts.max())
 
 
-class TopKStack(nn.Module):
-    """G TopK SAEs trained as one module (see the module docstring); `saes` are the SAEs
-    themselves, whose parameters become views of the stack's until `unstack_`."""
+def _plain(sae: SAE) -> bool:
+    """An SAE of its architecture's registered class (a subclass may change the step)."""
+    return type(sae) is REGISTRY[sae.cfg.architecture]
+
+
+class SAEStack(nn.Module):
+    """G TopK-family SAEs trained as one module (see the module docstring); `saes` are the
+    SAEs themselves, whose parameters become views of the stack's until `unstack_`."""
 
     def __init__(self, saes: list[SAE]) -> None:
         super().__init__()
         keys = {stack_key(s.cfg) for s in saes}
-        if not saes or None in keys or len(keys) > 1 or any(type(s) is not TopKSAE
-                                                            for s in saes):
-            raise ValueError("a TopKStack takes plain TopK SAEs (no multi-TopK) whose configs "
-                             "differ in seed and k only; stack_groups(saes) finds them")
+        if not saes or None in keys or len(keys) > 1 or not all(map(_plain, saes)):
+            raise ValueError("an SAEStack takes TopK, BatchTopK or Matryoshka SAEs (no "
+                             "multi-TopK) whose configs differ in seed and k only; "
+                             "stack_groups(saes) finds them")
         self.saes = list(saes)  # a plain list: their parameters are not the stack's own
         self.cfg = saes[0].cfg
         """The shared config (d_sae = n per SAE; k is the first SAE's, see `ks`)."""
@@ -87,6 +101,10 @@ class TopKStack(nn.Module):
         g, n = len(saes), self.cfg.d_sae
         self.n_latents = g * n
         """Latents of the whole stack, G n: SAE g owns columns [g n, (g + 1) n)."""
+        nested = saes[0].nested_ends or (n,)
+        self.groups = len(nested)
+        """Bags per sample and SAE in the decode: Matryoshka's nested groups m, else 1."""
+        self.ends = tuple(a * n + e for a in range(g) for e in nested)
         with torch.no_grad():
             joined = {"W_enc": torch.cat([s.W_enc for s in saes], 1),
                       "b_enc": torch.cat([s.b_enc for s in saes]),
@@ -107,6 +125,7 @@ class TopKStack(nn.Module):
                 "W_dec": self.W_dec.data[a:b], "b_dec": self.b_dec.data[g]}
 
     def _bind_(self, make) -> None:
+        """Point every SAE's parameters at make(its view) (the view itself, or a copy)."""
         for g, sae in enumerate(self.saes):
             for name, view in self._views(g).items():
                 setattr(sae, name, nn.Parameter(make(view), getattr(sae, name).requires_grad))
@@ -131,10 +150,18 @@ class TopKStack(nn.Module):
         shift = full.view(g, g, width).diagonal(dim1=0, dim2=1).T     # [G, width]
         return c, b - shift.reshape(-1)
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) of each sample's top k_g latents in every SAE g, ordered by sample,
-        then SAE: each (sample, SAE) bag contiguous, as the grouped decode needs."""
+    def _select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of every SAE's selection, ordered by sample, then SAE, then column:
+        each bag of the grouped decode contiguous and ascending, as it needs."""
         g_count, n = len(self.ks), self.cfg.d_sae
+        if self.cfg.architecture != "topk":  # batch-wide, each SAE on its own block
+            sel = [sae.select(pre[:, g * n:(g + 1) * n].contiguous(), x_in)
+                   for g, sae in enumerate(self.saes)]
+            rows = torch.cat([r for r, _ in sel])
+            cols = torch.cat([c + g * n for g, (_, c) in enumerate(sel)])
+            # each SAE's selection is (row, column)-ordered: a stable sort by (row, SAE)
+            order = (rows * g_count + cols.div(n, rounding_mode="floor")).argsort(stable=True)
+            return rows[order], cols[order]
         flat = pre.view(-1, n)                       # [B G, n]: row b G + g is SAE g's
         if len(set(self.ks)) == 1:
             r, c = kernels.row_topk(self.ks[0])(flat)
@@ -152,18 +179,28 @@ class TopKStack(nn.Module):
         x_in, mu, sd = self.saes[0].prepare(x)      # one config: one standardisation
         c, bias = self._centred(self.W_enc, self.b_enc, self.cfg.d_sae)
         shared: dict = {}  # what both backward passes derive from the selection
-        vals, rows, cols, pre = kernels.SparseEncode.apply(x_in, self.W_enc, bias, c,
-                                                           self._select, shared)
-        ends = tuple(range(self.cfg.d_sae, self.n_latents + 1, self.cfg.d_sae))
-        parts = kernels.sparse_decode(rows, cols, vals, self.W_dec, x.shape[0], ends, shared)
-        recon_in = parts + self.b_dec                # [B, G, d]
+        vals, rows, cols, pre = kernels.SparseEncode.apply(
+            x_in, self.W_enc, bias, c, lambda p: self._select(p, x_in), shared)
+        batch, g_count = x.shape[0], len(self.saes)
+        parts = kernels.sparse_decode(rows, cols, vals, self.W_dec, batch, self.ends, shared)
+        parts = parts.view(batch, g_count, self.groups, -1)          # [B, G, m, d]
+        prefixes = None
+        if self.groups > 1:  # running sums in the weights' precision (parts may be bf16)
+            prefixes = parts.cumsum(2, dtype=self.W_dec.dtype) + self.b_dec[:, None]
+            recon_in = prefixes[:, :, -1]
+        else:
+            recon_in = parts[:, :, 0] + self.b_dec                     # [B, G, d]
         recon = recon_in if mu is None else recon_in * sd[:, None] + mu[:, None]
-        return SAEOutput(None, recon, pre, x_in, recon_in, (rows, cols, vals))
+        return SAEOutput(None, recon, pre, x_in, recon_in, (rows, cols, vals), prefixes)
 
     def loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
-        """The sum over the SAEs of their own loss terms (`SAE.loss`): reconstruction and,
-        where configured, AuxK. `dead_mask`: [G n] bool."""
-        per_sae = (out.x_in[:, None] - out.recon_in).pow(2).sum(-1).mean(0)   # [G]
+        """The sum over the SAEs of their own loss terms (`SAE.loss`): reconstruction (for
+        Matryoshka the mean over its prefixes, `MatryoshkaSAE.recon_loss`) and, where
+        configured, AuxK. `dead_mask`: [G n] bool."""
+        if out.prefixes is None:
+            per_sae = (out.x_in[:, None] - out.recon_in).pow(2).sum(-1).mean(0)        # [G]
+        else:
+            per_sae = (out.x_in[:, None, None] - out.prefixes).pow(2).sum(-1).mean(0).mean(1)
         terms = {"mse": per_sae.sum()}
         terms.update(self.auxk_loss(out, dead_mask))
         return terms
