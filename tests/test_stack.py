@@ -30,7 +30,7 @@ def _saes(ks, arch="topk", **extra):
 
 def _dead_masks(g_count):
     """[G N] dead latents: every third of the first SAE, none of the second, two of the
-    rest (AuxK with k_aux = 6 above, at and below each SAE's dead count)."""
+    rest (with k_aux = 6: more dead latents than AuxK uses, none, and fewer)."""
     dead = torch.zeros(g_count, N, dtype=torch.bool)
     dead[0, ::3] = True
     dead[2:, [5, 40]] = True
