@@ -17,6 +17,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from paper_lib.runtime import stream_generator
+
 
 def _objective(x: Tensor, z: Tensor, w_dec: Tensor, b_dec: Tensor, norms: Tensor,
                l1: float) -> Tensor:
@@ -67,7 +69,7 @@ def sparse_coding(x: Tensor, n_latents: int, l1: float, steps: int, lr: float, s
                   trace_every: int = 0) -> SparseCoding:
     """Jointly optimise a unit-norm dictionary D [n, d] and codes S >= 0 [B, n] to minimise
     ||x - S D||^2 + l1 ||S||_1 (no encoder: every sample has its own free code)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = stream_generator(seed, "sparse-coding")  # not the data's or an SAE's draws
     d = torch.randn(n_latents, x.shape[1], generator=gen)
     d = (d / d.norm(dim=1, keepdim=True)).to(x.device).requires_grad_(True)
     s = (torch.rand(x.shape[0], n_latents, generator=gen) * 0.1).to(x.device).requires_grad_(True)

@@ -4,6 +4,7 @@ record, atomic file writes and the quiet-warnings policy for checked notebook ce
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -73,6 +74,17 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def stream_generator(seed: int, stream: str) -> torch.Generator:
+    """A CPU generator for one use (`stream`) of a seed, independent of every other use.
+    `torch.Generator().manual_seed(seed)` alone gives every user of a seed the same draws:
+    an SAE initialised with seed s (a random decoder, `randn(n, d)`) would start exactly at
+    the ground-truth dictionary of synthetic data made with seed s, and so would sparse
+    coding's random start. Data and solvers draw from their own streams instead (the
+    stream's name and the seed hashed to a 63-bit seed); SAEs keep `manual_seed(cfg.seed)`."""
+    digest = hashlib.sha256(f"{stream}:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def git_commit() -> str:

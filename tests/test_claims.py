@@ -1,5 +1,6 @@
 """Claims: the verdict rule, rounding, results files and the README scoreboard."""
 
+import hashlib
 import json
 import os
 
@@ -40,6 +41,21 @@ def test_at_most_claims(ours, tol, direction, verdict):
 def test_claim_without_paper_needs_direction():
     with pytest.raises(ValueError, match="direction_holds"):
         Claim("x", "s", None, 1.0, 0.0, "src")
+
+
+@pytest.mark.parametrize("ours, std, n, noisy", [
+    (0.696, 0.014, 3, True),    # edge 0.695: 0.001 away, 2 SE = 2 * 0.014 / sqrt(3) = 0.016
+    (0.660, 0.014, 3, False),   # 0.035 inside the band: more than 0.016 from either edge
+    (0.840, 0.014, 3, False),   # 0.045 beyond the upper edge 0.795
+    (0.780, 0.014, 3, True),    # 0.015 from the upper edge 0.795 < 0.016
+    (0.780, 0.014, 12, False),  # more seeds: 2 SE = 0.0081 < 0.015
+    (0.700, 0.0, 1, True),      # one seed: no standard error, never settled
+])
+def test_seed_noise_flags_verdicts_within_two_standard_errors_of_an_edge(ours, std, n, noisy):
+    """Band 0.745 +- 0.05 = [0.695, 0.795]; hand-worked distances to the nearer edge."""
+    reason = claims.seed_noise(ours, 0.745, 0.05, std, n)
+    assert bool(reason) is noisy
+    assert (f"over {n} seeds" in reason) is noisy
 
 
 def test_round_to_tolerance():
@@ -135,7 +151,39 @@ def test_scoreboard_counts(tmp_path):
     run.claim("x.b", "b", 1.0, 2.0, 0.1, "T1", direction_holds=True)
     run.finish()
     board = claims.scoreboard(tmp_path)
-    assert "| smoke | 98_x | 2 | 1 | 1 | 0 |" in board
+    assert "| smoke | 98_x | 2 | 1 | 1 | 0 | 0 |" in board
+
+
+def test_withdrawn_claims_are_counted_apart_until_the_file_is_rerun(tmp_path, monkeypatch):
+    """A withdrawal applies to the exact file it names (by sha256): its claims leave the
+    verdict counts for the withdrawn column, and a rerun (new bytes) lifts it."""
+    run = claims.Run("98_x", AmortParams.from_profile("smoke"), root=tmp_path)
+    run.claim("x.known", "a", 1.0, 1.0, 0.1, "T1")
+    run.claim("x.unknown.a", "b", 1.0, 2.0, 0.1, "T1", direction_holds=True)
+    run.claim("x.unknown.b", "c", 1.0, 1.0, 0.1, "T1")
+    run.finish()
+    path = tmp_path / "results" / "smoke" / "98_x.json"
+    w = claims.Withdrawal("smoke/98_x", hashlib.sha256(path.read_bytes()).hexdigest(),
+                          ("x.unknown.",), "started at the answer")
+    monkeypatch.setattr(claims, "WITHDRAWN", (w,))
+    board = claims.scoreboard(tmp_path)
+    assert "| smoke | 98_x | 3 | 1 | 0 | 0 | 2 |" in board
+    assert "| `x.unknown.a` | 1 | 2.0 | 0.1 | withdrawn (recorded: direction only) |" in board
+    assert "| `x.known` | 1 | 1.0 | 0.1 | reproduced |" in board
+    assert "Withdrawn: started at the answer" in board
+    path.write_text(path.read_text() + " ")  # a rerun: other bytes
+    board = claims.scoreboard(tmp_path)
+    assert "| smoke | 98_x | 3 | 2 | 1 | 0 | 0 |" in board and "Withdrawn" not in board
+
+
+def test_every_withdrawal_names_a_committed_file_as_it_is():
+    """An entry whose file was rerun (other bytes) or removed no longer applies: delete it."""
+    for w in claims.WITHDRAWN:
+        assert w.path().exists(), f"{w.results}: no such results file; remove its withdrawal"
+        assert hashlib.sha256(w.path().read_bytes()).hexdigest() == w.sha256, (
+            f"results/{w.results}.json was rerun: remove its entry from claims.WITHDRAWN")
+        rec = json.loads(w.path().read_text())
+        assert any(w.covers(c["id"]) for c in rec["claims"]), f"{w.results}: withdraws nothing"
 
 
 def test_volatile_claims_stay_out_of_checked_lines_and_comparisons(tmp_path):

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from paper_lib.runtime import stream_generator
+
 
 class SparseData(NamedTuple):
     x: torch.Tensor
@@ -49,8 +51,9 @@ def gaussian_dictionary(n_latents: int, dim: int, gen: torch.Generator) -> torch
 
 def make_sparse_data(n: int, n_latents: int, dim: int, k: int, seed: int,
                      dictionary: torch.Tensor | None = None) -> SparseData:
-    """X = S D with a fresh (or the given) dictionary; same seed, same data."""
-    gen = torch.Generator().manual_seed(seed)
+    """X = S D with a fresh (or the given) dictionary; same seed, same data. Drawn from the
+    seed's data stream, so an SAE or solver given the same seed does not start at D."""
+    gen = stream_generator(seed, "synthetic-data")
     d = gaussian_dictionary(n_latents, dim, gen) if dictionary is None else dictionary
     if d.shape != (n_latents, dim):
         raise ValueError(f"dictionary has shape {tuple(d.shape)}, expected ({n_latents}, {dim})")

@@ -54,6 +54,9 @@ def _train(p: AmortParams, cfgs: dict[str, SAEConfig], train: SparseData, known:
     if known:
         for s in saes.values():
             s.set_decoder_(train.dictionary.to(device))
+            if s.cfg.tied_init and s.cfg.architecture == "relu":
+                with torch.no_grad():  # a tied init ties the encoder to the decoder it trains
+                    s.W_enc.copy_(s.W_dec.T)  # with, here the known dictionary
     x, codes = train.x.to(device), train.codes
 
     def eval_fn(sae: SAE) -> dict[str, float]:
