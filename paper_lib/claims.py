@@ -366,6 +366,13 @@ WITHDRAWN: tuple[Withdrawal, ...] = (
                "dictionary unknown, the SAE, the MLP encoder's decoder and sparse coding "
                "started exactly at the true one. The known-dictionary, theorem and LM claims "
                "did not depend on it. Rerun 02 at `gpu` to replace them."),
+    Withdrawal("gpu/04_matryoshka_tradeoffs", "7155f5b991029a278dc8e8c450a7747f7445a0142b0214b3bc50da093330aca4",
+               ("interp.synthetic.",),
+               "made before the fix of 2026-12-06 (`runtime.stream_generator`), when the "
+               "synthetic features and the SAEs' initial decoders shared one random stream: "
+               "every latent started at its true feature (at smoke that lifted inner, outer and "
+               "TopK recovery to 0.91, 0.82, 0.88 from 0.81, 0.41, 0.65). The LM-based claims "
+               "did not depend on it. Rerun 04 at `gpu` to replace it."),
 )
 
 

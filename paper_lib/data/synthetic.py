@@ -6,7 +6,9 @@
 (b) AFA bound (Lee et al. 2025, arXiv 2503.24277, Sec. 3): dictionaries whose unit-norm
     atoms have a chosen coherence eps = max_{i != j} |<w_i, w_j>|, and codes with exactly
     h active atoms.
-Every function is seeded and returns the ground truth alongside the data.
+Every function is seeded and returns the ground truth alongside the data; the draws come
+from the seed's data stream (`runtime.stream_generator`), never the one an SAE or solver of
+the same seed initialises from.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def quasi_orthogonal_dictionary(n_atoms: int, dim: int, eps: float, seed: int,
     if eps < wb * 1.05:
         raise ValueError(f"eps={eps} is below what {n_atoms} atoms in {dim} dims allow "
                          f"(Welch bound {wb:.4f}); raise eps or dim")
-    gen = torch.Generator().manual_seed(seed)
+    gen = stream_generator(seed, "synthetic-data")
     w = gaussian_dictionary(n_atoms, dim, gen).double()
     target = eps * 0.98
     w.requires_grad_(True)
@@ -126,5 +128,5 @@ def quasi_orthogonal_dictionary(n_atoms: int, dim: int, eps: float, seed: int,
 def codes_with_h_active(n: int, n_atoms: int, h: int, seed: int,
                         signed: bool = True) -> torch.Tensor:
     """[n, n_atoms] codes with exactly h nonzeros per row (N(0,1) values by default)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = stream_generator(seed, "synthetic-data")
     return sparse_codes(n, n_atoms, h, gen, signed=signed)
