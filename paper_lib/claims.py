@@ -366,7 +366,8 @@ WITHDRAWN: tuple[Withdrawal, ...] = (
                "dictionary unknown, the SAE, the MLP encoder's decoder and sparse coding "
                "started exactly at the true one. The known-dictionary, theorem and LM claims "
                "did not depend on it. Rerun 02 at `gpu` to replace them."),
-    Withdrawal("gpu/04_matryoshka_tradeoffs", "7155f5b991029a278dc8e8c450a7747f7445a0142b0214b3bc50da093330aca4",
+    Withdrawal("gpu/04_matryoshka_tradeoffs",
+               "7155f5b991029a278dc8e8c450a7747f7445a0142b0214b3bc50da093330aca4",
                ("interp.synthetic.",),
                "made before the fix of 2026-12-06 (`runtime.stream_generator`), when the "
                "synthetic features and the SAEs' initial decoders shared one random stream: "
