@@ -13,6 +13,7 @@ Architectures differ only in their loss terms (paper_lib.sae); there is one loop
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -29,7 +30,8 @@ from tqdm import tqdm
 
 from paper_lib import metrics
 from paper_lib.runtime import atomic_path, clean_stale_tmp, deterministic_on_cpu
-from paper_lib.sae.base import SAE
+from paper_lib.sae import kernels
+from paper_lib.sae.base import SAE, SAEConfig
 from paper_lib.sae.stack import SAEStack, stack_groups
 
 
@@ -379,34 +381,65 @@ def _demo_data(d_in: int, n: int, seed: int) -> Tensor:
     return make_sparse_data(n, 4 * d_in, d_in, 4, seed).x
 
 
+def _values(kind: type) -> Callable[[str], list]:
+    """argparse type: one value or a comma-separated list of them (a sweep), no repeats."""
+    def parse(text: str) -> list:
+        try:
+            vals = [kind(v) for v in text.split(",")]
+        except ValueError:
+            what = {int: "an integer", float: "a number"}[kind]
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {what} or a comma-separated list of them (e.g. 16,32,64)"
+            ) from None
+        if len(set(vals)) < len(vals):
+            raise argparse.ArgumentTypeError(f"{text!r} lists a value twice")
+        return vals
+    return parse
+
+
+def sweep_name(cfg: SAEConfig) -> str:
+    """An SAE's name in a command-line sweep: architecture, n, k or L1, seed."""
+    return f"{cfg.short()}-s{cfg.seed}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m paper_lib.train`: train one SAE with checkpoints (rerunning the same
+    """`python -m paper_lib.train`: train SAEs with checkpoints (rerunning the same
     command resumes) on the activations of an LM at a hook (`--model`: an embedded LM, or
     any transformer-lens model name with the internet), on a saved activation tensor
-    (`--acts`), or on synthetic sparse data (neither). It runs under the notebooks' pinned
-    CPU numerics (re-executing itself with them if needed), so its numbers and the LM it
-    caches are the notebooks' own."""
-    import argparse
+    (`--acts`), or on synthetic sparse data (neither). `--d-sae`, `--k`, `--l1-coeff` and
+    `--seed` take comma-separated lists: every combination trains on the same batches of
+    one harvest (`--stack`: TopK-family SAEs of one width as one module, many SAEs per
+    pass). It runs under the notebooks' pinned CPU numerics (re-executing itself with them
+    if needed), so its numbers and the LM it caches are the notebooks' own."""
     import hashlib
+    import itertools
     import sys
 
     from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
-    from paper_lib.sae import ARCHITECTURES, SAEConfig, make_sae, save_sae
+    from paper_lib.sae import ARCHITECTURES, make_sae, save_sae
+    from paper_lib.sae.base import TOPK_FAMILY
 
     ap = argparse.ArgumentParser(prog="python -m paper_lib.train", description=main.__doc__)
     ap.add_argument("--arch", default="topk", choices=ARCHITECTURES)
     ap.add_argument("--d-in", type=int, default=32, help="synthetic data only")
-    ap.add_argument("--d-sae", type=int, default=256)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--l1-coeff", type=float, default=3.0,
-                    help="relu / mlp L1 weight (for inputs scaled to E||x||^2 = d, as "
-                    "--model's are)")
+    ap.add_argument("--d-sae", type=_values(int), default=[256], help="latents (a list sweeps)")
+    ap.add_argument("--k", type=_values(int), default=[8],
+                    help="TopK family: active latents per token (a list sweeps)")
+    ap.add_argument("--l1-coeff", type=_values(float), default=[3.0],
+                    help="relu / mlp L1 weight, for inputs scaled to E||x||^2 = d as --model's "
+                    "are (a list sweeps)")
     ap.add_argument("--mlp-hidden", type=int, default=0, help="mlp encoder's hidden width "
                     "(needed with --arch mlp)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr-scale-with-n", action="store_true",
+                    help="scale --lr by sqrt(16384 / d_sae) (Gao et al.'s lr ~ 1/sqrt(n))")
+    ap.add_argument("--seed", type=_values(int), default=[0],
+                    help="SAE initialisation seed (a list sweeps); the first also orders the data")
+    ap.add_argument("--stack", action="store_true",
+                    help="train TopK-family SAEs of one --d-sae that differ in --k and --seed "
+                    "as one stacked module (one encoder product and Adam step per batch)")
     ap.add_argument("--acts", type=Path, help="a .safetensors file with an 'acts' tensor")
     ap.add_argument("--model", help="LM whose activations to train on: embedded-smoke, "
                     "embedded-gpu, or a transformer-lens name such as gpt2 (internet)")
@@ -423,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="checkpoint file (default: beside --out, as <out>.ckpt.pt)")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--out", type=Path, required=True, help="final metrics JSON")
-    ap.add_argument("--save", type=Path, help="save the trained SAE here (SAELens layout)")
+    ap.add_argument("--save", type=Path, help="save the trained SAE here (SAELens layout); a "
+                    "sweep saves each SAE in a folder of its name under it")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the forward pass and loss (worth it on a GPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -433,28 +467,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_files and (args.model is None or args.dataset == "stdlib"):
         ap.error("--data-files needs --model and a --dataset loader such as text")
     for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+        for v in getattr(args, name) if isinstance(getattr(args, name), list) \
+                else [getattr(args, name)]:
+            if v < 1:
+                ap.error(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    # a list of a setting the architecture ignores would train the same SAE twice
+    used = {"k": args.arch in TOPK_FAMILY, "l1_coeff": args.arch in ("relu", "mlp")}
+    for name, uses in used.items():
+        if not uses and len(getattr(args, name)) > 1:
+            ap.error(f"--{name.replace('_', '-')} lists several values, but a {args.arch} SAE "
+                     "does not use it: give one value or another --arch")
     try:  # every setting checked before activations are harvested or an LM trained
         device = pick_device(args.device)
-        cfg = SAEConfig(args.arch, 1, args.d_sae, k=args.k, l1_coeff=args.l1_coeff,
-                        mlp_hidden=args.mlp_hidden, seed=args.seed)
+        cfgs = [SAEConfig(args.arch, 1, n, k=k, l1_coeff=l1, mlp_hidden=args.mlp_hidden,
+                          seed=seed)
+                for n, k, l1, seed in itertools.product(args.d_sae, args.k, args.l1_coeff,
+                                                        args.seed)]
     except ValueError as e:
         ap.error(str(e))
+    if args.stack:
+        # which SAEs would stack (d_in does not change it; tiny stand-ins on the CPU)
+        probe = stack_groups([make_sae(c) for c in cfgs])
+        if not probe:
+            ap.error("--stack: no two of these SAEs can train as one stack; a stack takes "
+                     f"{', '.join(TOPK_FAMILY)} SAEs of one --d-sae that differ only in --k "
+                     f"and --seed, with k <= d_sae / {round(1 / kernels.AUTO_MAX_DENSITY)} "
+                     "(the sparse path)")
     if args.acts is not None and not args.acts.is_file():
         ap.error(f"--acts {args.acts}: no such file")
     if argv is None:  # a command line: the notebooks' CPU numerics, and so their cached LM
         from paper_lib.kernelspec import exec_pinned
 
         exec_pinned("paper_lib.train")
+    if args.stack:
+        alone = len(cfgs) - sum(len(g) for g in probe)
+        print(f"stacked: {len(cfgs) - alone} SAEs in {len(probe)} stack(s)"
+              + (f", {alone} trained alone" if alone else ""), file=sys.stderr)
+    data_seed = args.seed[0]
     meta: dict[str, object] = {}
     if args.model is not None:
         from paper_lib.data.activations import load_activations
 
         acts = load_activations(args.model, args.dataset, args.hook, args.n_tokens,
-                                args.n_eval_tokens, device, args.seed,
+                                args.n_eval_tokens, device, data_seed,
                                 progress=not args.quiet, data_files=args.data_files)
-        d_in, data, eval_x = acts.d, acts.batches(args.batch, args.seed), acts.eval[:8192]
+        d_in, data, eval_x = acts.d, acts.batches(args.batch, data_seed), acts.eval[:8192]
         meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,
                 "input_scale": acts.scale}
     else:
@@ -467,29 +524,47 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join(tensors) or 'none'})")
             x = tensors["acts"].float().to(device)
         else:
-            x = _demo_data(args.d_in, 8192, args.seed).to(device)
-        d_in, data, eval_x = x.shape[1], ShuffledBatches(x, args.batch, args.seed), x[:2048]
-    cfg = replace(cfg, d_in=d_in, hook_name=str(meta.get("hook", "")),
-                  model_name=str(meta.get("model", "")))
+            x = _demo_data(args.d_in, 8192, data_seed).to(device)
+        d_in, data, eval_x = x.shape[1], ShuffledBatches(x, args.batch, data_seed), x[:2048]
+    cfgs = [replace(c, d_in=d_in, hook_name=str(meta.get("hook", "")),
+                    model_name=str(meta.get("model", ""))) for c in cfgs]
     ckpt = args.checkpoint or args.out.with_name(args.out.name + ".ckpt.pt")
-    tc = TrainConfig(steps=args.steps, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                     checkpoint_path=str(ckpt), progress=not args.quiet,
-                     desc=f"train {cfg.short()}", compile=args.compile)
-    res = train_saes([make_sae(cfg).to(device)], data, tc, eval_x=eval_x,
-                     init_x=eval_x[:2048])[0]
-    if args.model is not None:  # the downstream check: CE with the reconstruction spliced in
-        from paper_lib.experiments.common import lm_loss
+    sweep = len(cfgs) > 1
+    tc = TrainConfig(steps=args.steps, lr=args.lr, lr_scale_with_n=args.lr_scale_with_n,
+                     checkpoint_every=args.checkpoint_every, checkpoint_path=str(ckpt),
+                     progress=not args.quiet, stack=args.stack, compile=args.compile,
+                     desc=f"train {len(cfgs)} SAEs" if sweep else f"train {cfgs[0].short()}")
+    results = train_saes([make_sae(c).to(device) for c in cfgs], data, tc, eval_x=eval_x,
+                         init_x=eval_x[:2048])
+    records = []
+    for res in results:
+        rec: dict[str, object] = {"final": res.final}
+        if args.model is not None:  # the downstream check: CE with the reconstruction spliced in
+            from paper_lib.experiments.common import lm_loss
 
-        ce = lm_loss(acts, res.sae, rows=32)
-        meta.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_recovered=ce.recovered)
-    weights = b"".join(v.detach().cpu().numpy().tobytes()
-                       for _, v in sorted(res.sae.state_dict().items()))
-    atomic_write_json(args.out, {"final": res.final, **meta, "cpu_numerics": cpu_numerics(),
-                                 "weights_sha256": hashlib.sha256(weights).hexdigest()})
-    if args.save is not None:
-        save_sae(res.sae, args.save, input_scale=float(meta.get("input_scale", 1.0)))
-    print(f"{cfg.short()}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.final.items()
-                                         if isinstance(v, float)), file=sys.stderr)
+            ce = lm_loss(acts, res.sae, rows=32)
+            rec.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_recovered=ce.recovered)
+        weights = b"".join(v.detach().cpu().numpy().tobytes()
+                           for _, v in sorted(res.sae.state_dict().items()))
+        rec["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        records.append(rec)
+    if sweep:
+        body: dict[str, object] = {
+            "saes": [{"name": sweep_name(r.sae.cfg), "config": r.sae.cfg.to_dict(), **rec}
+                     for r, rec in zip(results, records)],
+            "stack": args.stack, **meta}
+    else:
+        body = {"final": records[0]["final"], **meta,
+                **{k: v for k, v in records[0].items() if k != "final"}}
+    atomic_write_json(args.out, {**body, "cpu_numerics": cpu_numerics()})
+    scale = float(meta.get("input_scale", 1.0))
+    for res in results:
+        if args.save is not None:
+            save_sae(res.sae, args.save / sweep_name(res.sae.cfg) if sweep else args.save,
+                     input_scale=scale)
+        print(f"{sweep_name(res.sae.cfg) if sweep else res.sae.cfg.short()}: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in res.final.items() if isinstance(v, float)),
+              file=sys.stderr)
     return 0
 
 

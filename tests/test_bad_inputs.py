@@ -194,6 +194,15 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
     (["--acts", "{wrong}"], "no tensor named 'acts' \\(found x\\)"),
     (["--acts", "{wrong}", "--model", "embedded-smoke"], "give --acts or --model, not both"),
     (["--data-files", "x.txt"], "--data-files needs --model and a --dataset loader"),
+    (["--k", "8,x"], "'8,x' is not an integer or a comma-separated list of them"),
+    (["--l1-coeff", "1,e"], "'1,e' is not a number or a comma-separated list"),
+    (["--k", "8,16,8"], "'8,16,8' lists a value twice"),
+    (["--d-sae", "256,0"], "--d-sae 0: must be >= 1"),
+    (["--arch", "relu", "--k", "4,8"], "--k lists several values, but a relu SAE does not use"),
+    (["--l1-coeff", "1,3"], "--l1-coeff lists several values, but a topk SAE does not use"),
+    (["--stack"], "--stack: no two of these SAEs can train as one stack"),
+    (["--stack", "--arch", "relu", "--l1-coeff", "1,3"], "--stack: no two of these SAEs"),
+    (["--stack", "--k", "8,64"], "--stack: no two of these SAEs"),  # k=64 of 256: dense path
 ])
 def test_train_command_line_refuses_bad_settings_before_any_work(args, message, tmp_path,
                                                                   monkeypatch, capsys):

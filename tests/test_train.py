@@ -198,3 +198,37 @@ def test_compiled_step_matches_eager(arch):
     assert res[0].final["fvu"] == pytest.approx(res[1].final["fvu"], rel=1e-4)
     if arch != "relu":
         assert all(r.final["dead_train"] > 0 for r in res)
+
+
+def test_command_line_sweep_trains_every_combination_on_one_pass(tmp_path, capsys):
+    """`--k 4,8 --seed 0,1`: four SAEs on the same batches, one record and one SAELens folder
+    each, named by their settings; `--stack` trains them as one module to the same result
+    (float32 rounding apart) and says how it grouped them."""
+    import json
+
+    from paper_lib.sae import load_sae
+
+    common = ["--k", "4,8", "--seed", "0,1", "--d-sae", "64", "--steps", "40", "--batch", "128",
+              "--quiet"]
+    assert train.main(common + ["--out", str(tmp_path / "a.json"),
+                                "--save", str(tmp_path / "saes")]) == 0
+    assert train.main(common + ["--stack", "--out", str(tmp_path / "b.json")]) == 0
+    assert "stacked: 4 SAEs in 1 stack(s)" in capsys.readouterr().err
+    alone, stacked = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    names = ["topk-n64-k4-s0", "topk-n64-k4-s1", "topk-n64-k8-s0", "topk-n64-k8-s1"]
+    assert [r["name"] for r in alone["saes"]] == names and alone["stack"] is False
+    assert [(r["config"]["k"], r["config"]["seed"]) for r in alone["saes"]] == \
+        [(4, 0), (4, 1), (8, 0), (8, 1)]
+    assert len({r["weights_sha256"] for r in alone["saes"]}) == 4
+    for a, b in zip(alone["saes"], stacked["saes"]):
+        assert a["final"]["l0"] == pytest.approx(a["config"]["k"], abs=0.05)
+        assert b["final"]["fvu"] == pytest.approx(a["final"]["fvu"], abs=1e-3)
+    for r in alone["saes"]:  # each saved SAE is the one its record describes
+        sae = load_sae(tmp_path / "saes" / r["name"])
+        assert (sae.cfg.k, sae.cfg.seed, sae.cfg.d_sae) == \
+            (r["config"]["k"], r["config"]["seed"], 64)
+    # one SAE keeps the single-SAE record and saves at --save itself
+    assert train.main(["--d-sae", "64", "--steps", "5", "--quiet", "--out",
+                       str(tmp_path / "c.json"), "--save", str(tmp_path / "one")]) == 0
+    assert "final" in json.loads((tmp_path / "c.json").read_text())
+    assert (tmp_path / "one" / "cfg.json").exists()
