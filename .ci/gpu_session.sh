@@ -14,6 +14,8 @@
 #   kernels    env tests bench          issue #10's step numbers (the default): tests ~1-2
 #                                       min with autotuning off, bench ~4-6 min
 #   notebooks  env prepare 01 05        prepare 1-3.5 min (the gpu LM), 01 4-7 min, 05 1 min
+#   withdrawn  env prepare 02 04        the records with withdrawn claims (claims.WITHDRAWN,
+#                                       2026-12-06): 02 165-180 s, 04 160 s; one lease
 #   rest       env prepare 04 03 02     04 160 s, 03 260-290 s, 02 165-180 s: more than one
 #                                       lease; rerun only what changed since results/gpu
 #
@@ -52,6 +54,7 @@ plan_stages() {  # the stages of a plan name, or nothing
     case $1 in
         kernels) echo "env tests bench" ;;
         notebooks) echo "env prepare 01 05" ;;
+        withdrawn) echo "env prepare 02 04" ;;
         rest) echo "env prepare 04 03 02" ;;
         *) return 1 ;;
     esac

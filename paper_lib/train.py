@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-scale-with-n", action="store_true",
-                    help="scale --lr by sqrt(16384 / d_sae) (Gao et al.'s lr ~ 1/sqrt(n))")
+                    help=f"scale --lr by sqrt({TrainConfig.lr_ref_latents} / d_sae) (Gao et "
+                    "al.'s lr ~ 1/sqrt(n))")
     ap.add_argument("--seed", type=_values(int), default=[0],
                     help="SAE initialisation seed (a list sweeps); the first also orders the data")
     ap.add_argument("--stack", action="store_true",

@@ -86,4 +86,5 @@ def test_session_plans_fit_their_lease():
     assert ("--configs 768x32768x32x65536 768x32768x32x16384 768x32768x32x4096 "
             "2304x65536x64x4096 --skip harvest") in bench
     assert [ln.split(":")[0] for ln in plan("notebooks")] == ["env", "prepare", "01", "05"]
+    assert [ln.split(":")[0] for ln in plan("withdrawn")] == ["env", "prepare", "02", "04"]
     assert [ln.split(":")[0] for ln in plan("bench-full", "02")] == ["bench-full", "02"]
