@@ -393,13 +393,13 @@ def scoreboard(root: Path = PROJECT_ROOT) -> str:
     tables = []
     for rec in records:
         w = withdrawal(rec, root)
-        out = [c for c in rec["claims"] if w is not None and w.covers(c["id"])]
-        kept = [c for c in rec["claims"] if c not in out]
-        counts = {v: sum(c["verdict"] == v for c in kept) for v in VERDICTS}
+        gone = [w is not None and w.covers(c["id"]) for c in rec["claims"]]
+        counts = {v: sum(c["verdict"] == v and not g for c, g in zip(rec["claims"], gone))
+                  for v in VERDICTS}
         lines.append(f"| {rec['profile']} | {rec['notebook']} | {len(rec['claims'])} | "
-                     + " | ".join(str(counts[v]) for v in VERDICTS) + f" | {len(out)} |")
-        shown = [{**c, "verdict": f"withdrawn (recorded: {c['verdict']})"} if c in out else c
-                 for c in rec["claims"]]
+                     + " | ".join(str(counts[v]) for v in VERDICTS) + f" | {sum(gone)} |")
+        shown = [{**c, "verdict": f"withdrawn (recorded: {c['verdict']})"} if g else c
+                 for c, g in zip(rec["claims"], gone)]
         tables += ["", f"**{rec['notebook']}** (`{rec['profile']}`, device {rec['env']['device']}"
                    + (f", {rec['env']['gpu']}" if "gpu" in rec["env"] else "") + ")", "",
                    claims_markdown(shown)]

@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_files and (args.model is None or args.dataset == "stdlib"):
         ap.error("--data-files needs --model and a --dataset loader such as text")
     for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every"):
-        for v in getattr(args, name) if isinstance(getattr(args, name), list) \
-                else [getattr(args, name)]:
+        vals = getattr(args, name)
+        for v in vals if isinstance(vals, list) else [vals]:
             if v < 1:
                 ap.error(f"--{name.replace('_', '-')} {v}: must be >= 1")
     # a list of a setting the architecture ignores would train the same SAE twice
@@ -537,12 +537,12 @@ def main(argv: list[str] | None = None) -> int:
                      desc=f"train {len(cfgs)} SAEs" if sweep else f"train {cfgs[0].short()}")
     results = train_saes([make_sae(c).to(device) for c in cfgs], data, tc, eval_x=eval_x,
                          init_x=eval_x[:2048])
+    from paper_lib.experiments.common import lm_loss
+
     records = []
     for res in results:
         rec: dict[str, object] = {"final": res.final}
         if args.model is not None:  # the downstream check: CE with the reconstruction spliced in
-            from paper_lib.experiments.common import lm_loss
-
             ce = lm_loss(acts, res.sae, rows=32)
             rec.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_recovered=ce.recovered)
         weights = b"".join(v.detach().cpu().numpy().tobytes()
