@@ -48,6 +48,8 @@ AFTER_ALL = ("05_explore",)
 # idle; should one reach the LM first, it waits on the cache's build lock.
 BESIDE_PREPARE = ("02_amortisation_gap",)
 NBVAL_ARGS = ["--nbval-lax", "--nbval-cell-timeout", "900"]
+NBVAL_OUTPUT = PROJECT_ROOT / "build" / "nbval"
+"""Where notebooks checked by --nbval write their results/ and figures/."""
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -372,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.nbval:
             kernel = kernel_name()
+            # The notebooks' Run records and figures go to scratch: a check must not rewrite
+            # the committed results (their timing claims and git field differ every run).
+            os.environ.setdefault("PAPER_LIB_OUTPUT_ROOT", str(NBVAL_OUTPUT))
             failures = run_parallel(
                 nbs, args.profile, jobs, lambda nb: [
                     sys.executable, "-m", "pytest", "-q", *NBVAL_ARGS, "--nbval-kernel-name",

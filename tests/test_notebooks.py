@@ -1,6 +1,7 @@
 """Notebook structure: the shape every notebook follows (STYLE.md point 10)."""
 
 import json
+import os
 
 import pytest
 
@@ -335,3 +336,24 @@ def test_determinism_check_reads_the_file_the_run_just_wrote(tmp_path, monkeypat
     assert reproduce.latest_results("smoke", "02_x") == custom
     os.utime(ref, (2000, 2000))
     assert reproduce.latest_results("smoke", "02_x") == ref
+
+
+def test_nbval_writes_notebook_records_to_scratch(monkeypatch):
+    """`reproduce --nbval` executes the committed notebooks; their Run records and figures
+    must land under build/nbval, not over the committed results/ and figures/ (whose timing
+    claims and git field would change on every `make test`)."""
+    from paper_lib import reproduce
+
+    seen = {}
+
+    def fake_run_parallel(nbs, profile, jobs, command, title, prepare=None):
+        seen["root"] = os.environ.get("PAPER_LIB_OUTPUT_ROOT")
+        seen["cmd"] = command(nbs[0])
+        return []
+
+    monkeypatch.delenv("PAPER_LIB_OUTPUT_ROOT", raising=False)
+    monkeypatch.setattr(reproduce, "run_parallel", fake_run_parallel)
+    monkeypatch.setattr(reproduce, "refresh_if_stale", lambda: "")
+    assert reproduce.main(["--nbval", "--only", "02"]) == 0
+    assert seen["root"] == str(reproduce.PROJECT_ROOT / "build" / "nbval")
+    assert "--nbval-lax" in seen["cmd"] and seen["cmd"][-1].endswith("02_amortisation_gap.ipynb")
