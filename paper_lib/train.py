@@ -555,8 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                      for r, rec in zip(results, records)],
             "stack": args.stack, **meta}
     else:
-        body = {"final": records[0]["final"], **meta,
-                **{k: v for k, v in records[0].items() if k != "final"}}
+        body = {**records[0], **meta}
     atomic_write_json(args.out, {**body, "cpu_numerics": cpu_numerics()})
     scale = float(meta.get("input_scale", 1.0))
     for res in results:

@@ -21,6 +21,12 @@ import torch
 from paper_lib.runtime import stream_generator
 
 
+def data_generator(seed: int) -> torch.Generator:
+    """The generator every synthetic ground truth of a seed is drawn from: the seed's data
+    stream, not the one an SAE or solver given the same seed initialises from."""
+    return stream_generator(seed, "synthetic-data")
+
+
 class SparseData(NamedTuple):
     x: torch.Tensor
     """Data, [n, M] = codes @ dictionary."""
@@ -55,7 +61,7 @@ def make_sparse_data(n: int, n_latents: int, dim: int, k: int, seed: int,
                      dictionary: torch.Tensor | None = None) -> SparseData:
     """X = S D with a fresh (or the given) dictionary; same seed, same data. Drawn from the
     seed's data stream, so an SAE or solver given the same seed does not start at D."""
-    gen = stream_generator(seed, "synthetic-data")
+    gen = data_generator(seed)
     d = gaussian_dictionary(n_latents, dim, gen) if dictionary is None else dictionary
     if d.shape != (n_latents, dim):
         raise ValueError(f"dictionary has shape {tuple(d.shape)}, expected ({n_latents}, {dim})")
@@ -92,7 +98,7 @@ def quasi_orthogonal_dictionary(n_atoms: int, dim: int, eps: float, seed: int,
     if eps < wb * 1.05:
         raise ValueError(f"eps={eps} is below what {n_atoms} atoms in {dim} dims allow "
                          f"(Welch bound {wb:.4f}); raise eps or dim")
-    gen = stream_generator(seed, "synthetic-data")
+    gen = data_generator(seed)
     w = gaussian_dictionary(n_atoms, dim, gen).double()
     target = eps * 0.98
     w.requires_grad_(True)
@@ -128,5 +134,5 @@ def quasi_orthogonal_dictionary(n_atoms: int, dim: int, eps: float, seed: int,
 def codes_with_h_active(n: int, n_atoms: int, h: int, seed: int,
                         signed: bool = True) -> torch.Tensor:
     """[n, n_atoms] codes with exactly h nonzeros per row (N(0,1) values by default)."""
-    gen = stream_generator(seed, "synthetic-data")
+    gen = data_generator(seed)
     return sparse_codes(n, n_atoms, h, gen, signed=signed)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from paper_lib import metrics
-from paper_lib.runtime import stream_generator
+from paper_lib.data.synthetic import data_generator
 from paper_lib.sae import SAE, SAEConfig
 from paper_lib.sae.topk import topk_codes
 
@@ -99,7 +99,7 @@ def power_law_features(n_features: int, dim: int, n: int, mean_l0: float, expone
     probability ~ i^-exponent (scaled to mean L0), magnitudes 1 + |N(0,1)|. Returns
     (x [n, d], codes [n, F], atoms). Drawn from the seed's data stream: an SAE of the same
     seed would otherwise start with latent i at atom i."""
-    gen = stream_generator(seed, "synthetic-data")
+    gen = data_generator(seed)
     atoms = torch.nn.functional.normalize(torch.randn(n_features, dim, generator=gen), dim=1)
     p = torch.arange(1, n_features + 1, dtype=torch.float64) ** -exponent
     p = (p / p.sum() * mean_l0).clamp(max=0.9).float()
