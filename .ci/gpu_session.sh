@@ -16,6 +16,7 @@
 #   notebooks  env prepare 01 05        prepare 1-3.5 min (the gpu LM), 01 4-7 min, 05 1 min
 #   withdrawn  env prepare 02 04        the records with withdrawn claims (claims.WITHDRAWN,
 #                                       2026-12-06): 02 165-180 s, 04 160 s; one lease
+#   probes     env prepare 03           03's withdrawn probe claims (same date): 03 260-290 s
 #   rest       env prepare 04 03 02     04 160 s, 03 260-290 s, 02 165-180 s: more than one
 #                                       lease; rerun only what changed since results/gpu
 #
@@ -55,6 +56,7 @@ plan_stages() {  # the stages of a plan name, or nothing
         kernels) echo "env tests bench" ;;
         notebooks) echo "env prepare 01 05" ;;
         withdrawn) echo "env prepare 02 04" ;;
+        probes) echo "env prepare 03" ;;
         rest) echo "env prepare 04 03 02" ;;
         *) return 1 ;;
     esac

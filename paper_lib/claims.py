@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from paper_lib.runtime import PROJECT_ROOT, atomic_path, atomic_write_json, env_info, output_root
+from paper_lib.runtime import (PROJECT_ROOT, atomic_path, atomic_write_json, atomic_write_text,
+                               env_info, output_root)
 
 Verdict = Literal["reproduced", "direction only", "not reproduced"]
 Kind = Literal["value", "at_most", "at_least"]
@@ -302,21 +303,73 @@ ICONS = {"reproduced": "✅", "direction only": "➖", "not reproduced": "❌"}
 
 def findings_markdown(stem: str, profile: str = "smoke", root: Path = PROJECT_ROOT) -> str:
     """'What we find': the verdicts of the last recorded run of a notebook, from its
-    results JSON (the claims table at the end of the notebook is the authoritative copy)."""
+    results JSON (the claims table at the end of the notebook is the authoritative copy).
+    Claims withdrawn from that record (`WITHDRAWN`) are counted apart and say why."""
     path = root / "results" / profile / f"{stem}.json"
     if not path.exists():
         return f"_No recorded `{profile}` run of {stem} yet: run the notebook._"
     rec = json.loads(path.read_text())
-    counts = {v: sum(c["verdict"] == v for c in rec["claims"]) for v in VERDICTS}
+    w, gone, counts = verdict_counts(rec, root)
+    if any(gone):
+        counts["withdrawn"] = sum(gone)
     head = (f"**What we find** (last recorded `{profile}` run, device {rec['env']['device']}, "
             f"git {rec['env'].get('git', '?')}): " + ", ".join(f"{n} {v}" for v, n in
                                                               counts.items()) + ".")
     rows = []
-    for c in rec["claims"]:
+    for c, g in zip(rec["claims"], gone):
         paper = _paper_text(c["paper"], c.get("kind", "value"))
-        rows.append(f"- {ICONS[c['verdict']]} {c['statement']} — paper {paper}, ours "
-                    f"{_shown(c)} (*{c['verdict']}*)")
+        verdict = f"withdrawn; recorded: {c['verdict']}" if g else c["verdict"]
+        rows.append(f"- {'⛔' if g else ICONS[c['verdict']]} {c['statement']} — paper {paper}, "
+                    f"ours {_shown(c)} (*{verdict}*)")
+    if w is not None and any(gone):
+        rows += ["", f"⛔ Withdrawn: {w.reason}"]
     return "\n".join([head, ""] + rows)
+
+
+def refresh_findings(nb: Any, stem: str, profile: str, root: Path = PROJECT_ROOT) -> bool:
+    """Point an executed notebook's 'what the last recorded run found' cell at the record
+    its own run wrote. Executed, that cell shows the record from before the run (the
+    notebook writes its own only at the end), so a committed notebook would otherwise open
+    with the previous run's numbers above its own claims table. `nb`: an nbformat node.
+    Returns whether a cell changed."""
+    if not (root / "results" / profile / f"{stem}.json").exists():
+        return False
+    text, changed = findings_markdown(stem, profile, root), False
+    for cell in nb.cells:
+        if cell.cell_type != "code" or "findings_markdown(" not in cell.source:
+            continue
+        if "run.profile" not in cell.source and profile != "smoke":
+            continue  # an older cell that always read the smoke record
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "text/markdown" in data and data["text/markdown"] != text:
+                data["text/markdown"] = text
+                changed = True
+    return changed
+
+
+def committed_notebooks(root: Path = PROJECT_ROOT) -> list[tuple[Path, str]]:
+    """Each committed executed notebook with the profile of the record it made: the
+    notebooks themselves (smoke) and the copies kept beside results/<profile>/*.json."""
+    out = [(p, "smoke") for p in sorted((root / "notebooks").glob("*.ipynb"))]
+    for path in sorted((root / "results").glob("*/*.ipynb")):
+        if not path.parent.name.endswith(CUSTOM_SUFFIX):
+            out.append((path, path.parent.name))
+    return out
+
+
+def refresh_committed(root: Path = PROJECT_ROOT) -> list[Path]:
+    """refresh_findings on every committed notebook (after a withdrawal, say); returns the
+    notebooks rewritten."""
+    import nbformat
+
+    changed = []
+    for path, profile in committed_notebooks(root):
+        nb = nbformat.read(str(path), as_version=4)
+        if refresh_findings(nb, path.stem, profile, root):
+            atomic_write_text(path, nbformat.writes(nb) + "\n")
+            changed.append(path)
+    return changed
 
 
 def load_results(root: Path = PROJECT_ROOT) -> list[dict[str, Any]]:
@@ -374,12 +427,30 @@ WITHDRAWN: tuple[Withdrawal, ...] = (
                "every latent started at its true feature (at smoke that lifted inner, outer and "
                "TopK recovery to 0.91, 0.82, 0.88 from 0.81, 0.41, 0.65). The LM-based claims "
                "did not depend on it. Rerun 04 at `gpu` to replace it."),
+    Withdrawal("gpu/03_topk_scaling", "179aff38594029955af377c3d8d8dd4814c1116067c257f904bfc8596603a5c8",
+               ("topk.probe.",),
+               "made before the fix of 2026-12-06 (`interp.best_single_latent_probe`), when "
+               "each task's best latent was chosen by its loss on the test half and that same "
+               "loss reported: an optimistic pick. At smoke it lowered the mean relative probe "
+               "loss by 0.03-0.05 per SAE, more than TopK's margin over ReLU there (0.02). "
+               "The other claims did not depend on it. Rerun 03 at `gpu` to replace them."),
 )
 
 
 def withdrawal(rec: dict[str, Any], root: Path = PROJECT_ROOT) -> Withdrawal | None:
     """The withdrawal that applies to a results record, if any."""
     return next((w for w in WITHDRAWN if w.applies(rec, root)), None)
+
+
+def verdict_counts(rec: dict[str, Any], root: Path = PROJECT_ROOT
+                   ) -> tuple[Withdrawal | None, list[bool], dict[str, int]]:
+    """A record's withdrawal (or None), which of its claims it covers, and the count of
+    each verdict among the claims it leaves standing."""
+    w = withdrawal(rec, root)
+    gone = [w is not None and w.covers(c["id"]) for c in rec["claims"]]
+    counts = {v: sum(c["verdict"] == v and not g for c, g in zip(rec["claims"], gone))
+              for v in VERDICTS}
+    return w, gone, counts
 
 
 def scoreboard(root: Path = PROJECT_ROOT) -> str:
@@ -392,10 +463,7 @@ def scoreboard(root: Path = PROJECT_ROOT) -> str:
              "| withdrawn |", "|---|---|---|---|---|---|---|"]
     tables = []
     for rec in records:
-        w = withdrawal(rec, root)
-        gone = [w is not None and w.covers(c["id"]) for c in rec["claims"]]
-        counts = {v: sum(c["verdict"] == v and not g for c, g in zip(rec["claims"], gone))
-                  for v in VERDICTS}
+        w, gone, counts = verdict_counts(rec, root)
         lines.append(f"| {rec['profile']} | {rec['notebook']} | {len(rec['claims'])} | "
                      + " | ".join(str(counts[v]) for v in VERDICTS) + f" | {sum(gone)} |")
         shown = [{**c, "verdict": f"withdrawn (recorded: {c['verdict']})"} if g else c
@@ -514,7 +582,9 @@ def compare_lines(profile: str, rev: str, root: Path = PROJECT_ROOT,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--update-readme", action="store_true", help="rewrite README's scoreboard")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="rewrite README's scoreboard and the committed notebooks' 'what the "
+                         "last recorded run found' cells from the results records")
     ap.add_argument("--compare", metavar="REV", nargs="?", const="HEAD",
                     help="compare results/<profile>/*.json with their committed copies at git "
                          "revision REV (default HEAD): changed verdicts, differing values")
@@ -529,10 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     board = scoreboard()
     if args.update_readme:
         readme = PROJECT_ROOT / "README.md"
-        from paper_lib.runtime import atomic_write_text
-
         atomic_write_text(readme, embed_in_readme(readme.read_text(), board))
         print(f"updated {readme.name}")
+        for path in refresh_committed():
+            print(f"updated {path.relative_to(PROJECT_ROOT)}")
     else:
         sys.stdout.write(board + "\n")
     return 0

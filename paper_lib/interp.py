@@ -121,10 +121,12 @@ def logistic_1d(feats: Tensor, y: Tensor, iters: int = 25,
 def best_single_latent_probe(codes: Tensor, y: Tensor, candidates: int = 64,
                              chunk: int = 2048) -> dict[str, float]:
     """Gao et al.'s probe loss for one binary task: fit a 1-D logistic probe on each latent
-    (first half of rows), score BCE on the second half; report the best latent, its BCE,
-    and the BCE of the constant (prior) predictor for scale. Only the `candidates` latents
-    most correlated with the label on the fit half are probed (a 1-D probe's loss is
-    monotone in that correlation up to the link's nonlinearity)."""
+    (first half of rows) and pick the latent whose probe fits best there; report that
+    probe's BCE on the second half, with the BCE of the constant (prior) predictor for scale.
+    Choosing on the fit half keeps the reported loss held out: the best of many latents on
+    the test half would be an optimistic estimate. Only the `candidates` latents most
+    correlated with the label on the fit half are probed (a 1-D probe's loss is monotone in
+    that correlation up to the link's nonlinearity)."""
     n = codes.shape[0] // 2
     y_fit, y_test = y[:n].double(), y[n:].double()
     live = (codes[:n] > 0).any(0).nonzero().flatten()
@@ -134,17 +136,20 @@ def best_single_latent_probe(codes: Tensor, y: Tensor, candidates: int = 64,
         yc = y_fit - y_fit.mean()
         corr = (f.T @ yc).abs()
         live = live[corr.topk(candidates).indices]
-    prior_p = torch.full((len(y_test), 1), float(y_fit.mean()), dtype=torch.float64)
-    prior = float(_bce(prior_p, y_test[:, None]))
+    p0 = float(y_fit.mean())
+    prior = float(_bce(torch.full((len(y_test), 1), p0, dtype=torch.float64), y_test[:, None]))
+    # The constant predictor competes too: a latent must fit better than it to be chosen.
+    best_fit = float(_bce(torch.full((n, 1), p0, dtype=torch.float64), y_fit[:, None]))
     best_loss, best_latent = prior, -1
     for i in range(0, len(live), chunk):
         idx = live[i:i + chunk]
         w, c, mu, sd = logistic_1d(codes[:n, idx], y_fit)
-        z = (codes[n:, idx].double() - mu) / sd
-        losses = _bce(torch.sigmoid(z * w + c), y_test[:, None])
-        j = int(losses.argmin())
-        if float(losses[j]) < best_loss:
-            best_loss, best_latent = float(losses[j]), int(idx[j])
+        fit = _bce(torch.sigmoid((codes[:n, idx].double() - mu) / sd * w + c), y_fit[:, None])
+        j = int(fit.argmin())
+        if float(fit[j]) < best_fit:
+            z = (codes[n:, idx[j]].double() - mu[j]) / sd[j]
+            best_fit, best_latent = float(fit[j]), int(idx[j])
+            best_loss = float(_bce(torch.sigmoid(z * w[j] + c[j])[:, None], y_test[:, None]))
     return {"bce": best_loss, "prior_bce": prior, "relative": best_loss / prior,
             "latent": best_latent}
 

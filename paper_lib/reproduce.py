@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from paper_lib.claims import comparable, compare_lines, compare_records
+from paper_lib.claims import comparable, compare_lines, compare_records, refresh_findings
 from paper_lib.config import PROFILES
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
-from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
+from paper_lib.runtime import PROJECT_ROOT, atomic_write_text, output_root
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 # Notebooks that read what the others save (05 explores their SAEs): run after the rest.
@@ -94,8 +94,11 @@ def run_one(nb: Path, profile: str, out_dir: Path, params: dict[str, Any],
     pm.execute_notebook(str(nb), str(out), parameters=params or None, kernel_name=kernel_name(),
                         progress_bar=False, log_output=False, cwd=str(NOTEBOOK_DIR))
     seconds = time.perf_counter() - t0
+    preset = set(params) <= {"profile"}  # a custom run's record lands in <profile>-custom
+    executed = strip_volatile(nbformat.read(str(out), as_version=4))
+    if preset and refresh_findings(executed, nb.stem, profile, output_root()):
+        atomic_write_text(out, nbformat.writes(executed) + "\n")
     if update_source and not params:
-        executed = strip_volatile(nbformat.read(str(out), as_version=4))
         atomic_write_text(nb, nbformat.writes(executed) + "\n")
     return seconds
 

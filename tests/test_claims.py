@@ -186,6 +186,67 @@ def test_every_withdrawal_names_a_committed_file_as_it_is():
         assert any(w.covers(c["id"]) for c in rec["claims"]), f"{w.results}: withdraws nothing"
 
 
+def _findings_notebook(source: str, shown: str):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(source)
+    cell.outputs = [nbformat.v4.new_output("execute_result", {"text/markdown": shown,
+                                                              "text/plain": "<Markdown>"})]
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), cell]
+    return nb
+
+
+def test_refresh_findings_shows_the_record_of_the_run_itself(tmp_path, monkeypatch):
+    """An executed notebook's findings cell showed the record from before its run; the
+    refresh puts this run's record there, with withdrawn claims marked and counted apart.
+    An older cell that reads the smoke record is left alone in a gpu notebook."""
+    run = claims.Run("98_x", AmortParams.from_profile("smoke"), root=tmp_path)
+    run.claim("x.known", "known statement", 1.0, 1.0, 0.1, "T1")
+    run.claim("x.unknown.a", "unknown statement", 1.0, 2.0, 0.1, "T1", direction_holds=True)
+    run.finish()
+    nb = _findings_notebook("Markdown(findings_markdown(run.stem, run.profile))", "old run")
+    assert claims.refresh_findings(nb, "98_x", "smoke", tmp_path)
+    shown = nb.cells[1].outputs[0]["data"]["text/markdown"]
+    assert "1 reproduced, 1 direction only, 0 not reproduced." in shown
+    assert "- ✅ known statement — paper 1, ours 1.0 (*reproduced*)" in shown
+    assert nb.cells[1].outputs[0]["data"]["text/plain"] == "<Markdown>"
+    assert not claims.refresh_findings(nb, "98_x", "smoke", tmp_path)  # already current
+
+    path = tmp_path / "results" / "smoke" / "98_x.json"
+    w = claims.Withdrawal("smoke/98_x", hashlib.sha256(path.read_bytes()).hexdigest(),
+                          ("x.unknown.",), "started at the answer")
+    monkeypatch.setattr(claims, "WITHDRAWN", (w,))
+    assert claims.refresh_findings(nb, "98_x", "smoke", tmp_path)
+    shown = nb.cells[1].outputs[0]["data"]["text/markdown"]
+    assert "1 reproduced, 0 direction only, 0 not reproduced, 1 withdrawn." in shown
+    assert "(*withdrawn; recorded: direction only*)" in shown
+    assert shown.endswith("⛔ Withdrawn: started at the answer")
+
+    old_cell = _findings_notebook('Markdown(findings_markdown("98_x"))', "smoke record")
+    (tmp_path / "results" / "gpu").mkdir()
+    (tmp_path / "results" / "gpu" / "98_x.json").write_text(path.read_text())
+    assert not claims.refresh_findings(old_cell, "98_x", "gpu", tmp_path)
+    assert old_cell.cells[1].outputs[0]["data"]["text/markdown"] == "smoke record"
+
+
+def test_committed_notebooks_open_with_their_own_record():
+    """Each committed notebook's findings cell shows the record its run wrote (refresh with
+    `python -m paper_lib.claims --update-readme`, which `make reproduce` runs)."""
+    import nbformat
+
+    checked = 0
+    for path, profile in claims.committed_notebooks():
+        nb = nbformat.read(str(path), as_version=4)
+        before = nbformat.writes(nb)
+        claims.refresh_findings(nb, path.stem, profile)
+        assert nbformat.writes(nb) == before, (
+            f"{path.relative_to(PROJECT_ROOT)}: its findings cell shows another record; run "
+            "`python -m paper_lib.claims --update-readme`")
+        checked += any("findings_markdown(run.stem, run.profile)" in c.source for c in nb.cells)
+    assert checked >= 4  # notebooks 01-04 at least
+
+
 def test_volatile_claims_stay_out_of_checked_lines_and_comparisons(tmp_path):
     """Wall-clock claims are recorded but excluded from verdict lines and determinism."""
     from paper_lib.claims import comparable

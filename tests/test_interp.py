@@ -44,6 +44,21 @@ def test_logistic_probe_separable_feature():
     assert abs(res["prior_bce"] - 0.6365) < 0.02  # entropy (nats) of p = 1/3
 
 
+def test_probe_latent_is_chosen_on_the_fit_half():
+    """Latent 0 equals the label on the fit half and is noise on the test half; latent 1 the
+    reverse. The probe must choose latent 0 (it never sees test labels when choosing) and
+    report its poor held-out loss, not latent 1's near-zero one."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(800, generator=g) < 0.5
+    noise = torch.rand(800, generator=g)
+    half = torch.arange(800) < 400
+    codes = torch.stack([torch.where(half, y.float(), noise),
+                         torch.where(half, noise, y.float())], dim=1)
+    res = interp.best_single_latent_probe(codes, y)
+    assert res["latent"] == 0
+    assert res["relative"] > 0.9  # no better than the prior on data it was not chosen on
+
+
 def test_suffix_codes_and_decode():
     codes = interp.suffix_codes(row("abc"), max_n=2)
     assert interp.decode_code(int(codes[1][2]), 2) == "bc"
