@@ -20,7 +20,10 @@ from paper_lib.runtime import PROJECT_ROOT
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = PROJECT_ROOT / "figures" / "browser" / "05_explore_lab.png"
+# Screenshots go to build/browser, so `make test` leaves the committed ones alone;
+# PAPER_LIB_SCREENSHOT_DIR=figures/browser refreshes those (relative to the project).
+SCREENSHOT = (PROJECT_ROOT / os.environ.get("PAPER_LIB_SCREENSHOT_DIR", "build/browser")
+              / "05_explore_lab.png")
 SCREENSHOT_PANELS = SCREENSHOT.with_name("05_explore_lab_effect.png")
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -47,12 +50,17 @@ def lab(tmp_path):
     root.mkdir()
     shutil.copy(PROJECT_ROOT / "notebooks" / "05_explore.ipynb", root / "05_explore.ipynb")
     port, token = _free_port(), "paper-lib-browser-test"
+    # No "get notified about Jupyter news?" toast over the screenshots (and no fetch).
+    news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"), "PAPER_LIB_OUTPUT_ROOT": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          f"--LabApp.workspaces_dir={tmp_path / 'ws'}", "--LabApp.expose_app_in_browser=True",
+         f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
          "--allow-root"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
