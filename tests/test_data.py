@@ -317,6 +317,28 @@ def test_paper_path_with_local_standins(tmp_path, monkeypatch):
     assert streamed.batches(64, 0).batch(0).shape == (64, 32)
 
 
+def test_notebook_helpers_run_on_streamed_activations(tmp_path, monkeypatch):
+    """At the paper profile the training activations do not fit in memory (`train` is
+    None): the notebooks' helpers that train or rank on them read the stream instead."""
+    import torch
+
+    from paper_lib.data.activations import load_activations
+    from paper_lib.experiments import amortisation as am
+    from paper_lib.experiments import matryoshka as mt
+
+    data, _ = _standin_hub(tmp_path, monkeypatch)
+    streamed = load_activations("standin-gpt2", "text", "", n_tokens=2000, n_eval_tokens=500,
+                                progress=False, data_dir=tmp_path, batch_rows=4,
+                                data_files=str(data), stream=True)
+    assert streamed.train is None
+    gap = am.lm_gap(streamed, 256, k=4, n_latents=64, steps=5, batch_size=64, ito_steps=20,
+                    seed=0, device=torch.device("cpu"))
+    assert gap["l0_sae"] <= 4 and gap["fvu_ito"] <= gap["fvu_sae"] + 1e-6
+    rows = mt.importance_rows(streamed, 100, 64, seed=0)
+    assert rows.shape == (100, 32)
+    assert torch.equal(rows[:64], streamed.batches(64, 0).batch(0))
+
+
 def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     """`python -m paper_lib.train --model ...`: activations harvested at the hook, one SAE
     trained, its downstream CE measured, and a file SAELens-style loaders read back that

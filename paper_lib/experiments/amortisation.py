@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from paper_lib import metrics
 from paper_lib.config import AmortParams
+from paper_lib.data.activations import ActivationSet
 from paper_lib.data.synthetic import SparseData, make_sparse_data
 from paper_lib.inference import inference_flops, refine_codes, sparse_coding
 from paper_lib.sae import SAE, SAEConfig, make_sae
@@ -187,18 +188,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def lm_gap(acts_train: Tensor, acts_eval: Tensor, k: int, n_latents: int, steps: int,
+def lm_gap(acts: ActivationSet, eval_rows: int, k: int, n_latents: int, steps: int,
            batch_size: int, ito_steps: int, seed: int, device: torch.device,
            progress: bool = False) -> dict[str, float]:
-    """Amortisation gap on real activations: train a TopK SAE, then re-optimise its eval
-    codes on the same support (equal L0) with the decoder fixed; FVU before and after."""
-    cfg = SAEConfig("topk", acts_train.shape[1], n_latents, k=k, seed=seed,
+    """Amortisation gap on real activations: train a TopK SAE on `acts`' training batches
+    (held in memory or streamed), then re-optimise the codes of the first `eval_rows`
+    held-out rows on the same support (equal L0) with the decoder fixed; FVU before and
+    after."""
+    cfg = SAEConfig("topk", acts.d, n_latents, k=k, seed=seed,
                     dead_tokens=max(batch_size * 50, 1))
     sae = make_sae(cfg).to(device)
     tc = TrainConfig(steps=steps, lr=1e-3, progress=progress, desc="lm SAE")
-    train_saes([sae], ShuffledBatches(acts_train, batch_size, seed), tc,
-               init_x=acts_train[:4096])
-    x = acts_eval.to(device)
+    batches = acts.batches(batch_size, seed)
+    # The decoder bias starts at training rows: the first 4096 when they are in memory.
+    init = acts.train[:4096] if acts.train is not None else batches.batch(0)
+    train_saes([sae], batches, tc, init_x=init)
+    x = acts.eval[:eval_rows].to(device)
     with torch.no_grad():
         z = sae.encode(x)
     trace: list[tuple[int, float]] = []
