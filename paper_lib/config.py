@@ -12,6 +12,7 @@ Profiles (DESIGN.md): `smoke` (CPU, offline, minutes), `gpu` (one H100, offline,
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import types
 import typing
@@ -78,6 +79,14 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return value
         raise bad
     if origin is tuple:
+        if isinstance(value, str):  # `papermill -p name "[8, 16]"` passes the text
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{bad} (written as a list: -p {name} \"[...]\", or "
+                                 f"-y \"{name}: [...]\")")
         if isinstance(value, (list, tuple)):
             elem = typing.get_args(tp)[0]
             return tuple(_coerce(f"{name}[{i}]", v, elem) for i, v in enumerate(value))
@@ -317,6 +326,11 @@ class AmortParams(Params):
             if not self.k < m < n:
                 raise ValueError(f"sweep pair (M={m}, N={n}) must satisfy K < M < N "
                                  f"with K={self.k}")
+        if not {32, 256} <= set(self.mlp_widths) or max(self.mlp_widths) != 256:
+            raise ValueError(f"parameter 'mlp_widths' = {list(self.mlp_widths)} must include "
+                             "32 and 256, the paper's MLP encoders its claims are about, with "
+                             "none wider (the unknown-dictionary MLP is the widest); add "
+                             "other widths below 256 beside them")
 
 
 def lm_preset(profile: str) -> dict[str, Any]:
@@ -428,6 +442,11 @@ class TopKParams(LMParams):
                              f"({min(self.n_values)})")
         if len(self.n_values) < 2 or len(self.k_values) < 2:
             raise ValueError("scaling fits need at least two values of n and of k")
+        points = len(set(self.n_values)) * len(set(self.k_values))
+        if points < 7:
+            raise ValueError(f"'n_values' x 'k_values' give {points} (n, k) SAEs; the joint "
+                             "scaling law has 6 parameters and needs at least 7 (e.g. 3 n "
+                             "and 3 k)")
 
 
 @dataclass(frozen=True)

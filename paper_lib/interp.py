@@ -1,12 +1,13 @@
-"""Offline interpretability measures on the embedded byte-level corpus.
+"""Offline interpretability measures on token positions (the embedded corpus's bytes, or a
+tokenizer's pieces).
 
-- `byte_labels`: binary features of Python source we can label without any model
+- `token_labels`: binary features of Python source we can label without any model
   (inside a string, inside a comment, line start, after `def `, digit, uppercase,
-  indentation >= 8), one label per token position;
+  indentation >= 8), one label per token position (bytes, or a tokenizer's pieces: `Vocab`);
 - `best_single_latent_probe`: Gao et al.'s probe loss (Sec. 4.2): the best 1-D logistic
   probe on one latent, per task, fit on one half of the positions and scored on the other;
 - `ngram_explanations`: N2G-style explanations (Gao et al. Sec. 4.3; Foote et al. 2023):
-  per latent, the byte n-gram (n <= 3, ending at the position) that best predicts firing,
+  per latent, the token n-gram (n <= 3, ending at the position) that best predicts firing,
   with held-out precision, recall and the Pearson correlation between the explanation's
   simulated activation and the true one (the offline proxy for Peter & Sogaard's
   explanation-correlation score);
@@ -27,63 +28,84 @@ import torch
 from torch import Tensor
 
 from paper_lib import metrics
-from paper_lib.data.corpus import BOS
+from paper_lib.data.corpus import BYTES, Vocab
 
 TASKS = ("in_string", "in_comment", "line_start", "after_def", "digit", "uppercase",
          "indent_ge_8")
 
 
-def byte_labels(tokens: Tensor) -> dict[str, Tensor]:
-    """[rows, T] byte tokens -> {task: bool [rows, T]}. Rows are chunks of files, so the
-    line state starts unknown (assumed outside strings/comments) at each row's start."""
+def token_labels(tokens: Tensor, vocab: Vocab = BYTES) -> dict[str, Tensor]:
+    """[rows, T] tokens -> {task: bool [rows, T]}. The labels are properties of characters
+    (a state machine over each row's text); a token takes those of its first non-space
+    character (of its only one, for bytes). Rows are chunks of files, so the line state
+    starts unknown (assumed outside strings/comments) at each row's start."""
     rows, width = tokens.shape
     out = {t: np.zeros((rows, width), dtype=bool) for t in TASKS}
     toks = tokens.cpu().numpy()
     for r in range(rows):
-        quote, comment, escape, indent, seen_text, prev = None, False, False, 0, False, -1
-        recent = []
+        chars: list[str] = []
+        at: list[int] = []  # token position -> index of its labelling character, or -1
         for i in range(width):
-            b = int(toks[r, i])
-            if b == BOS:
-                prev = b
-                continue
-            ch = chr(b)
-            out["in_string"][r, i] = quote is not None and ch != "\n"
-            out["in_comment"][r, i] = comment and ch != "\n"
-            out["line_start"][r, i] = prev == ord("\n")
-            out["after_def"][r, i] = "".join(recent[-4:]) == "def "
-            out["digit"][r, i] = ch.isdigit()
-            out["uppercase"][r, i] = "A" <= ch <= "Z"
-            if ch == "\n":
-                quote, comment, escape, indent, seen_text = None, False, False, 0, False
-            else:
-                if not seen_text:
-                    if ch == " ":
-                        indent += 1
-                    else:
-                        seen_text = True
-                if quote is not None:
-                    if escape:
-                        escape = False
-                    elif ch == "\\":
-                        escape = True
-                    elif ch == quote:
-                        quote = None
-                elif not comment:
-                    if ch in "'\"":
-                        quote = ch
-                    elif ch == "#":
-                        comment = True
-            out["indent_ge_8"][r, i] = indent >= 8
-            recent = (recent + [ch])[-4:]
-            prev = b
+            t = int(toks[r, i])
+            piece = "" if t == vocab.bos else vocab.text(t)
+            visible = len(piece) - len(piece.lstrip(" "))
+            at.append(len(chars) + (visible if visible < len(piece) else 0) if piece else -1)
+            chars.extend(piece)
+            if t == vocab.bos:
+                chars.append("")  # BOS: no character, but it breaks the line-start context
+        lab = _char_labels(chars)
+        for i, c in enumerate(at):
+            if c >= 0:
+                for task in TASKS:
+                    out[task][r, i] = lab[task][c]
     return {t: torch.from_numpy(v) for t, v in out.items()}
 
 
-def position_labels(tokens: Tensor, n: int | None = None,
-                    drop_bos: bool = True) -> dict[str, Tensor]:
+def _char_labels(chars: list[str]) -> dict[str, list[bool]]:
+    """The tasks' labels of each character of one row ("" stands for BOS)."""
+    out: dict[str, list[bool]] = {t: [False] * len(chars) for t in TASKS}
+    quote, comment, escape, indent, seen_text, prev = None, False, False, 0, False, ""
+    recent: list[str] = []
+    for i, ch in enumerate(chars):
+        if ch == "":
+            prev = ch
+            continue
+        out["in_string"][i] = quote is not None and ch != "\n"
+        out["in_comment"][i] = comment and ch != "\n"
+        out["line_start"][i] = prev == "\n"
+        out["after_def"][i] = "".join(recent[-4:]) == "def "
+        out["digit"][i] = ch.isdigit()
+        out["uppercase"][i] = "A" <= ch <= "Z"
+        if ch == "\n":
+            quote, comment, escape, indent, seen_text = None, False, False, 0, False
+        else:
+            if not seen_text:
+                if ch == " ":
+                    indent += 1
+                else:
+                    seen_text = True
+            if quote is not None:
+                if escape:
+                    escape = False
+                elif ch == "\\":
+                    escape = True
+                elif ch == quote:
+                    quote = None
+            elif not comment:
+                if ch in "'\"":
+                    quote = ch
+                elif ch == "#":
+                    comment = True
+        out["indent_ge_8"][i] = indent >= 8
+        recent = (recent + [ch])[-4:]
+        prev = ch
+    return out
+
+
+def position_labels(tokens: Tensor, n: int | None = None, drop_bos: bool = True,
+                    vocab: Vocab = BYTES) -> dict[str, Tensor]:
     """Labels flattened to match activation rows (positions 1.. when drop_bos), first n."""
-    lab = byte_labels(tokens)
+    lab = token_labels(tokens, vocab)
     start = 1 if drop_bos else 0
     return {t: v[:, start:].reshape(-1)[:n] for t, v in lab.items()}
 
@@ -167,9 +189,14 @@ def probe_losses(codes: Tensor, labels: dict[str, Tensor]) -> dict[str, dict[str
 # --------------------------------------------------------------------------- n-grams
 
 
-def suffix_codes(tokens: Tensor, max_n: int = 3, drop_bos: bool = True) -> list[Tensor]:
-    """For n = 1..max_n, an int64 code of the n bytes ending at each position (-1 where the
-    row has fewer than n bytes), flattened like the activations."""
+def suffix_codes(tokens: Tensor, max_n: int = 3, drop_bos: bool = True,
+                 vocab: Vocab = BYTES) -> list[Tensor]:
+    """For n = 1..max_n, an int64 code of the n tokens ending at each position (-1 where the
+    row has fewer than n tokens after BOS), flattened like the activations. The code counts
+    in base vocab.size, so distinct n-grams never share one (GPT-2: 50257^3 < 2^63)."""
+    if vocab.size ** max_n >= 2 ** 63:
+        raise ValueError(f"n-grams of {max_n} tokens over a vocabulary of {vocab.size} do not "
+                         "fit an int64 code: lower max_n")
     t = tokens.long()
     rows, width = t.shape
     out = []
@@ -180,28 +207,30 @@ def suffix_codes(tokens: Tensor, max_n: int = 3, drop_bos: bool = True) -> list[
             valid = torch.ones_like(acc, dtype=torch.bool)
             for j in range(n):
                 part = t[:, j:width - n + 1 + j]
-                acc = acc * 257 + part
-                valid &= part != BOS
+                acc = acc * vocab.size + part
+                valid &= part != vocab.bos
             code[:, n - 1:] = torch.where(valid, acc, torch.full_like(acc, -1))
         start = 1 if drop_bos else 0
         out.append(code[:, start:].reshape(-1))
     return out
 
 
-def decode_code(code: int, n: int) -> str:
-    chars = []
+def decode_code(code: int, n: int, vocab: Vocab = BYTES) -> str:
+    """The text of the n-gram a suffix code stands for."""
+    ids = []
     for _ in range(n):
-        code, b = divmod(code, 257)
-        chars.append(chr(b))
-    return "".join(reversed(chars))
+        code, t = divmod(code, vocab.size)
+        ids.append(t)
+    return "".join(vocab.text(t) for t in reversed(ids))
 
 
 def ngram_explanations(codes: Tensor, tokens: Tensor, latents: list[int], max_n: int = 3,
-                       top: int = 20, drop_bos: bool = True) -> list[dict[str, Any]]:
+                       top: int = 20, drop_bos: bool = True,
+                       vocab: Vocab = BYTES) -> list[dict[str, Any]]:
     """Best n-gram explanation per latent; fit on the first half of positions, scored on
     the second half (precision, recall, F1, and Pearson r of simulated activations)."""
     n_pos = codes.shape[0]
-    suffix = [c[:n_pos] for c in suffix_codes(tokens, max_n, drop_bos)]
+    suffix = [c[:n_pos] for c in suffix_codes(tokens, max_n, drop_bos, vocab)]
     half = n_pos // 2
     out = []
     for j in latents:
@@ -228,7 +257,7 @@ def ngram_explanations(codes: Tensor, tokens: Tensor, latents: list[int], max_n:
         prec = tp / max(1, int(m_test.sum()))
         rec = tp / max(1, int(fire[half:].sum()))
         sim = m_test.float() * mean_act
-        out.append({"latent": j, "ngram": decode_code(cand, n), "n": n, "precision": prec,
+        out.append({"latent": j, "ngram": decode_code(cand, n, vocab), "n": n, "precision": prec,
                     "recall": rec, "f1": 2 * prec * rec / (prec + rec) if tp else 0.0,
                     "pearson": metrics.pearson(sim, a[half:]), "fit_f1": f1_fit})
     return out

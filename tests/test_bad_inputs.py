@@ -102,6 +102,9 @@ CASES = [
     ("frontier n not in the sweep", lambda t: lambda: TopKParams.from_profile("smoke",
                                                                              frontier_n=300),
      ValueError, r"'frontier_n' = 300 must be one of"),
+    ("too few SAEs for the joint law", lambda t: lambda: TopKParams.from_profile(
+        "smoke", n_values=[256, 512], k_values=[4, 8], frontier_n=512, dead_n=512, dead_k=4,
+        multi_k=4), ValueError, r"give 4 \(n, k\) SAEs; the joint scaling law has 6 parameters"),
     ("k > n", lambda t: lambda: SAEConfig("topk", 8, 16, k=17),
      ValueError, r"k=17 exceeds d_sae=16"),
     ("k <= 0", lambda t: lambda: SAEConfig("batchtopk", 8, 16, k=0),

@@ -23,6 +23,8 @@ def test_presets_and_overrides():
     ({"lr": 0}, r"parameter 'lr' = 0.0 is out of range: must be > 0"),
     ({"k": 20}, r"'k' = 20 exceeds 'n_latents' = 16"),
     ({"mlp_widths": [32, -1]}, r"parameter 'mlp_widths' = \(32, -1\) is out of range"),
+    ({"mlp_widths": [32]}, r"'mlp_widths' = \[32\] must include 32 and 256"),
+    ({"mlp_widths": [32, 256, 512]}, r"must include 32 and 256.*with none wider"),
     ({"sweep_dims": (8,)}, r"must have equal length"),
     ({"device": "tpu"}, r"parameter 'device' = 'tpu' is invalid"),
 ])
@@ -39,10 +41,23 @@ def test_unknown_profile():
 
 def test_type_coercion():
     """Whole floats become ints, ints become floats, lists become tuples (Papermill's -y)."""
-    p = AmortParams.from_profile("smoke", n_seeds=4.0, lr=1, mlp_widths=[8, 16])
-    assert p.n_seeds == 4 and isinstance(p.lr, float) and p.mlp_widths == (8, 16)
+    p = AmortParams.from_profile("smoke", n_seeds=4.0, lr=1, mlp_widths=[32, 64, 256])
+    assert p.n_seeds == 4 and isinstance(p.lr, float) and p.mlp_widths == (32, 64, 256)
     with pytest.raises(ValueError, match="expected int"):
         AmortParams.from_profile("smoke", n_seeds=4.5)
+
+
+def test_list_parameters_written_as_text():
+    """`papermill -p sweep_dims "[8, 16]"` hands the notebook the text: it is read as a list;
+    text that is not a list says how to write one."""
+    p = AmortParams.from_profile("smoke", sweep_dims="[8, 16]", sweep_latents="(16, 32)")
+    assert p.sweep_dims == (8, 16) and p.sweep_latents == (16, 32)
+    for text in ("8 16", "8"):
+        with pytest.raises(ValueError, match=r"expected a list of int \(written as a list: "
+                                             r"-p sweep_dims \"\[...\]\""):
+            AmortParams.from_profile("smoke", sweep_dims=text, sweep_latents="[16]")
+    with pytest.raises(ValueError, match=r"'mlp_widths\[1\]' = 'a' \(str\) is invalid"):
+        AmortParams.from_profile("smoke", mlp_widths="[8, 'a']")
 
 
 def test_from_namespace_like_a_notebook():

@@ -11,6 +11,7 @@ import torch
 from paper_lib.data import corpus as corp
 from paper_lib.data import harvest as hv
 from paper_lib.data import lm as lmmod
+from tests import standin_hub
 
 
 def test_stdlib_files_sorted_without_tests():
@@ -263,38 +264,11 @@ def test_streaming_activations_deterministic(tiny_lm):
     assert torch.equal(src.batch(0), first[0])
 
 
-def _standin_tokenizer(texts, folder):
-    """A real BPE tokenizer trained here and saved locally, so transformer-lens can reload
-    it by path (it re-instantiates tokenizers from name_or_path)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
-                                                       special_tokens=["<bos>", "<unk>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
-                            unk_token="<unk>").save_pretrained(folder)
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
-
-
 def _standin_hub(tmp_path, monkeypatch, lines=400):
     """A local text file for a hub dataset and a locally built HookedTransformer with a
     real tokenizer standing in for `from_pretrained`; returns (text file, tokenizer)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    texts = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(lines)]
-    data = tmp_path / "owt.txt"
-    data.write_text("\n".join(texts))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tok = _standin_tokenizer(texts, tmp_path / "tok")
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, n_ctx=64,
-                                  d_vocab=len(tok), act_fn="gelu", normalization_type="LN",
-                                  device="cpu")
-    standin = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
-    monkeypatch.setattr(HookedTransformer, "from_pretrained",
-                        classmethod(lambda cls, name, **kw: standin))
-    return data, tok
+    return standin_hub.patch(tmp_path, monkeypatch.setattr, lines)
 
 
 def test_paper_path_with_local_standins(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paper_lib import interp
-from paper_lib.data.corpus import BOS
+from paper_lib.data.corpus import BOS, Vocab
 
 
 def row(text: str) -> torch.Tensor:
@@ -16,7 +16,7 @@ def row(text: str) -> torch.Tensor:
 def test_byte_labels_hand_case():
     """'x = "a#b"  # c\\n        def Fo9' labelled by hand."""
     text = 'x = "a#b"  # c\n        def Fo9'
-    lab = {k: v[0, 1:].tolist() for k, v in interp.byte_labels(row(text)).items()}
+    lab = {k: v[0, 1:].tolist() for k, v in interp.token_labels(row(text)).items()}
     pos = {i: ch for i, ch in enumerate(text)}
     in_str = [i for i, v in enumerate(lab["in_string"]) if v]
     assert "".join(pos[i] for i in in_str) == 'a#b"'  # the opening quote is outside
@@ -31,7 +31,7 @@ def test_byte_labels_hand_case():
 
 
 def test_escaped_quote_stays_in_string():
-    lab = interp.byte_labels(row(r"'a\'b' c"))["in_string"][0, 1:].tolist()
+    lab = interp.token_labels(row(r"'a\'b' c"))["in_string"][0, 1:].tolist()
     assert lab == [False, True, True, True, True, True, False, False]
 
 
@@ -128,3 +128,32 @@ def test_latent_ablation_hand_case():
     assert [v for _, v in eff.supported] == pytest.approx([dp0, -dp0], abs=1e-6)
     assert [t for t, _ in eff.suppressed] == [1, 0]
     assert interp.latent_ablation(model, "resid", tokens, acts, torch.zeros(9, 2), sae, 0) is None
+
+
+PIECES = {1: "def", 2: " foo", 3: "(", 4: "'A", 5: "1'", 6: ")", 7: "\n", 8: "  #", 9: " X"}
+SUBWORDS = Vocab(size=10, bos=0, piece=PIECES.__getitem__)
+
+
+def test_subword_tokens_take_the_labels_of_their_first_visible_character():
+    """Text "def foo('A1')\n  # X" in subword pieces: ' foo' follows "def " (its 'f'
+    does), "'A" opens the string (its quote is not inside one) while "1'" is inside it, and
+    ' X' sits in the comment that '  #' opens."""
+    lab = interp.token_labels(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]), SUBWORDS)
+    where = {t: [i for i, v in enumerate(lab[t][0].tolist()) if v] for t in interp.TASKS}
+    assert where["after_def"] == [2]
+    assert where["in_string"] == [5] and where["digit"] == [5]
+    assert where["in_comment"] == [9] and where["uppercase"] == [9]
+    assert where["line_start"] == [] and where["indent_ge_8"] == []
+
+
+def test_ngram_codes_count_in_the_vocabulary_size():
+    """In base 257 the bigrams (1, 43) and (0, 300) share a code (257 + 43 = 300); counted in
+    the vocabulary's size they do not, and a code decodes back to its pieces' text."""
+    vocab = Vocab(size=1000, bos=999, piece=str)
+    rows = torch.tensor([[999, 1, 43], [999, 0, 300]])
+    bigrams = interp.suffix_codes(rows, max_n=2, vocab=vocab)[1].view(2, 2)
+    assert bigrams[0, 1] != bigrams[1, 1] and bigrams[0, 0] == bigrams[1, 0] == -1
+    codes = interp.suffix_codes(torch.tensor([[0, 1, 2, 3]]), max_n=2, vocab=SUBWORDS)[1]
+    assert int(codes[2]) == 2 * 10 + 3 and interp.decode_code(23, 2, SUBWORDS) == " foo("
+    with pytest.raises(ValueError, match="do not fit an int64 code"):
+        interp.suffix_codes(rows, max_n=7, vocab=Vocab(size=50257, bos=0, piece=str))

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from paper_lib.data.corpus import BOS, byte_tokens, hf_token_batches, load_stdlib_corpus
+from paper_lib.data.corpus import (BOS, BYTES, Vocab, byte_tokens, hf_token_batches,
+                                   load_stdlib_corpus)
 from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
                                     row_batches, stop_layer)
 from paper_lib.data.lm import load_lm
@@ -83,6 +84,15 @@ class ActivationSet:
         if self.source == "stdlib":
             return "<BOS>" if token == BOS else bytes([token]).decode("latin-1")
         return self.model.tokenizer.decode([token])
+
+    @property
+    def vocab(self) -> Vocab:
+        """How the interpretability measures read this set's tokens (interp)."""
+        if self.source == "stdlib":
+            return BYTES
+        tok = self.model.tokenizer
+        return Vocab(max(len(tok), self.model.cfg.d_vocab), tok.bos_token_id,
+                     lambda t: tok.decode([t]))
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS)."""

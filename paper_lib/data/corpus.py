@@ -25,6 +25,24 @@ from paper_lib.runtime import PROJECT_ROOT, atomic_write_text
 
 BOS = 256
 VOCAB = 257
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """How to read token ids as text: the embedded corpus's bytes (the default), or a
+    tokenizer's subword pieces (the paper profile's GPT-2)."""
+
+    size: int = VOCAB
+    """Every id is below it (n-gram codes count in this base)."""
+    bos: int = BOS
+    piece: Any = None
+    """id -> its text; None for bytes (id -> chr(id))."""
+
+    def text(self, token: int) -> str:
+        return chr(token) if self.piece is None else self.piece(token)
+
+
+BYTES = Vocab()
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
