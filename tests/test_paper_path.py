@@ -22,7 +22,7 @@ SMALL = {
     # its LM section reads the paper preset's 50M-token stream: tested in test_data.py
     "02_amortisation_gap": {"n_seeds": 1, "train_steps": 50, "sc_steps": 50, "ito_steps": 20,
                             "sweep_dims": [8, 16], "sweep_latents": [16, 32], "sweep_seeds": 1,
-                            "lm_gap": False},
+                            "lm_gap": False, "workers": 1},
     "03_topk_scaling": {**LM, "ce_rows": 4, "n_values": [32, 64, 128], "k_values": [4, 8, 16],
                         "relu_l1": [1.0, 4.0], "frontier_n": 128, "dead_n": 128, "dead_k": 4,
                         "dead_window": 1024, "multi_k": 4, "steps": 20, "lr_ref_n": 128,
