@@ -29,8 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from paper_lib.runtime import (PROJECT_ROOT, atomic_path, atomic_write_json, atomic_write_text,
-                               env_info, output_root)
+from paper_lib.runtime import (
+    PROJECT_ROOT,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    env_info,
+    output_root,
+)
 
 Verdict = Literal["reproduced", "direction only", "not reproduced"]
 Kind = Literal["value", "at_most", "at_least"]
@@ -427,7 +433,8 @@ WITHDRAWN: tuple[Withdrawal, ...] = (
                "every latent started at its true feature (at smoke that lifted inner, outer and "
                "TopK recovery to 0.91, 0.82, 0.88 from 0.81, 0.41, 0.65). The LM-based claims "
                "did not depend on it. Rerun 04 at `gpu` to replace it."),
-    Withdrawal("gpu/03_topk_scaling", "179aff38594029955af377c3d8d8dd4814c1116067c257f904bfc8596603a5c8",
+    Withdrawal("gpu/03_topk_scaling",
+               "179aff38594029955af377c3d8d8dd4814c1116067c257f904bfc8596603a5c8",
                ("topk.probe.",),
                "made before the fix of 2026-12-06 (`interp.best_single_latent_probe`), when "
                "each task's best latent was chosen by its loss on the test half and that same "

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from paper_lib.reproduce import NOTEBOOK_DIR, kernel_name
 
 LM = {"n_tokens": 4096, "n_eval_tokens": 1024, "batch_size": 256, "analysis_tokens": 1024}

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from paper_lib.data.corpus import (BOS, BYTES, Vocab, byte_tokens, hf_token_batches,
+from paper_lib.data.corpus import (BYTES, Vocab, byte_tokens, hf_token_batches,
                                    load_stdlib_corpus)
 from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
                                     row_batches, stop_layer)
@@ -81,9 +81,8 @@ class ActivationSet:
 
     def token_str(self, token: int) -> str:
         """Readable text of one token id."""
-        if self.source == "stdlib":
-            return "<BOS>" if token == BOS else bytes([token]).decode("latin-1")
-        return self.model.tokenizer.decode([token])
+        vocab = self.vocab
+        return "<BOS>" if token == vocab.bos else vocab.text(token)
 
     @property
     def vocab(self) -> Vocab:
