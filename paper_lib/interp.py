@@ -48,8 +48,8 @@ def token_labels(tokens: Tensor, vocab: Vocab = BYTES) -> dict[str, Tensor]:
         for i in range(width):
             t = int(toks[r, i])
             piece = "" if t == vocab.bos else vocab.text(t)
-            visible = len(piece) - len(piece.lstrip(" "))
-            at.append(len(chars) + (visible if visible < len(piece) else 0) if piece else -1)
+            lead = len(piece) - len(piece.lstrip(" "))  # leading spaces
+            at.append((len(chars) + (lead if lead < len(piece) else 0)) if piece else -1)
             chars.extend(piece)
             if t == vocab.bos:
                 chars.append("")  # BOS: no character, but it breaks the line-start context
