@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import itertools
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,9 +85,10 @@ class ActivationSet:
         vocab = self.vocab
         return "<BOS>" if token == vocab.bos else vocab.text(token)
 
-    @property
+    @cached_property
     def vocab(self) -> Vocab:
-        """How the interpretability measures read this set's tokens (interp)."""
+        """How the interpretability measures and token_str read this set's tokens (built
+        once: token_str asks for it per token shown)."""
         if self.source == "stdlib":
             return BYTES
         tok = self.model.tokenizer
