@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stack", action="store_true",
                     help="train TopK-family SAEs of one --d-sae that differ in --k and --seed "
                     "as one stacked module (one encoder product and Adam step per batch)")
-    ap.add_argument("--acts", type=Path, help="a .safetensors file with an 'acts' tensor")
+    ap.add_argument("--acts", type=Path, help="a .safetensors file with an 'acts' tensor "
+                    "[rows, d_in]; its last tenth (at most 2048 rows) is held out")
     ap.add_argument("--model", help="LM whose activations to train on: embedded-smoke, "
                     "embedded-gpu, or a transformer-lens name such as gpt2 (internet)")
     ap.add_argument("--dataset", default="stdlib",
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.n_eval_tokens, device, data_seed,
                                 progress=not args.quiet, data_files=args.data_files)
         d_in, data, eval_x = acts.d, acts.batches(args.batch, data_seed), acts.eval[:8192]
+        init_x = acts.train_sample(2048, data_seed)
         meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,
                 "input_scale": acts.scale}
     else:
@@ -525,8 +527,15 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join(tensors) or 'none'})")
             x = tensors["acts"].float().to(device)
         else:
-            x = _demo_data(args.d_in, 8192, data_seed).to(device)
-        d_in, data, eval_x = x.shape[1], ShuffledBatches(x, args.batch, data_seed), x[:2048]
+            x = _demo_data(args.d_in, 8192 + 2048, data_seed).to(device)
+        # The last rows are held out: the reported metrics are never on rows trained on.
+        held = min(2048, x.shape[0] // 10)
+        if held < 1 or x.shape[0] - held < args.batch:
+            ap.error(f"--acts {args.acts}: {x.shape[0]} rows; training needs --batch "
+                     f"{args.batch} rows beside the tenth held out for evaluation")
+        x, eval_x = x[:-held], x[-held:]
+        d_in, data = x.shape[1], ShuffledBatches(x, args.batch, data_seed)
+        init_x = ShuffledBatches(x, min(2048, x.shape[0]), data_seed).batch(0)
     cfgs = [replace(c, d_in=d_in, hook_name=str(meta.get("hook", "")),
                     model_name=str(meta.get("model", ""))) for c in cfgs]
     ckpt = args.checkpoint or args.out.with_name(args.out.name + ".ckpt.pt")
@@ -536,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                      progress=not args.quiet, stack=args.stack, compile=args.compile,
                      desc=f"train {len(cfgs)} SAEs" if sweep else f"train {cfgs[0].short()}")
     results = train_saes([make_sae(c).to(device) for c in cfgs], data, tc, eval_x=eval_x,
-                         init_x=eval_x[:2048])
+                         init_x=init_x)
     from paper_lib.experiments.common import lm_loss
 
     records = []

@@ -196,6 +196,7 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
     (["--acts", "missing.safetensors"], "--acts missing.safetensors: no such file"),
     (["--acts", "{wrong}"], "no tensor named 'acts' \\(found x\\)"),
     (["--acts", "{wrong}", "--model", "embedded-smoke"], "give --acts or --model, not both"),
+    (["--acts", "{short}"], "100 rows; training needs --batch 256 rows beside the tenth held"),
     (["--data-files", "x.txt"], "--data-files needs --model and a --dataset loader"),
     (["--k", "8,x"], "'8,x' is not an integer or a comma-separated list of them"),
     (["--l1-coeff", "1,e"], "'1,e' is not a number or a comma-separated list"),
@@ -217,9 +218,11 @@ def test_train_command_line_refuses_bad_settings_before_any_work(args, message, 
     from paper_lib.train import main
 
     save_file({"x": torch.zeros(4, 8)}, str(tmp_path / "wrong.safetensors"))
+    save_file({"acts": torch.zeros(100, 8)}, str(tmp_path / "short.safetensors"))
     monkeypatch.setattr(acts_mod, "load_activations",
                         lambda *a, **k: pytest.fail("activations loaded before the check"))
-    argv = [a.replace("{wrong}", str(tmp_path / "wrong.safetensors")) for a in args]
+    argv = [a.replace("{wrong}", str(tmp_path / "wrong.safetensors"))
+            .replace("{short}", str(tmp_path / "short.safetensors")) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--model", "embedded-smoke"] * ("--acts" not in args)
              + ["--out", str(tmp_path / "o.json")])

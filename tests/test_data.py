@@ -298,7 +298,6 @@ def test_notebook_helpers_run_on_streamed_activations(tmp_path, monkeypatch):
 
     from paper_lib.data.activations import load_activations
     from paper_lib.experiments import amortisation as am
-    from paper_lib.experiments import matryoshka as mt
 
     data, _ = _standin_hub(tmp_path, monkeypatch)
     streamed = load_activations("standin-gpt2", "text", "", n_tokens=2000, n_eval_tokens=500,
@@ -308,9 +307,33 @@ def test_notebook_helpers_run_on_streamed_activations(tmp_path, monkeypatch):
     gap = am.lm_gap(streamed, 256, k=4, n_latents=64, steps=5, batch_size=64, ito_steps=20,
                     seed=0, device=torch.device("cpu"))
     assert gap["l0_sae"] <= 4 and gap["fvu_ito"] <= gap["fvu_sae"] + 1e-6
-    rows = mt.importance_rows(streamed, 100, 64, seed=0)
-    assert rows.shape == (100, 32)
-    assert torch.equal(rows[:64], streamed.batches(64, 0).batch(0))
+    # train_sample harvests the stream's first rows directly: those an in-memory set of
+    # the same tokens starts its training rows with (the tokens after the held-out ones)
+    rows = streamed.train_sample(100)
+    held = load_activations("standin-gpt2", "text", "", n_tokens=2000, n_eval_tokens=500,
+                            progress=False, data_dir=tmp_path, batch_rows=4,
+                            data_files=str(data), stream=False)
+    assert torch.allclose(rows / streamed.scale, held.train[:100] / held.scale, atol=1e-5)
+    # The first training batch draws from a buffer of the stream's first 2000 rows.
+    head = streamed.train_sample(2000)
+    dist = torch.cdist(streamed.batches(64, 0).batch(0), head,
+                       compute_mode="donot_use_mm_for_euclid_dist")
+    assert dist.min(1).values.max() < 1e-5
+
+
+def test_train_sample_draws_training_rows_in_training_order():
+    """In memory, train_sample(n, seed) is the first n rows training with that seed sees
+    (the first epoch's permutation), never a held-out row; n beyond the rows gives all."""
+    from paper_lib.data.activations import ActivationSet
+    from paper_lib.train import ShuffledBatches
+
+    train = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 3)
+    acts = ActivationSet(None, {}, "h", train, -torch.ones(8, 3), 1.0, None, torch.zeros(1, 2))
+    rows = acts.train_sample(10, seed=3)
+    first = ShuffledBatches(train, 4, 3)
+    assert torch.equal(rows, torch.cat([first.batch(0), first.batch(1), first.batch(2)])[:10])
+    assert len(set(rows[:, 0].tolist())) == 10 and bool((rows >= 0).all())
+    assert sorted(acts.train_sample(100)[:, 0].tolist()) == list(range(40))
 
 
 def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):

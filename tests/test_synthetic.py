@@ -111,21 +111,3 @@ def test_frontier_fvu_hand_case():
     assert frontier_fvu(l0, fvu, 16) == pytest.approx(0.1)
     assert math.isnan(frontier_fvu(l0, fvu, 8)) and math.isnan(frontier_fvu(l0, fvu, 65))
     assert math.isnan(frontier_fvu([16], [0.1], 16))
-
-
-def test_pruning_order_is_ranked_on_training_rows_not_the_evaluated_ones():
-    """importance_rows serves the training batches (rows of `train`, in the order training
-    saw them), never the held-out `eval` rows the pruned SAE is scored on."""
-    from types import SimpleNamespace
-
-    from paper_lib.experiments.matryoshka import importance_rows
-    from paper_lib.train import ShuffledBatches
-
-    train = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 3)
-    acts = SimpleNamespace(eval=-torch.ones(8, 3),
-                           batches=lambda b, seed: ShuffledBatches(train, b, seed))
-    rows = importance_rows(acts, 10, 4, seed=0)
-    assert rows.shape == (10, 3) and bool((rows >= 0).all())  # no eval row (all -1)
-    first = ShuffledBatches(train, 4, 0)
-    assert torch.equal(rows, torch.cat([first.batch(0), first.batch(1), first.batch(2)])[:10])
-    assert len(set(rows[:, 0].tolist())) == 10  # distinct rows within the first epoch

@@ -232,3 +232,25 @@ def test_command_line_sweep_trains_every_combination_on_one_pass(tmp_path, capsy
                        str(tmp_path / "c.json"), "--save", str(tmp_path / "one")]) == 0
     assert "final" in json.loads((tmp_path / "c.json").read_text())
     assert (tmp_path / "one" / "cfg.json").exists()
+
+
+def test_command_line_holds_out_rows_it_never_trains_or_initialises_on(tmp_path, monkeypatch):
+    """`--acts`: the last tenth of the rows (here 20 of 200) is the evaluation set; the
+    training batches and the decoder-bias sample come from the other rows only."""
+    from safetensors.torch import save_file
+
+    x = torch.arange(200, dtype=torch.float32)[:, None].repeat(1, 8)  # row i reads i
+    save_file({"acts": x}, str(tmp_path / "a.safetensors"))
+    seen = {}
+
+    def spy(saes, data, tc, eval_x=None, init_x=None):
+        seen.update(train={int(v) for s in range(data.per_epoch) for v in data.batch(s)[:, 0]},
+                    eval={int(v) for v in eval_x[:, 0]}, init={int(v) for v in init_x[:, 0]})
+        raise SystemExit(0)
+    monkeypatch.setattr(train, "train_saes", spy)
+    with pytest.raises(SystemExit):
+        train.main(["--acts", str(tmp_path / "a.safetensors"), "--d-sae", "16", "--k", "2",
+                    "--batch", "30", "--quiet", "--out", str(tmp_path / "o.json")])
+    assert seen["eval"] == set(range(180, 200))
+    assert seen["train"] <= set(range(180)) and len(seen["train"]) == 180
+    assert seen["init"] == set(range(180))  # fewer than 2048 rows: all training rows

@@ -51,6 +51,8 @@ class ActivationSet:
     cache_hit: bool = False
     stream: Callable[[int, int], StreamingActivations] | None = field(default=None, repr=False)
     """(batch_size, seed) -> a streaming BatchSource, when `train` is None."""
+    stream_head: Callable[[int], Tensor] | None = field(default=None, repr=False)
+    """n -> the training stream's first n activations in SAE units, when `train` is None."""
     _splice: dict[int, SpliceEval] = field(default_factory=dict, init=False, repr=False)
 
     def splice_eval(self, rows: int) -> SpliceEval:
@@ -72,6 +74,17 @@ class ActivationSet:
             assert self.stream is not None
             return self.stream(batch_size, seed)
         return ShuffledBatches(self.train, batch_size, seed)
+
+    def train_sample(self, n: int, seed: int = 0) -> Tensor:
+        """n training activations for choices made from data outside the optimiser: the
+        decoder bias's initial value, a pruning order. Never held-out rows, which those
+        choices would then be scored on. In memory: the first n rows of the training order
+        of `batches(., seed)` (a uniform draw); streamed: the stream's first n rows,
+        harvested directly (a training batch would first fill a buffer of up to 2 M)."""
+        if self.train is None:
+            assert self.stream_head is not None
+            return self.stream_head(n)
+        return ShuffledBatches(self.train, min(n, self.train.shape[0]), seed).batch(0)
 
     def locate(self, index: int, split: str = "eval") -> tuple[int, int]:
         """(token row, position) of activation row `index`."""
@@ -188,8 +201,10 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
             return StreamingActivations(model, token_iter, hook, batch_size,
                                         buffer_tokens=max(2 * batch_size, min(n_tokens, 1 << 21)),
                                         scale=scale, seed=seed)
+        def head(n: int) -> Tensor:
+            return harvest(model, token_iter(), hook, n, True, device, progress=False) * scale
         return ActivationSet(model, info, hook, None, ev * scale, scale, None, eval_tok, True,
-                             dataset, None, False, make_stream)
+                             dataset, None, False, make_stream, head)
     train = harvest(model, token_iter(), hook, n_tokens, True, device, progress=progress)
     scale = math.sqrt(d / float(train.double().pow(2).sum(-1).mean()))
     return ActivationSet(model, info, hook, train * scale, ev * scale, scale, None, eval_tok,

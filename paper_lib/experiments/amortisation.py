@@ -199,10 +199,8 @@ def lm_gap(acts: ActivationSet, eval_rows: int, k: int, n_latents: int, steps: i
                     dead_tokens=max(batch_size * 50, 1))
     sae = make_sae(cfg).to(device)
     tc = TrainConfig(steps=steps, lr=1e-3, progress=progress, desc="lm SAE")
-    batches = acts.batches(batch_size, seed)
-    # The decoder bias starts at training rows: the first 4096 when they are in memory.
-    init = acts.train[:4096] if acts.train is not None else batches.batch(0)
-    train_saes([sae], batches, tc, init_x=init)
+    train_saes([sae], acts.batches(batch_size, seed), tc,
+               init_x=acts.train_sample(4096, seed))
     x = acts.eval[:eval_rows].to(device)
     with torch.no_grad():
         z = sae.encode(x)

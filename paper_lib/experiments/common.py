@@ -34,7 +34,8 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
              checkpoint_seconds: float = 60.0, compile: bool = False,
              stack: bool = False) -> list[TrainResult]:
     """Train every config in lockstep on the same batches of `acts` (one harvest, a sweep).
-    The L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default. A
+    b_dec starts at the geometric median of 4096 training rows (`acts.train_sample`), and
+    the L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default. A
     checkpoint keyed by the configs and data is written every `checkpoint_seconds` of
     training under data/ckpt/, so re-running an interrupted notebook resumes where it
     stopped (0 disables). `compile`: torch.compile each SAE's forward and loss. `stack`:
@@ -57,7 +58,7 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
         tc = replace(tc, checkpoint_seconds=checkpoint_seconds,
                      checkpoint_path=str(CKPT_ROOT / f"{key}.pt"))
     return train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
-                      init_x=acts.eval[:4096], eval_fn=eval_fn)
+                      init_x=acts.train_sample(4096, seed), eval_fn=eval_fn)
 
 
 def lm_loss(acts: ActivationSet, sae: SAE, rows: int = 32) -> metrics.LMLoss:

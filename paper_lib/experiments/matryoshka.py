@@ -38,18 +38,12 @@ def matryoshka_config(d_in: int, n: int, k: int, g_min: int, hook: str, model: s
                      hook_name=hook, model_name=model, seed=seed)
 
 
-def importance_rows(acts: Any, n: int, batch_size: int, seed: int = 0) -> Tensor:
-    """n training activations (the first batches of the training order) to rank a vanilla
-    SAE's latents by before pruning it. Ranking on the held-out rows that the pruned SAE is
-    then scored on would fit the choice to the test data, an edge the Matryoshka prefix,
-    fixed in training, does not get (at smoke, up to 0.02 of FVU at small G)."""
-    src = acts.batches(batch_size, seed)
-    return torch.cat([src.batch(i) for i in range(-(-n // batch_size))])[:n]
-
-
 def importance_orders(codes: Tensor, seed: int = 0) -> dict[str, Tensor]:
     """Latent orders of a vanilla SAE: by E[a^2], by firing frequency, and index order.
-    Pass codes of data the pruned SAE is not evaluated on (`importance_rows`)."""
+    Pass codes of data the pruned SAE is not evaluated on (`ActivationSet.train_sample`):
+    ranking on the held-out rows it is then scored on would fit the choice to the test
+    data, an edge the Matryoshka prefix, fixed in training, does not get (at smoke, up to
+    0.02 of FVU at small G)."""
     return {"E[a^2]": metrics.mean_sq_activation(codes).argsort(descending=True),
             "frequency": metrics.firing_frequency(codes).argsort(descending=True),
             "unsorted": torch.arange(codes.shape[1])}
