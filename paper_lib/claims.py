@@ -195,6 +195,12 @@ BOOKKEEPING_PARAMS = ("progress", "workers", "device")
 CUSTOM_SUFFIX = "-custom"
 
 
+def record_path(folder: str, stem: str, root: Path = PROJECT_ROOT) -> Path:
+    """results/<folder>/<stem>.json, where a run of notebook `stem` keeps its record
+    (folder: a profile, or <profile>-custom, see results_folder)."""
+    return Path(root) / "results" / folder / f"{stem}.json"
+
+
 def results_folder(params: Any) -> str:
     """`<profile>` for a run with the profile's preset parameters, `<profile>-custom` when
     any other parameter differs from it: an exploratory run (say `-p n_seeds 10`) never
@@ -223,7 +229,7 @@ class Run:
         self.figures: list[str] = []
         self.folder = results_folder(params)
         self.fig_dir = self.root / "figures" / self.folder
-        self.results_path = self.root / "results" / self.folder / f"{stem}.json"
+        self.results_path = record_path(self.folder, stem, self.root)
 
     def claim(self, *args: Any, **kwargs: Any) -> Claim:
         c = Claim(*args, **kwargs)
@@ -311,7 +317,7 @@ def findings_markdown(stem: str, profile: str = "smoke", root: Path = PROJECT_RO
     """'What we find': the verdicts of the last recorded run of a notebook, from its
     results JSON (the claims table at the end of the notebook is the authoritative copy).
     Claims withdrawn from that record (`WITHDRAWN`) are counted apart and say why."""
-    path = root / "results" / profile / f"{stem}.json"
+    path = record_path(profile, stem, root)
     if not path.exists():
         return f"_No recorded `{profile}` run of {stem} yet: run the notebook._"
     rec = json.loads(path.read_text())
@@ -338,7 +344,7 @@ def refresh_findings(nb: Any, stem: str, profile: str, root: Path = PROJECT_ROOT
     notebook writes its own only at the end), so a committed notebook would otherwise open
     with the previous run's numbers above its own claims table. `nb`: an nbformat node.
     Returns whether a cell changed."""
-    if not (root / "results" / profile / f"{stem}.json").exists():
+    if not record_path(profile, stem, root).exists():
         return False
     text, changed = findings_markdown(stem, profile, root), False
     for cell in nb.cells:
@@ -405,7 +411,8 @@ class Withdrawal:
     reason: str
 
     def path(self, root: Path = PROJECT_ROOT) -> Path:
-        return root / "results" / f"{self.results}.json"
+        folder, stem = self.results.split("/")
+        return record_path(folder, stem, root)
 
     def applies(self, rec: dict[str, Any], root: Path = PROJECT_ROOT) -> bool:
         path = self.path(root)

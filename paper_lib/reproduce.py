@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from paper_lib.claims import comparable, compare_lines, compare_records, refresh_findings
+from paper_lib.claims import (
+    CUSTOM_SUFFIX,
+    comparable,
+    compare_lines,
+    compare_records,
+    record_path,
+    refresh_findings,
+)
 from paper_lib.config import PROFILES
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text, output_root
@@ -116,7 +123,7 @@ def waves(nbs: list[Path], profile: str) -> list[list[Path]]:
     last recorded run time, so two workers finish close together), then AFTER_ALL."""
     def last_seconds(nb: Path) -> float:
         try:
-            res = PROJECT_ROOT / "results" / profile / f"{nb.stem}.json"
+            res = record_path(profile, nb.stem, PROJECT_ROOT)
             return float(json.loads(res.read_text()).get("seconds", 0.0))
         except (OSError, ValueError):
             return 0.0
@@ -255,9 +262,7 @@ def run_parallel(nbs: list[Path], profile: str, jobs: int,
 def latest_results(profile: str, stem: str) -> Path:
     """The results JSON a run of `stem` last wrote: results/<profile>/ for preset
     parameters, results/<profile>-custom/ for others (claims.results_folder)."""
-    from paper_lib.claims import CUSTOM_SUFFIX
-
-    paths = [PROJECT_ROOT / "results" / folder / f"{stem}.json"
+    paths = [record_path(folder, stem, PROJECT_ROOT)
              for folder in (profile, profile + CUSTOM_SUFFIX)]
     return max((p for p in paths if p.exists()), key=lambda p: p.stat().st_mtime,
                default=paths[0])
@@ -268,8 +273,8 @@ def report_against_committed(profile: str, stems: list[str], since: float,
     """Print how the results this run wrote to results/<profile>/ (not -custom) compare with
     the committed ones (`claims --compare HEAD`): the reader's first question after a rerun.
     Silent outside a git checkout."""
-    written = [stem for stem in stems if (f := root / "results" / profile / f"{stem}.json")
-               .exists() and f.stat().st_mtime >= since]
+    written = [stem for stem in stems if (f := record_path(profile, stem, root)).exists()
+               and f.stat().st_mtime >= since]
     if not written:
         return
     try:
