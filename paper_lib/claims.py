@@ -80,6 +80,21 @@ def seed_noise(ours: float, paper: float, tolerance: float, std: float, n: int) 
     return ""
 
 
+def trend_noise(x: Any, y: Any, level: float = 0.05) -> str:
+    """For `Claim.noisy`: why a rank-trend claim (the sign of spearman(x, y) over a few
+    SAEs or settings) is noise level, or "". Noise level when points with no trend at all
+    would order themselves at least as strongly with chance `level` or more (exact
+    permutation test, `metrics.spearman_permutation_p`): each point is one training run,
+    and one run's luck can reorder a handful of them."""
+    from paper_lib.metrics import spearman_permutation_p  # lazy: metrics loads the data code
+
+    p = spearman_permutation_p(x, y)
+    if p >= level:
+        return (f"permutation p = {p:.2f} over {len(list(y))} points: an order this strong "
+                f"arises by chance")
+    return ""
+
+
 def display_step(tolerance: float) -> float:
     """The largest of 1, 2 or 5 x 10^k not above the tolerance (0.095 -> 0.05)."""
     if tolerance <= 0:

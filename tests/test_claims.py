@@ -58,6 +58,15 @@ def test_seed_noise_flags_verdicts_within_two_standard_errors_of_an_edge(ours, s
     assert (f"over {n} seeds" in reason) is noisy
 
 
+def test_trend_noise_passes_only_orders_unlikely_by_chance():
+    """Four SAEs in perfect order: p = 1/24 < 0.05, a trend. One adjacent swap: p = 4/24,
+    noise level. Five in perfect falling order: 1/120, a trend."""
+    assert claims.trend_noise([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4]) == ""
+    assert claims.trend_noise([1, 2, 3, 4], [0.1, 0.2, 0.4, 0.3]) == (
+        "permutation p = 0.17 over 4 points: an order this strong arises by chance")
+    assert claims.trend_noise(range(5), [5, 4, 3, 2, 1]) == ""
+
+
 def test_round_to_tolerance():
     """Rounded to the 1-2-5 step at or below the tolerance."""
     assert round_to(0.666, 0.05) == "0.65"

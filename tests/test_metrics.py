@@ -256,3 +256,19 @@ def test_task_bootstrap_interval_asks_whether_every_task_agrees():
     assert metrics.task_bootstrap_interval(diff, lambda m: m[0] - m[2], reps=500) == (0.0, 1.0)
     with pytest.raises(ValueError, match=r"\[units, tasks\] table"):
         metrics.task_bootstrap_interval([1.0, 2.0], lambda m: 0.0)
+
+
+def test_spearman_permutation_p_counts_orders_by_hand():
+    """4 points in perfect order: 1 of the 4! = 24 orders is as extreme, p = 1/24. One
+    adjacent swap (rho 0.8): that order, the perfect one and the two other adjacent swaps
+    reach 0.8, p = 4/24. Falling perfectly over 5 points: 1/120 (the side it leans). A tie
+    (0, 0, 1, 2): the two orders keeping both zeros first reach its rho, p = 2/24. No
+    trend (rho 0) is at least as extreme as at least half the orders."""
+    assert metrics.spearman_permutation_p([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1 / 24)
+    assert metrics.spearman_permutation_p([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 24)
+    assert metrics.spearman_permutation_p(range(5), [5, 4, 3, 2, 1]) == pytest.approx(1 / 120)
+    assert metrics.spearman_permutation_p([1, 2, 3, 4], [0, 0, 1, 2]) == pytest.approx(2 / 24)
+    assert metrics.spearman_permutation_p([1, 2, 3, 4], [2, 4, 1, 3]) >= 0.5
+    # beyond exact_up_to, random orders: (hits + 1) / (reps + 1) for a perfect order of 10
+    p = metrics.spearman_permutation_p(range(10), range(10), exact_up_to=8, reps=999)
+    assert p == pytest.approx(1 / 1000)
