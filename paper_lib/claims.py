@@ -609,6 +609,70 @@ def compare_lines(profile: str, rev: str, root: Path = PROJECT_ROOT,
     return lines
 
 
+SEEDS_SUFFIX = "-seeds"
+
+
+def seed_record_path(profile: str, seed: int, stem: str, root: Path = PROJECT_ROOT) -> Path:
+    """results/<profile>-seeds/seed<seed>/<stem>.json: a run at the profile's preset
+    parameters but another seed (`reproduce --seeds`), kept off the scoreboard."""
+    return Path(root) / "results" / f"{profile}{SEEDS_SUFFIX}" / f"seed{seed}" / f"{stem}.json"
+
+
+def seed_stability(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One notebook's claims across seeds: `records` maps seed -> its results record. Per
+    claim of the first record (timing claims left out: their spread is the machine's, not
+    the seed's), {"id", "cells": {seed: claim entry or None}, "same": one verdict at every
+    seed}."""
+    seeds = list(records)
+    by_seed = {s: {c["id"]: c for c in records[s]["claims"]} for s in seeds}
+    rows = []
+    for c in records[seeds[0]]["claims"]:
+        if c.get("volatile"):
+            continue
+        cells = {s: by_seed[s].get(c["id"]) for s in seeds}
+        verdicts = {None if e is None else e["verdict"] for e in cells.values()}
+        rows.append({"id": c["id"], "cells": cells, "same": len(verdicts) == 1})
+    return rows
+
+
+def stability_markdown(profile: str, stems: list[str], seeds: list[int],
+                       root: Path = PROJECT_ROOT) -> str:
+    """Which verdicts hold at other seeds: the preset records (results/<profile>/) beside
+    the reruns at `seeds` (seed_record_path), one table per notebook."""
+    tables, n_claims, changed, noisy, shown_seeds = [], 0, 0, 0, set()
+    gits: dict[str, set[str]] = {"preset": set(), "other seeds": set()}
+    for stem in stems:
+        base = json.loads(record_path(profile, stem, root).read_text())
+        records = {int(base["params"]["seed"]): base}
+        for s in seeds:
+            records[s] = json.loads(seed_record_path(profile, s, stem, root).read_text())
+            gits["other seeds"].add(records[s]["env"].get("git", "?"))
+        gits["preset"].add(base["env"].get("git", "?"))
+        shown_seeds |= set(records)
+        rows = seed_stability(records)
+        n_claims += len(rows)
+        lines = [f"**{stem}**", "", "| claim | " + " | ".join(f"seed {s}" for s in records)
+                 + " | |", "|---" * (len(records) + 2) + "|"]
+        for r in rows:
+            cells = []
+            for e in r["cells"].values():
+                cells.append("missing" if e is None else
+                             f"{ICONS[e['verdict']]} {_shown(e)}"
+                             + (" (noise level)" if e.get("noisy") else ""))
+            flag = "" if r["same"] else "changes"
+            if not r["same"]:
+                changed += 1
+                noisy += any(e is not None and e.get("noisy") for e in r["cells"].values())
+            lines.append(f"| `{r['id']}` | " + " | ".join(cells) + f" | {flag} |")
+        tables.append("\n".join(lines))
+    summary = (f"`{profile}` verdicts at seeds {', '.join(map(str, sorted(shown_seeds)))}: "
+               f"{n_claims - changed} of {n_claims} claims keep one verdict at every seed "
+               f"(timing claims left out); {changed} change, {noisy} of them marked noise "
+               "level at one seed or more. Code (git): "
+               + "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in gits.items()) + ".")
+    return "\n\n".join([summary, *tables]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--update-readme", action="store_true",

@@ -25,6 +25,7 @@ claims are identical either way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -36,14 +37,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from paper_lib.claims import (
+    BOOKKEEPING_PARAMS,
     CUSTOM_SUFFIX,
     comparable,
     compare_lines,
     compare_records,
     record_path,
     refresh_findings,
+    seed_record_path,
+    stability_markdown,
 )
-from paper_lib.config import PROFILES
+from paper_lib.config import PROFILES, Params
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import PROJECT_ROOT, atomic_write_text, output_root
 
@@ -319,6 +323,55 @@ def run_sequential(nbs: list[Path], profile: str, params: dict[str, Any], update
     return failures
 
 
+def seed_runs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`--seeds`: each notebook rerun at each seed with otherwise preset parameters, its
+    record copied to results/<profile>-seeds/seed<s>/, then the verdicts tabulated beside
+    the preset run's. Everything is checked before the first notebook starts."""
+    preset_seed = next(f.default for f in dataclasses.fields(Params) if f.name == "seed")
+    if args.nbval or args.check_determinism or args.prepare:
+        ap.error("--seeds runs the notebooks: it takes no --nbval, --check-determinism or "
+                 "--prepare")
+    bad = sorted({name for name, _ in args.param} - set(BOOKKEEPING_PARAMS))
+    if bad:
+        ap.error(f"--seeds compares with the preset runs, so it takes no -p {bad[0]} (only "
+                 f"{', '.join(BOOKKEEPING_PARAMS)})")
+    if any(s < 0 for s in args.seeds) or len(set(args.seeds)) < len(args.seeds):
+        ap.error(f"--seeds {' '.join(map(str, args.seeds))}: give distinct seeds >= 0")
+    if preset_seed in args.seeds:
+        ap.error(f"--seeds: {preset_seed} is the preset seed, whose runs are "
+                 f"results/{args.profile}/: give other seeds")
+    nbs = notebooks(args.only)
+    missing = [nb.stem for nb in nbs if not record_path(args.profile, nb.stem,
+                                                         PROJECT_ROOT).exists()]
+    if missing:
+        ap.error(f"--seeds compares with the preset runs, and results/{args.profile}/ lacks "
+                 f"{', '.join(missing)}: run `python -m paper_lib.reproduce --profile "
+                 f"{args.profile}` first")
+    stems = [nb.stem for nb in nbs]
+    extra = [a for name, value in args.param for a in ("-p", name, value)]
+    for seed in args.seeds:
+        print(f"== seed {seed}", flush=True)
+        rc = main(["--profile", args.profile, "--only", *stems, "--jobs", str(args.jobs),
+                   "--no-update", "--no-scoreboard", "-p", "seed", str(seed), *extra])
+        if rc:
+            return rc
+        for stem in stems:  # the -custom record is overwritten by the next seed: keep it
+            src = record_path(args.profile + CUSTOM_SUFFIX, stem, PROJECT_ROOT)
+            dst = seed_record_path(args.profile, seed, stem, PROJECT_ROOT)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(dst, src.read_text())
+    # every notebook with a record at each of these seeds, from this call or an earlier one
+    shown = [nb.stem for nb in notebooks() if record_path(args.profile, nb.stem,
+                                                          PROJECT_ROOT).exists()
+             and all(seed_record_path(args.profile, s, nb.stem, PROJECT_ROOT).exists()
+                     for s in args.seeds)]
+    table = stability_markdown(args.profile, shown, args.seeds, PROJECT_ROOT)
+    out = PROJECT_ROOT / "results" / f"{args.profile}-seeds" / "stability.md"
+    atomic_write_text(out, table)
+    print(table + f"\n(written to {out.relative_to(PROJECT_ROOT)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the notebooks with Papermill.")
     ap.add_argument("--profile", default="smoke", choices=PROFILES)
@@ -336,10 +389,18 @@ def main(argv: list[str] | None = None) -> int:
                          "Papermill (what `make test` does)")
     ap.add_argument("--prepare", action="store_true",
                     help="only train/load the embedded LM and harvest its activations")
+    ap.add_argument("--seeds", nargs="+", type=int, metavar="S",
+                    help="rerun the notebooks at these seeds too (preset parameters otherwise; "
+                         "records under results/<profile>-seeds/) and tabulate which verdicts "
+                         "change against results/<profile>/ (written to "
+                         "results/<profile>-seeds/stability.md, with every notebook run "
+                         "at these seeds so far)")
     ap.add_argument("--no-scoreboard", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.jobs < 0:
         ap.error(f"--jobs {args.jobs}: give 1 or more, or 0 for the default")
+    if args.seeds is not None:
+        return seed_runs(ap, args)
     if args.nbval and (args.profile != "smoke" or args.param or args.check_determinism):
         ap.error("--nbval checks the committed smoke notebooks: it takes no --profile, "
                  "--param or --check-determinism")

@@ -50,6 +50,21 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
     return PowerLaw(float(np.exp(ln_a)), float(b), _r2(np.log(y), pred))
 
 
+def exponent_interval(x: np.ndarray, y: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of fit_power_law's exponent b (ordinary least squares of ln y on
+    ln x: b +- t_{(1+level)/2, m-2} * s / sqrt(Sxx)). Over a handful of points an exponent
+    near 0 says little about its sign: this says how little."""
+    from scipy.stats import t as student_t
+
+    x, y = _check(x, y, 3)
+    lx, ly = np.log(x), np.log(y)
+    b, c = np.polyfit(lx, ly, 1)
+    dof = lx.size - 2
+    se = np.sqrt(np.sum((ly - (c + b * lx)) ** 2) / dof / np.sum((lx - lx.mean()) ** 2))
+    half = float(student_t.ppf((1 + level) / 2, dof) * se)
+    return float(b - half), float(b + half)
+
+
 class PowerLawOffset(NamedTuple):
     a: float
     b: float

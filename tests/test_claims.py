@@ -367,3 +367,44 @@ def test_noise_level_claims_are_named_but_not_checked(tmp_path):
     rec = run.finish()
     assert rec["claims"][1]["verdict"] == "reproduced"
     assert "| reproduced (noise level) |" in claims.claims_markdown(rec["claims"])
+
+
+def _record(seed: int, verdicts: dict[str, str], noisy: tuple[str, ...] = (),
+            git: str = "abc1234") -> dict:
+    """A results record with one value claim per entry of `verdicts` (plus a timing claim)."""
+    claims_ = [{"id": i, "statement": i, "paper": None, "ours": 0.5, "tolerance": 0.1,
+                "kind": "value", "direction_holds": v != "not reproduced", "volatile": False,
+                "noisy": "why" if i in noisy else "", "verdict": v}
+               for i, v in verdicts.items()]
+    claims_.append({"id": "t.cost", "statement": "t", "paper": 1.0, "ours": 1.3,
+                    "tolerance": 0.1, "kind": "value", "direction_holds": True,
+                    "volatile": True, "noisy": "", "verdict": "direction only"})
+    return {"notebook": "09_x", "profile": "smoke", "params": {"seed": seed},
+            "env": {"git": git}, "claims": claims_}
+
+
+def test_seed_stability_tables_which_verdicts_change(tmp_path):
+    """`a` keeps its verdict at seeds 0, 1, 2; `b` turns at seed 1 (marked noise level
+    there); `c` is missing at seed 2, which counts as a change; the timing claim is left
+    out. So 1 of 3 claims is stable, 2 change, 1 of them marked noise level."""
+    base = {"a": "reproduced", "b": "reproduced", "c": "not reproduced"}
+    recs = {0: _record(0, base), 1: _record(1, {**base, "b": "not reproduced"}, ("b",)),
+            2: _record(2, {"a": "reproduced", "b": "reproduced"}, git="def5678")}
+    rows = claims.seed_stability(recs)
+    assert [(r["id"], r["same"]) for r in rows] == [("a", True), ("b", False), ("c", False)]
+    assert rows[2]["cells"][2] is None
+    path = claims.record_path("smoke", "09_x", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(recs[0]))
+    for s in (1, 2):
+        p = claims.seed_record_path("smoke", s, "09_x", tmp_path)
+        p.parent.mkdir(parents=True)
+        p.write_text(json.dumps(recs[s]))
+    text = claims.stability_markdown("smoke", ["09_x"], [1, 2], tmp_path)
+    assert text.startswith("`smoke` verdicts at seeds 0, 1, 2: 1 of 3 claims keep one verdict "
+                           "at every seed (timing claims left out); 2 change, 1 of them marked "
+                           "noise level at one seed or more. Code (git): preset abc1234; "
+                           "other seeds abc1234, def5678.")
+    assert "| `b` | ✅ 0.5 | ❌ 0.5 (noise level) | ✅ 0.5 | changes |" in text
+    assert "| `c` | ❌ 0.5 | ❌ 0.5 | missing | changes |" in text
+    assert "t.cost" not in text

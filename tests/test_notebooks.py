@@ -357,3 +357,47 @@ def test_nbval_writes_notebook_records_to_scratch(monkeypatch):
     assert reproduce.main(["--nbval", "--only", "02"]) == 0
     assert seen["root"] == str(reproduce.PROJECT_ROOT / "build" / "nbval")
     assert "--nbval-lax" in seen["cmd"] and seen["cmd"][-1].endswith("02_amortisation_gap.ipynb")
+
+
+def test_seeds_reruns_each_seed_keeps_its_record_and_tables_the_verdicts(tmp_path,
+                                                                         monkeypatch, capsys):
+    """`reproduce --seeds 3 5 --only 02`: two runs with `-p seed 3` and `-p seed 5` and
+    nothing else changed; each run's -custom record (the same path both times) is copied
+    to results/smoke-seeds/seed<s>/ before the next overwrites it; the table compares both
+    with results/smoke/. Bad requests are refused before any run."""
+    from paper_lib import reproduce
+    from paper_lib.claims import record_path, seed_record_path
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "refresh_if_stale", lambda: None)
+    runs = []
+
+    def fake_run(nbs, profile, params, update, check):
+        seed = params["seed"]
+        runs.append((seed, update, sorted(params)))
+        path = record_path("smoke-custom", nbs[0].stem, tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        verdict = "not reproduced" if seed == 5 else "reproduced"
+        path.write_text(json.dumps({"params": {"seed": seed}, "env": {"git": "x"}, "claims": [
+            {"id": "a", "paper": None, "ours": 1.0, "tolerance": 0.1, "verdict": verdict}]}))
+        return []
+    monkeypatch.setattr(reproduce, "run_sequential", fake_run)
+    stem = "02_amortisation_gap"
+    with pytest.raises(SystemExit):  # no preset record yet
+        reproduce.main(["--seeds", "3", "--only", "02"])
+    assert "results/smoke/ lacks 02_amortisation_gap" in capsys.readouterr().err
+    base = record_path("smoke", stem, tmp_path)
+    base.parent.mkdir(parents=True)
+    base.write_text(json.dumps({"params": {"seed": 0}, "env": {"git": "x"}, "claims": [
+        {"id": "a", "paper": None, "ours": 1.0, "tolerance": 0.1, "verdict": "reproduced"}]}))
+    for bad in (["0"], ["3", "3"]):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--seeds", *bad, "--only", "02"])
+    assert runs == []
+    assert reproduce.main(["--seeds", "3", "5", "--only", "02", "-p", "workers", "1"]) == 0
+    assert runs == [(3, False, ["seed", "workers"]), (5, False, ["seed", "workers"])]
+    assert json.loads(seed_record_path("smoke", 3, stem, tmp_path).read_text())[
+        "params"]["seed"] == 3
+    table = (tmp_path / "results" / "smoke-seeds" / "stability.md").read_text()
+    assert "0 of 1 claims keep one verdict" in table
+    assert "| `a` | ✅ 1.0 | ✅ 1.0 | ❌ 1.0 | changes |" in table

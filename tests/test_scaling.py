@@ -45,3 +45,18 @@ def test_fit_input_errors():
         scaling.fit_power_law([1.0, 2.0], [1.0, -1.0])
     with pytest.raises(ValueError, match="at least 7"):
         scaling.fit_joint_law([1, 2], [1, 2], [1, 2])
+
+
+def test_exponent_interval_hand_case():
+    """ln x = 0, 1, 2, 3 and ln y = 0, -1, -1, -3: Sxx = 5, Sxy = -4.5, so b = -0.9 and
+    ln a = 0.1; residuals -0.1, -0.2, 0.7, -0.4 give SSR 0.7, s^2 = 0.35 on 2 degrees of
+    freedom, se(b) = sqrt(0.07) = 0.26458; t(0.975, 2) = 4.30265, so -0.9 +- 1.13838: an
+    interval that includes 0. Exact points give a zero-width interval."""
+    x = np.exp([0.0, 1.0, 2.0, 3.0])
+    y = np.exp([0.0, -1.0, -1.0, -3.0])
+    lo, hi = scaling.exponent_interval(x, y)
+    assert lo == pytest.approx(-2.03838, abs=1e-4) and hi == pytest.approx(0.23838, abs=1e-4)
+    lo, hi = scaling.exponent_interval([1, 2, 4, 8], [8, 4, 2, 1])
+    assert lo == pytest.approx(-1.0) and hi == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="at least 3"):
+        scaling.exponent_interval([1, 2], [1, 2])
