@@ -650,6 +650,8 @@ def stability_markdown(profile: str, stems: list[str], seeds: list[int],
         gits["preset"].add(base["env"].get("git", "?"))
         shown_seeds |= set(records)
         rows = seed_stability(records)
+        if not rows:  # a notebook without claims (the explorer) has nothing to compare
+            continue
         n_claims += len(rows)
         lines = [f"**{stem}**", "", "| claim | " + " | ".join(f"seed {s}" for s in records)
                  + " | |", "|---" * (len(records) + 2) + "|"]

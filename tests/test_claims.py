@@ -400,7 +400,12 @@ def test_seed_stability_tables_which_verdicts_change(tmp_path):
         p = claims.seed_record_path("smoke", s, "09_x", tmp_path)
         p.parent.mkdir(parents=True)
         p.write_text(json.dumps(recs[s]))
-    text = claims.stability_markdown("smoke", ["09_x"], [1, 2], tmp_path)
+    for s in (0, 1, 2):  # a notebook without claims (the explorer) gets no table
+        p = (claims.record_path("smoke", "09_y", tmp_path) if s == 0 else
+             claims.seed_record_path("smoke", s, "09_y", tmp_path))
+        p.write_text(json.dumps({**recs[s], "claims": []}))
+    text = claims.stability_markdown("smoke", ["09_x", "09_y"], [1, 2], tmp_path)
+    assert "09_y" not in text
     assert text.startswith("`smoke` verdicts at seeds 0, 1, 2: 1 of 3 claims keep one verdict "
                            "at every seed (timing claims left out); 2 change, 1 of them marked "
                            "noise level at one seed or more. Code (git): preset abc1234; "
