@@ -239,21 +239,6 @@ def spearman_permutation_p(x, y, exact_up_to: int = 8, reps: int = 20_000,
     return hits / len(stats) if exact else (hits + 1) / (len(stats) + 1)
 
 
-def task_bootstrap_interval(table, stat: Callable[[np.ndarray], float], reps: int = 2000,
-                            level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap interval of stat(per-unit means over tasks): table[i, t] is unit i's score
-    on task t (e.g. an SAE's probe loss per labelled feature). The tasks are resampled with
-    replacement, the same draw for every unit (paired), so the interval says whether a
-    comparison or trend across units holds across tasks or rests on a few of them."""
-    a = np.asarray(table, dtype=float)
-    if a.ndim != 2 or a.shape[1] == 0:
-        raise ValueError(f"task_bootstrap_interval: a [units, tasks] table, got shape {a.shape}")
-    rng = np.random.default_rng(seed)
-    stats = [stat(a[:, rng.integers(0, a.shape[1], a.shape[1])].mean(1)) for _ in range(reps)]
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
 # --------------------------------------------------------------------------- downstream loss
 
 

@@ -238,26 +238,6 @@ def test_spearman_interval_separates_trend_from_noise():
         metrics.spearman_interval([1, 2], [[1.0]])
 
 
-def test_task_bootstrap_interval_asks_whether_every_task_agrees():
-    """Three units scored on tasks. Every task ranks them 3 > 2 > 1: whatever the tasks
-    drawn, the means fall with the unit and the interval is (-1, -1). One task ranks them
-    the other way by a wide margin: a draw of mostly that task reverses the trend, so the
-    interval reaches +1. A difference of unit 0 minus unit 2 that is 1 on one task and 0 on
-    the other: the draws give 0, 0.5 or 1, and a 95% interval spans (0, 1)."""
-    agree = [[3.0, 5.0, 4.0], [2.0, 4.0, 3.0], [1.0, 3.0, 2.0]]
-    x = [1, 2, 3]
-    assert metrics.task_bootstrap_interval(agree, lambda m: metrics.spearman(x, m),
-                                           reps=300) == (-1.0, -1.0)
-    one_against = [[3.0, 3.0, 0.0], [2.0, 2.0, 5.0], [1.0, 1.0, 10.0]]
-    lo, hi = metrics.task_bootstrap_interval(one_against, lambda m: metrics.spearman(x, m),
-                                             reps=500)
-    assert lo == -1.0 and hi == 1.0
-    diff = [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
-    assert metrics.task_bootstrap_interval(diff, lambda m: m[0] - m[2], reps=500) == (0.0, 1.0)
-    with pytest.raises(ValueError, match=r"\[units, tasks\] table"):
-        metrics.task_bootstrap_interval([1.0, 2.0], lambda m: 0.0)
-
-
 def test_spearman_permutation_p_counts_orders_by_hand():
     """4 points in perfect order: 1 of the 4! = 24 orders is as extreme, p = 1/24. One
     adjacent swap (rho 0.8): that order, the perfect one and the two other adjacent swaps

@@ -111,3 +111,19 @@ def test_frontier_fvu_hand_case():
     assert frontier_fvu(l0, fvu, 16) == pytest.approx(0.1)
     assert math.isnan(frontier_fvu(l0, fvu, 8)) and math.isnan(frontier_fvu(l0, fvu, 65))
     assert math.isnan(frontier_fvu([16], [0.1], 16))
+
+
+def test_reseeded_configs_differ_only_in_seed():
+    """Two copies of an SAE at seed 3: seeds 4 and 5, named <name>_s4 and _s5, every other
+    setting equal; zero copies: none."""
+    from dataclasses import replace
+
+    from paper_lib.experiments.topk_scaling import reseeded_configs
+    from paper_lib.sae import SAEConfig
+
+    cfg = SAEConfig("relu", 8, 32, l1_coeff=2.0, seed=3)
+    out = reseeded_configs({"relu_a": cfg}, 2)
+    assert list(out) == ["relu_a_s4", "relu_a_s5"]
+    assert [c.seed for c in out.values()] == [4, 5]
+    assert all(replace(c, seed=3) == cfg for c in out.values())
+    assert reseeded_configs({"relu_a": cfg}, 0) == {}

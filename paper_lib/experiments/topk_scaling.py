@@ -7,6 +7,7 @@ frontier size, a TopK without AuxK and tied init (dead latents), and a multi-Top
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,14 @@ def sweep_configs(p: TopKParams, d_in: int, hook: str) -> dict[str, SAEConfig]:
     cfgs[f"multitopk_n{p.frontier_n}_k{p.multi_k}"] = SAEConfig(
         "topk", d_sae=p.frontier_n, k=p.multi_k, multi_topk=True, **common)
     return cfgs
+
+
+def reseeded_configs(cfgs: dict[str, SAEConfig], copies: int) -> dict[str, SAEConfig]:
+    """`copies` more of each named config at initialisation seeds seed + 1, ..., named
+    <name>_s<seed>: trained on the same batches with the same settings, they differ from
+    the original only by the luck of their start."""
+    return {f"{name}_s{c.seed + i}": replace(c, seed=c.seed + i)
+            for name, c in cfgs.items() for i in range(1, copies + 1)}
 
 
 def dominated_fraction(front_l0: np.ndarray, front_y: np.ndarray, l0: np.ndarray,
