@@ -615,7 +615,7 @@ SEEDS_SUFFIX = "-seeds"
 def seed_record_path(profile: str, seed: int, stem: str, root: Path = PROJECT_ROOT) -> Path:
     """results/<profile>-seeds/seed<seed>/<stem>.json: a run at the profile's preset
     parameters but another seed (`reproduce --seeds`), kept off the scoreboard."""
-    return Path(root) / "results" / f"{profile}{SEEDS_SUFFIX}" / f"seed{seed}" / f"{stem}.json"
+    return record_path(f"{profile}{SEEDS_SUFFIX}/seed{seed}", stem, root)
 
 
 def seed_stability(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from paper_lib.claims import (
     BOOKKEEPING_PARAMS,
     CUSTOM_SUFFIX,
+    SEEDS_SUFFIX,
     comparable,
     compare_lines,
     compare_records,
@@ -366,7 +367,7 @@ def seed_runs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
              and all(seed_record_path(args.profile, s, nb.stem, PROJECT_ROOT).exists()
                      for s in args.seeds)]
     table = stability_markdown(args.profile, shown, args.seeds, PROJECT_ROOT)
-    out = PROJECT_ROOT / "results" / f"{args.profile}-seeds" / "stability.md"
+    out = PROJECT_ROOT / "results" / f"{args.profile}{SEEDS_SUFFIX}" / "stability.md"
     atomic_write_text(out, table)
     print(table + f"\n(written to {out.relative_to(PROJECT_ROOT)})")
     return 0

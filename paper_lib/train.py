@@ -63,6 +63,13 @@ class ShuffledBatches:
         return self.x[idx]
 
 
+def first_rows(x: Tensor, n: int, seed: int = 0) -> Tensor:
+    """The first n rows (all, if fewer) of the training order ShuffledBatches(x, ., seed)
+    serves: a uniform draw of rows the optimiser will see, for choices made from the data
+    outside it (b_dec's start, a pruning order)."""
+    return ShuffledBatches(x, min(n, x.shape[0]), seed).batch(0)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings shared by every SAE in one `train_saes` call."""
@@ -531,11 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         # The last rows are held out: the reported metrics are never on rows trained on.
         held = min(2048, x.shape[0] // 10)
         if held < 1 or x.shape[0] - held < args.batch:
-            ap.error(f"--acts {args.acts}: {x.shape[0]} rows; training needs --batch "
-                     f"{args.batch} rows beside the tenth held out for evaluation")
+            source = f"--acts {args.acts}" if args.acts is not None else "the synthetic data"
+            ap.error(f"{source}: {x.shape[0]} rows; training needs --batch {args.batch} rows "
+                     "beside the tenth held out for evaluation")
         x, eval_x = x[:-held], x[-held:]
         d_in, data = x.shape[1], ShuffledBatches(x, args.batch, data_seed)
-        init_x = ShuffledBatches(x, min(2048, x.shape[0]), data_seed).batch(0)
+        init_x = first_rows(x, 2048, data_seed)
     cfgs = [replace(c, d_in=d_in, hook_name=str(meta.get("hook", "")),
                     model_name=str(meta.get("model", ""))) for c in cfgs]
     ckpt = args.checkpoint or args.out.with_name(args.out.name + ".ckpt.pt")

@@ -25,7 +25,7 @@ from paper_lib.data.harvest import (ActivationCache, StreamingActivations, defau
 from paper_lib.data.lm import load_lm
 from paper_lib.metrics import SpliceEval
 from paper_lib.runtime import PROJECT_ROOT
-from paper_lib.train import BatchSource, ShuffledBatches
+from paper_lib.train import BatchSource, ShuffledBatches, first_rows
 
 CACHE_LIMIT_BYTES = 1.5e9  # larger harvests stay in memory (or stream)
 
@@ -84,7 +84,7 @@ class ActivationSet:
         if self.train is None:
             assert self.stream_head is not None
             return self.stream_head(n)
-        return ShuffledBatches(self.train, min(n, self.train.shape[0]), seed).batch(0)
+        return first_rows(self.train, n, seed)
 
     def locate(self, index: int, split: str = "eval") -> tuple[int, int]:
         """(token row, position) of activation row `index`."""
