@@ -95,6 +95,20 @@ def trend_noise(x: Any, y: Any, level: float = 0.05) -> str:
     return ""
 
 
+def excess_noise(hits_a: int, n_a: int, hits_b: int, n_b: int, level: float = 0.05) -> str:
+    """For `Claim.noisy`: why "a has more hits than b" (say, dense latents in one SAE against
+    another's, each latent an item) is noise level, or "": one-sided Fisher exact p >= `level`
+    (`metrics.fisher_greater_p`). It treats the items as independent draws, so it speaks to
+    how many items were counted, not to another training run's luck."""
+    from paper_lib.metrics import fisher_greater_p  # lazy: metrics loads the data code
+
+    p = fisher_greater_p(hits_a, n_a, hits_b, n_b)
+    if p >= level:
+        return (f"Fisher exact p = {p:.2f} ({hits_a} of {n_a} against {hits_b} of {n_b}): "
+                f"a split this uneven arises by chance")
+    return ""
+
+
 def display_step(tolerance: float) -> float:
     """The largest of 1, 2 or 5 x 10^k not above the tolerance (0.095 -> 0.05)."""
     if tolerance <= 0:

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.stats import hypergeom
 
 from paper_lib.data.harvest import resid_pre_layer, stop_layer
 
@@ -237,6 +238,17 @@ def spearman_permutation_p(x, y, exact_up_to: int = 8, reps: int = 20_000,
     eps = 1e-9  # a tie of the statistic counts as at least as extreme
     hits = int((stats >= rho - eps).sum() if rho >= 0 else (stats <= rho + eps).sum())
     return hits / len(stats) if exact else (hits + 1) / (len(stats) + 1)
+
+
+def fisher_greater_p(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
+    """One-sided Fisher exact p-value that group a's rate (hits_a of n_a) exceeds group b's
+    (hits_b of n_b): the chance, if all n_a + n_b items were equally likely to be hits, that
+    the hits_a + hits_b hits put at least hits_a of themselves in group a (hypergeometric
+    tail). 3 of 3 against 0 of 3: 1 / C(6, 3) = 0.05."""
+    for name, hits, n in (("a", hits_a, n_a), ("b", hits_b, n_b)):
+        if not 0 <= hits <= n:
+            raise ValueError(f"group {name}: {hits} hits of {n} items; need 0 <= hits <= n")
+    return float(hypergeom.sf(hits_a - 1, n_a + n_b, hits_a + hits_b, n_a))
 
 
 # --------------------------------------------------------------------------- downstream loss

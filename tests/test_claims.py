@@ -67,6 +67,14 @@ def test_trend_noise_passes_only_orders_unlikely_by_chance():
     assert claims.trend_noise(range(5), [5, 4, 3, 2, 1]) == ""
 
 
+def test_excess_noise_passes_only_splits_unlikely_by_chance():
+    """4 of 4 against 0 of 4: p = 1 / C(8, 4) = 1/70 < 0.05, an excess. 3 of 3 against 0 of
+    3: p = 1/20 = 0.05, noise level (the level itself does not pass)."""
+    assert claims.excess_noise(4, 4, 0, 4) == ""
+    assert claims.excess_noise(3, 3, 0, 3) == (
+        "Fisher exact p = 0.05 (3 of 3 against 0 of 3): a split this uneven arises by chance")
+
+
 def test_round_to_tolerance():
     """Rounded to the 1-2-5 step at or below the tolerance."""
     assert round_to(0.666, 0.05) == "0.65"

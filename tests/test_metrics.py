@@ -252,3 +252,15 @@ def test_spearman_permutation_p_counts_orders_by_hand():
     # beyond exact_up_to, random orders: (hits + 1) / (reps + 1) for a perfect order of 10
     p = metrics.spearman_permutation_p(range(10), range(10), exact_up_to=8, reps=999)
     assert p == pytest.approx(1 / 1000)
+
+
+def test_fisher_greater_p_counts_splits_by_hand():
+    """3 of 3 against 0 of 3: the 3 hits fall in group a in 1 of C(6, 3) = 20 equally likely
+    ways, p = 1/20. 2 of 4 against 0 of 4: C(4, 2) / C(8, 2) = 6/28. 1 of 2 against 1 of 2:
+    only "no hit in a" (1 of C(4, 2) = 6 ways) is less extreme, p = 5/6. No hit in a: p = 1."""
+    assert metrics.fisher_greater_p(3, 3, 0, 3) == pytest.approx(1 / 20)
+    assert metrics.fisher_greater_p(2, 4, 0, 4) == pytest.approx(6 / 28)
+    assert metrics.fisher_greater_p(1, 2, 1, 2) == pytest.approx(5 / 6)
+    assert metrics.fisher_greater_p(0, 5, 3, 5) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="group b: 4 hits of 3 items"):
+        metrics.fisher_greater_p(1, 3, 4, 3)
