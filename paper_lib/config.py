@@ -415,7 +415,8 @@ class TopKParams(LMParams):
     n_explain: int = param(48, "latents per SAE given n-gram explanations", lo=1)
     n_ablate: int = param(12, "latents per SAE ablated for effect sparsity", lo=1)
     probe_seeds: int = param(3, "SAEs per side of the TopK-vs-ReLU probe comparison (the "
-                             "sweep's, plus copies at other initialisation seeds)", lo=1)
+                             "sweep's, plus runs at other initialisation seeds and batch "
+                             "orders)", lo=1)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},

@@ -113,17 +113,27 @@ def test_frontier_fvu_hand_case():
     assert math.isnan(frontier_fvu([16], [0.1], 16))
 
 
-def test_reseeded_configs_differ_only_in_seed():
-    """Two copies of an SAE at seed 3: seeds 4 and 5, named <name>_s4 and _s5, every other
-    setting equal; zero copies: none."""
+def test_reseeded_runs_vary_initialisation_and_batch_order(monkeypatch):
+    """Two more runs of an SAE at seed 3 whose original read data seed 7: run 1 at
+    initialisation seed 4 and data seed 8, run 2 at 5 and 9, named <name>_s4 and _s5, every
+    other setting equal and passed through; zero copies: no training at all."""
     from dataclasses import replace
 
-    from paper_lib.experiments.topk_scaling import reseeded_configs
+    from paper_lib.experiments import topk_scaling as ts
     from paper_lib.sae import SAEConfig
 
+    calls = []
+
+    def fake_train_on(acts, cfgs, seed, steps):
+        calls.append(([c.seed for c in cfgs], seed, steps))
+        return [f"run-{c.seed}-{seed}" for c in cfgs]
+
+    monkeypatch.setattr(ts, "train_on", fake_train_on)
     cfg = SAEConfig("relu", 8, 32, l1_coeff=2.0, seed=3)
-    out = reseeded_configs({"relu_a": cfg}, 2)
-    assert list(out) == ["relu_a_s4", "relu_a_s5"]
-    assert [c.seed for c in out.values()] == [4, 5]
-    assert all(replace(c, seed=3) == cfg for c in out.values())
-    assert reseeded_configs({"relu_a": cfg}, 0) == {}
+    out = ts.train_reseeded(None, {"relu_a": cfg}, 2, data_seed=7, steps=10)
+    assert calls == [([4], 8, 10), ([5], 9, 10)]
+    assert out == {"relu_a_s4": "run-4-8", "relu_a_s5": "run-5-9"}
+    assert all(replace(c, seed=3) == cfg for c in ts.reseeded_configs({"a": cfg}, 2).values())
+    calls.clear()
+    assert ts.train_reseeded(None, {"relu_a": cfg}, 0, data_seed=7, steps=10) == {}
+    assert calls == []

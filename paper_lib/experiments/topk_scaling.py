@@ -16,8 +16,11 @@ from torch import Tensor
 
 from paper_lib import metrics
 from paper_lib.config import TopKParams
+from paper_lib.data.activations import ActivationSet
+from paper_lib.experiments.common import train_on
 from paper_lib.inference import refine_codes
 from paper_lib.sae import SAE, SAEConfig
+from paper_lib.train import TrainResult
 
 
 def grid_name(n: int, k: int) -> str:
@@ -39,12 +42,26 @@ def sweep_configs(p: TopKParams, d_in: int, hook: str) -> dict[str, SAEConfig]:
     return cfgs
 
 
-def reseeded_configs(cfgs: dict[str, SAEConfig], copies: int) -> dict[str, SAEConfig]:
-    """`copies` more of each named config at initialisation seeds seed + 1, ..., named
-    <name>_s<seed>: trained on the same batches with the same settings, they differ from
-    the original only by the luck of their start."""
-    return {f"{name}_s{c.seed + i}": replace(c, seed=c.seed + i)
-            for name, c in cfgs.items() for i in range(1, copies + 1)}
+def reseeded_configs(cfgs: dict[str, SAEConfig], offset: int) -> dict[str, SAEConfig]:
+    """A copy of each named config at initialisation seed seed + offset, named
+    <name>_s<seed + offset>, every other setting equal."""
+    return {f"{name}_s{c.seed + offset}": replace(c, seed=c.seed + offset)
+            for name, c in cfgs.items()}
+
+
+def train_reseeded(acts: ActivationSet, cfgs: dict[str, SAEConfig], copies: int,
+                   data_seed: int, **train_kw: Any) -> dict[str, TrainResult]:
+    """`copies` more training runs of the named configs: run i (1..copies) starts at
+    initialisation seed seed + i (`reseeded_configs`) and reads the training rows in the
+    order of data seed data_seed + i (batches and the decoder bias's sample), so the runs
+    differ from the original by both kinds of training luck, which one run's comparison
+    cannot see. `train_kw`: `train_on`'s other arguments."""
+    out: dict[str, TrainResult] = {}
+    for i in range(1, copies + 1):
+        group = reseeded_configs(cfgs, i)
+        out.update(zip(group, train_on(acts, list(group.values()), seed=data_seed + i,
+                                       **train_kw)))
+    return out
 
 
 def dominated_fraction(front_l0: np.ndarray, front_y: np.ndarray, l0: np.ndarray,
