@@ -109,6 +109,21 @@ def excess_noise(hits_a: int, n_a: int, hits_b: int, n_b: int, level: float = 0.
     return ""
 
 
+def shift_noise(a: Any, b: Any, what: str = "values", level: float = 0.05) -> str:
+    """For `Claim.noisy`: why "sample a's values exceed sample b's" (say, the effects of
+    latents drawn at random from two SAEs) is noise level, or "": one-sided rank-sum
+    p >= `level` (`metrics.rank_sum_greater_p`). Like `excess_noise` it speaks to the items
+    sampled, not to another training run's luck."""
+    from paper_lib.metrics import rank_sum_greater_p  # lazy: metrics loads the data code
+
+    a, b = list(a), list(b)
+    p = rank_sum_greater_p(a, b)
+    if p >= level:
+        return (f"rank-sum p = {p:.2f} ({len(a)} against {len(b)} {what}): a shift this "
+                f"large arises by chance")
+    return ""
+
+
 def display_step(tolerance: float) -> float:
     """The largest of 1, 2 or 5 x 10^k not above the tolerance (0.095 -> 0.05)."""
     if tolerance <= 0:

@@ -75,6 +75,14 @@ def test_excess_noise_passes_only_splits_unlikely_by_chance():
         "Fisher exact p = 0.05 (3 of 3 against 0 of 3): a split this uneven arises by chance")
 
 
+def test_shift_noise_passes_only_shifts_unlikely_by_chance():
+    """Four values against four, a's all above b's: 1 of C(8, 4) = 70 splits, p = 0.014, a
+    shift. Three against three, all above: 1 of 20, p = 0.05, noise level."""
+    assert claims.shift_noise([5, 6, 7, 8], [1, 2, 3, 4]) == ""
+    assert claims.shift_noise([4, 5, 6], [1, 2, 3], "latents") == (
+        "rank-sum p = 0.05 (3 against 3 latents): a shift this large arises by chance")
+
+
 def test_round_to_tolerance():
     """Rounded to the 1-2-5 step at or below the tolerance."""
     assert round_to(0.666, 0.05) == "0.65"

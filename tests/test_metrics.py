@@ -264,3 +264,14 @@ def test_fisher_greater_p_counts_splits_by_hand():
     assert metrics.fisher_greater_p(0, 5, 3, 5) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="group b: 4 hits of 3 items"):
         metrics.fisher_greater_p(1, 3, 4, 3)
+
+
+def test_rank_sum_greater_p_counts_splits_by_hand():
+    """Four values, two per sample: C(4, 2) = 6 equally likely splits of the ranks. [3, 4]
+    against [1, 2] holds the top two ranks, 1 split of 6 as extreme: p = 1/6. [2, 4] against
+    [1, 3] (rank sum 6): the splits {3, 4} and {2, 4} reach 6, p = 2/6."""
+    assert metrics.rank_sum_greater_p([3, 4], [1, 2]) == pytest.approx(1 / 6)
+    assert metrics.rank_sum_greater_p([2, 4], [1, 3]) == pytest.approx(2 / 6)
+    assert metrics.rank_sum_greater_p([1, 2], [3, 4]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two non-empty samples"):
+        metrics.rank_sum_greater_p([], [1.0])
