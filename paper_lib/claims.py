@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -77,6 +78,21 @@ def seed_noise(ours: float, paper: float, tolerance: float, std: float, n: int) 
     if edge < 2 * se:
         return (f"a tolerance edge lies within 2 standard errors ({2 * se:.2g}) of the mean "
                 f"over {n} seeds")
+    return ""
+
+
+def paired_noise(diffs: Any, what: str = "runs") -> str:
+    """For `Claim.noisy`: why a mean of paired differences (say, TopK's score minus ReLU's,
+    one difference per independent run, each on its own data) is noise level, or "": its
+    size is below two standard errors of the mean (sample standard deviation / sqrt(n)).
+    One difference has no error bar, so it is noise level too: its spread is unmeasured."""
+    d = [float(v) for v in diffs]
+    if len(d) < 2:
+        return f"one difference only: its spread over {what} is unmeasured"
+    mean, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
+    if abs(mean) < 2 * se:
+        return (f"|mean difference| {abs(mean):.3g} below 2 standard errors ({2 * se:.3g}) "
+                f"over {len(d)} {what}")
     return ""
 
 

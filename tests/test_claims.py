@@ -58,6 +58,17 @@ def test_seed_noise_flags_verdicts_within_two_standard_errors_of_an_edge(ours, s
     assert (f"over {n} seeds" in reason) is noisy
 
 
+def test_paired_noise_passes_only_means_beyond_two_standard_errors():
+    """Differences 4, 6, 5: mean 5, sd 1, SE 1/sqrt(3) = 0.58, 2 SE 1.15 < 5: settled.
+    1, -1, 3: mean 1, sd 2, 2 SE = 4/sqrt(3) = 2.31 > 1: noise level. One difference: no
+    spread, noise level."""
+    assert claims.paired_noise([4, 6, 5]) == ""
+    assert claims.paired_noise([1, -1, 3]) == (
+        "|mean difference| 1 below 2 standard errors (2.31) over 3 runs")
+    assert claims.paired_noise([-0.5], "draws") == (
+        "one difference only: its spread over draws is unmeasured")
+
+
 def test_trend_noise_passes_only_orders_unlikely_by_chance():
     """Four SAEs in perfect order: p = 1/24 < 0.05, a trend. One adjacent swap: p = 4/24,
     noise level. Five in perfect falling order: 1/120, a trend."""

@@ -291,6 +291,33 @@ def test_paper_path_with_local_standins(tmp_path, monkeypatch):
     assert streamed.batches(64, 0).batch(0).shape == (64, 32)
 
 
+def test_hub_seed_draws_another_sample(tmp_path, monkeypatch):
+    """On the hub path the seed draws the documents' order, as it draws the embedded
+    corpus's rows: the same seed reads the same held-out and training rows, another seed
+    other documents (here each line of the stand-in file, "line i: ...", is one)."""
+    import re
+
+    from paper_lib.data.activations import load_activations
+
+    data, tok = _standin_hub(tmp_path, monkeypatch)
+
+    def draw(seed):
+        acts = load_activations("standin-gpt2", "text", "", n_tokens=600, n_eval_tokens=300,
+                                progress=False, data_dir=tmp_path, batch_rows=4,
+                                data_files=str(data), seed=seed)
+        lines = {int(m) for m in re.findall(r"line (\d+):",
+                                             tok.decode(acts.eval_tokens.flatten()))}
+        return acts, lines
+
+    a0, lines0 = draw(0)
+    b0, again = draw(0)
+    _, lines1 = draw(1)
+    assert again == lines0 and torch.equal(a0.train, b0.train)
+    assert lines0 and lines1 and lines0 != lines1
+    # not the file's head in order: the unshuffled stream would start at line 0
+    assert lines0 != set(range(len(lines0)))
+
+
 def test_notebook_helpers_run_on_streamed_activations(tmp_path, monkeypatch):
     """At the paper profile the training activations do not fit in memory (`train` is
     None): the notebooks' helpers that train or rank on them read the stream instead."""
@@ -450,3 +477,13 @@ def test_describe_reports_the_embedded_lm_against_the_unigram():
         "the LM: 3.24 bits/byte on held-out files (byte unigram 4.94), trained in 88 s on cpu")
     acts.model_info = {"config": {"name": "gpt2"}}
     assert acts.describe().endswith("d=4, scale=0.5")
+
+
+def test_unit_scale_hand_case_in_chunks():
+    """Rows (3, 4) and (0, 0): mean squared norm 12.5, d = 2, scale sqrt(2 / 12.5) = 0.4,
+    the same when the squared norms are summed one row at a time."""
+    from paper_lib.data.activations import unit_scale
+
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert unit_scale(x) == pytest.approx(0.4, abs=1e-15)
+    assert unit_scale(x, rows=1) == pytest.approx(0.4, abs=1e-15)

@@ -113,27 +113,30 @@ def test_frontier_fvu_hand_case():
     assert math.isnan(frontier_fvu([16], [0.1], 16))
 
 
-def test_reseeded_runs_vary_initialisation_and_batch_order(monkeypatch):
-    """Two more runs of an SAE at seed 3 whose original read data seed 7: run 1 at
-    initialisation seed 4 and data seed 8, run 2 at 5 and 9, named <name>_s4 and _s5, every
-    other setting equal and passed through; zero copies: no training at all."""
-    from dataclasses import replace
+def test_probe_replicates_draw_data_initialisation_and_batch_order(monkeypatch):
+    """With seed 10 and probe_seeds 3, runs 2 and 3 of the probe comparison each harvest
+    their own draw (seeds 11, 12), train the SAEs (initialised at 3 + 1, 3 + 2) on it in
+    that draw's batch order, and score them on that draw's held-out tokens; probe_seeds 1:
+    no run at all."""
+    from types import SimpleNamespace
 
+    from paper_lib.config import TopKParams
     from paper_lib.experiments import topk_scaling as ts
     from paper_lib.sae import SAEConfig
 
-    calls = []
+    def fake_train_on(acts, cfgs, steps, batch_size, lr, device, progress, desc, seed, **kw):
+        return [SimpleNamespace(sae=(c.seed, seed, acts.draw)) for c in cfgs]
 
-    def fake_train_on(acts, cfgs, seed, steps):
-        calls.append(([c.seed for c in cfgs], seed, steps))
-        return [f"run-{c.seed}-{seed}" for c in cfgs]
-
+    monkeypatch.setattr(ts, "load_activations",
+                        lambda *a: SimpleNamespace(draw=a[6]))  # (..., device, seed, progress)
     monkeypatch.setattr(ts, "train_on", fake_train_on)
-    cfg = SAEConfig("relu", 8, 32, l1_coeff=2.0, seed=3)
-    out = ts.train_reseeded(None, {"relu_a": cfg}, 2, data_seed=7, steps=10)
-    assert calls == [([4], 8, 10), ([5], 9, 10)]
-    assert out == {"relu_a_s4": "run-4-8", "relu_a_s5": "run-5-9"}
-    assert all(replace(c, seed=3) == cfg for c in ts.reseeded_configs({"a": cfg}, 2).values())
-    calls.clear()
-    assert ts.train_reseeded(None, {"relu_a": cfg}, 0, data_seed=7, steps=10) == {}
-    assert calls == []
+    monkeypatch.setattr(ts, "probe_inputs", lambda acts, n: (("held-out", acts.draw, n), None))
+    monkeypatch.setattr(ts, "encode_all", lambda sae, x: ((sae, x), None))
+    monkeypatch.setattr(ts, "probe_scores", lambda codes, labels: {ts.PROBE_SCORE: codes})
+    cfg = {"relu": SAEConfig("relu", 8, 32, l1_coeff=2.0, seed=3),
+           "topk": SAEConfig("topk", 8, 32, k=4, seed=3)}
+    p = TopKParams(seed=10, probe_seeds=3, analysis_tokens=300)
+    out = ts.probe_replicates(p, cfg, "cpu")
+    assert out == [{name: ((3 + i, 10 + i, 10 + i), ("held-out", 10 + i, 300)) for name in cfg}
+                   for i in (1, 2)]
+    assert ts.probe_replicates(TopKParams(probe_seeds=1), cfg, "cpu") == []

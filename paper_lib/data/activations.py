@@ -127,6 +127,14 @@ class ActivationSet:
                 f"scale={self.scale:.4g}" + (" (cache hit)" if self.cache_hit else "") + lm)
 
 
+def unit_scale(x: Tensor, rows: int = 1 << 20) -> float:
+    """The factor that makes E||x||^2 = d for activations x [N, d]. Squared norms are summed
+    in float64 `rows` rows at a time: a float64 copy of a whole gpu-profile harvest
+    (8 M x 512) would need twice its 16 GB again, on the GPU that holds it."""
+    sq = torch.cat([c.double().pow(2).sum(-1) for c in x.split(rows)])
+    return math.sqrt(x.shape[1] / float(sq.mean()))
+
+
 def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> Tensor:
     """At least `rows` packed byte rows, cycling the corpus with fresh shuffles if needed."""
     parts, have, epoch = [], 0, 0
@@ -173,13 +181,15 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
 
         train, hit_t = get("train", train_tok, n_tokens)
         ev, hit_e = get("eval", eval_tok, n_eval_tokens)
-        scale = math.sqrt(d / float(train.double().pow(2).sum(-1).mean()))
+        scale = unit_scale(train)
         return ActivationSet(model, info, hook, train * scale, ev * scale, scale, train_tok,
                              eval_tok, True, "stdlib", sha, hit_t and hit_e)
     # Hub dataset (paper profile): stream tokens; hold activations only if they fit.
     tok = model.tokenizer
     eval_rows: list[Tensor] = []
-    for b in hf_token_batches(dataset, tok, n_ctx, batch_rows, data_files=data_files):
+    # The seed draws the documents' order, as it draws the embedded corpus's rows: another
+    # seed reads (and holds out) another sample.
+    for b in hf_token_batches(dataset, tok, n_ctx, batch_rows, data_files=data_files, seed=seed):
         eval_rows.append(b)
         if sum(r.shape[0] for r in eval_rows) * per_row >= n_eval_tokens:
             break
@@ -188,14 +198,15 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     def token_iter():
         # The first batches are the held-out set: training starts after them.
         return itertools.islice(hf_token_batches(dataset, tok, n_ctx, batch_rows,
-                                                 data_files=data_files), len(eval_rows), None)
+                                                 data_files=data_files, seed=seed),
+                                len(eval_rows), None)
     ev = harvest(model, row_batches(eval_tok, batch_rows), hook, n_eval_tokens, True, device,
                  progress=progress)
     if stream is None:
         stream = n_tokens * d * 4 > CACHE_LIMIT_BYTES * 4
     if stream:
         # The scale comes from the held-out sample: the training stream is never all in memory.
-        scale = math.sqrt(d / float(ev.double().pow(2).sum(-1).mean()))
+        scale = unit_scale(ev)
 
         def make_stream(batch_size: int, seed: int) -> StreamingActivations:
             return StreamingActivations(model, token_iter, hook, batch_size,
@@ -206,6 +217,6 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
         return ActivationSet(model, info, hook, None, ev * scale, scale, None, eval_tok, True,
                              dataset, None, False, make_stream, head)
     train = harvest(model, token_iter(), hook, n_tokens, True, device, progress=progress)
-    scale = math.sqrt(d / float(train.double().pow(2).sum(-1).mean()))
+    scale = unit_scale(train)
     return ActivationSet(model, info, hook, train * scale, ev * scale, scale, None, eval_tok,
                          True, dataset)

@@ -158,9 +158,12 @@ def unigram_bits_per_byte(train: torch.Tensor, val: torch.Tensor) -> float:
 
 def hf_token_batches(dataset: str, tokenizer: Any, n_ctx: int, batch_size: int,
                      split: str = "train", text_column: str = "text", streaming: bool = True,
-                     data_files: Any = None, bos_id: int | None = None) -> Iterator[torch.Tensor]:
+                     data_files: Any = None, bos_id: int | None = None,
+                     seed: int | None = None) -> Iterator[torch.Tensor]:
     """Stream a Hugging Face text dataset, tokenise with `tokenizer` and yield packed
-    LongTensor batches [batch_size, n_ctx], each row starting with BOS."""
+    LongTensor batches [batch_size, n_ctx], each row starting with BOS. `seed`: documents
+    in an order drawn by it (`shuffle`: shard order, then a buffer of 1000 documents), the
+    same order on every call, so each seed reads another sample of the dataset."""
     import datasets
 
     try:
@@ -170,6 +173,8 @@ def hf_token_batches(dataset: str, tokenizer: Any, n_ctx: int, batch_size: int,
         raise OSError(f"could not open dataset {dataset!r} ({e}). Streaming a hub dataset "
                       "needs the internet; offline, use dataset='stdlib' (the embedded "
                       "corpus) or a local text dataset via data_files.") from e
+    if seed is not None:
+        ds = ds.shuffle(seed=seed, buffer_size=1000) if streaming else ds.shuffle(seed=seed)
     bos = tokenizer.bos_token_id if bos_id is None else bos_id
     if bos is None:
         raise ValueError("the tokenizer has no BOS token; pass bos_id")

@@ -14,13 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from paper_lib import metrics
+from paper_lib import interp, metrics
 from paper_lib.config import TopKParams
-from paper_lib.data.activations import ActivationSet
-from paper_lib.experiments.common import train_on
+from paper_lib.data.activations import ActivationSet, load_activations
+from paper_lib.experiments.common import encode_all, train_on
 from paper_lib.inference import refine_codes
 from paper_lib.sae import SAE, SAEConfig
-from paper_lib.train import TrainResult
 
 
 def grid_name(n: int, k: int) -> str:
@@ -49,18 +48,44 @@ def reseeded_configs(cfgs: dict[str, SAEConfig], offset: int) -> dict[str, SAECo
             for name, c in cfgs.items()}
 
 
-def train_reseeded(acts: ActivationSet, cfgs: dict[str, SAEConfig], copies: int,
-                   data_seed: int, **train_kw: Any) -> dict[str, TrainResult]:
-    """`copies` more training runs of the named configs: run i (1..copies) starts at
-    initialisation seed seed + i (`reseeded_configs`) and reads the training rows in the
-    order of data seed data_seed + i (batches and the decoder bias's sample), so the runs
-    differ from the original by both kinds of training luck, which one run's comparison
-    cannot see. `train_kw`: `train_on`'s other arguments."""
-    out: dict[str, TrainResult] = {}
-    for i in range(1, copies + 1):
-        group = reseeded_configs(cfgs, i)
-        out.update(zip(group, train_on(acts, list(group.values()), seed=data_seed + i,
-                                       **train_kw)))
+PROBE_SCORE = "mean relative probe loss"
+
+
+def probe_inputs(acts: ActivationSet, n_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The first n_tokens held-out activations the probes read, and their labels."""
+    x = acts.eval[:n_tokens]
+    return x, interp.position_labels(acts.eval_tokens, x.shape[0], vocab=acts.vocab)
+
+
+def probe_scores(codes: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
+    """Each task's relative probe loss (`interp.probe_losses`: 1 = useless, 0 = perfect)
+    and their mean, the SAE's score (PROBE_SCORE)."""
+    rel = {t: v["relative"] for t, v in interp.probe_losses(codes.cpu(), labels).items()}
+    return {PROBE_SCORE: float(np.mean(list(rel.values()))), **rel}
+
+
+def probe_replicates(p: TopKParams, cfgs: dict[str, SAEConfig],
+                     device: torch.device) -> list[dict[str, float]]:
+    """Runs 2 .. p.probe_seeds of the probe comparison between the named configs, each a
+    full replication of the first (the sweep's): run i + 1 harvests its own draw of training
+    and held-out text (`load_activations` at seed p.seed + i), initialises at seed + i
+    (`reseeded_configs`) and reads its batches in the order of seed p.seed + i. Every
+    named SAE gets its PROBE_SCORE on that draw's first p.analysis_tokens held-out tokens.
+    One {name: score} per run. A draw is dropped before the next is harvested, so at most
+    two are held at once (the caller's and one here)."""
+    out = []
+    for i in range(1, p.probe_seeds):
+        acts = load_activations(p.model, p.dataset, p.hook, p.n_tokens, p.n_eval_tokens,
+                                device, p.seed + i, p.progress)
+        runs = train_on(acts, list(reseeded_configs(cfgs, i).values()), p.steps,
+                        p.batch_size, p.lr, device, p.progress,
+                        desc=f"probe run {i + 1} of {p.probe_seeds}", seed=p.seed + i,
+                        lr_scale_with_n=True, lr_ref_latents=p.lr_ref_n,
+                        heldout_midway=False)
+        x, labels = probe_inputs(acts, p.analysis_tokens)
+        out.append({name: probe_scores(encode_all(r.sae, x)[0], labels)[PROBE_SCORE]
+                    for name, r in zip(cfgs, runs)})
+        del acts, runs, x
     return out
 
 
