@@ -663,6 +663,11 @@ def seed_record_path(profile: str, seed: int, stem: str, root: Path = PROJECT_RO
     return record_path(f"{profile}{SEEDS_SUFFIX}/seed{seed}", stem, root)
 
 
+def stability_path(profile: str, root: Path = PROJECT_ROOT) -> Path:
+    """results/<profile>-seeds/stability.md: the seed runs' verdicts beside the preset's."""
+    return root / "results" / f"{profile}{SEEDS_SUFFIX}" / "stability.md"
+
+
 def seed_stability(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One notebook's claims across seeds: `records` maps seed -> its results record. Per
     claim of the first record (timing claims left out: their spread is the machine's, not

@@ -39,7 +39,6 @@ from typing import Any, Callable
 from paper_lib.claims import (
     BOOKKEEPING_PARAMS,
     CUSTOM_SUFFIX,
-    SEEDS_SUFFIX,
     comparable,
     compare_lines,
     compare_records,
@@ -47,6 +46,7 @@ from paper_lib.claims import (
     refresh_findings,
     seed_record_path,
     stability_markdown,
+    stability_path,
 )
 from paper_lib.config import PROFILES, Params
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
@@ -367,7 +367,7 @@ def seed_runs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
              and all(seed_record_path(args.profile, s, nb.stem, PROJECT_ROOT).exists()
                      for s in args.seeds)]
     table = stability_markdown(args.profile, shown, args.seeds, PROJECT_ROOT)
-    out = PROJECT_ROOT / "results" / f"{args.profile}{SEEDS_SUFFIX}" / "stability.md"
+    out = stability_path(args.profile, PROJECT_ROOT)
     atomic_write_text(out, table)
     print(table + f"\n(written to {out.relative_to(PROJECT_ROOT)})")
     return 0
