@@ -17,9 +17,10 @@
 #   withdrawn  env prepare 02 04        the records with withdrawn claims (claims.WITHDRAWN,
 #                                       2026-12-06): 02 165-180 s, 04 160 s; one lease
 #   probes     env prepare 03           03's withdrawn probe claims (same date): 03 260-290 s
-#                                       before its probe comparison gained probe_seeds - 1 = 2
+#                                       before its probe comparisons gained probe_seeds - 1 = 2
 #                                       more runs, each harvesting its own draw (8 s, 16 GB:
-#                                       two draws on the GPU at once) and training 2 SAEs
+#                                       two draws on the GPU at once) and training 6 SAEs (the
+#                                       5 TopK sizes at the probe k, ReLU): ~+90 s estimated
 #   rest       env prepare 04 03 02     04 160 s, 03 260-290 s, 02 165-180 s: more than one
 #                                       lease; rerun only what changed since results/gpu
 #

@@ -101,12 +101,15 @@ def trend_noise(x: Any, y: Any, level: float = 0.05) -> str:
     SAEs or settings) is noise level, or "". Noise level when points with no trend at all
     would order themselves at least as strongly with chance `level` or more (exact
     permutation test, `metrics.spearman_permutation_p`): each point is one training run,
-    and one run's luck can reorder a handful of them."""
+    and one run's luck can reorder a handful of them. `y` may hold several runs' values
+    at the same x (their mean rho, each run permuted on its own)."""
     from paper_lib.metrics import spearman_permutation_p  # lazy: metrics loads the data code
 
+    x, y = list(x), list(y)
     p = spearman_permutation_p(x, y)
     if p >= level:
-        return (f"permutation p = {p:.2f} over {len(list(y))} points: an order this strong "
+        runs = f" in each of {len(y)} runs" if y and hasattr(y[0], "__len__") else ""
+        return (f"permutation p = {p:.2f} over {len(x)} points{runs}: an order this strong "
                 f"arises by chance")
     return ""
 

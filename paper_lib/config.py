@@ -414,9 +414,9 @@ class TopKParams(LMParams):
     ce_rows: int = param(32, "held-out token rows for downstream loss", lo=1)
     n_explain: int = param(48, "latents per SAE given n-gram explanations", lo=1)
     n_ablate: int = param(12, "latents per SAE ablated for effect sparsity", lo=1)
-    probe_seeds: int = param(3, "paired runs of the TopK-vs-ReLU probe comparison (the "
-                             "sweep's, plus runs each on its own data draw, initialisation "
-                             "and batch order)", lo=1)
+    probe_seeds: int = param(3, "runs of the probe comparisons (TopK vs ReLU, the trend in "
+                             "n): the sweep's, plus runs each on its own data draw, "
+                             "initialisation and batch order", lo=1)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},

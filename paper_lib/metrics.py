@@ -7,6 +7,7 @@ All functions are pure; none is hidden inside a model's forward.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -223,18 +224,33 @@ def spearman_permutation_p(x, y, exact_up_to: int = 8, reps: int = 20_000,
                            seed: int = 0) -> float:
     """One-sided p-value of spearman(x, y) in the direction it leans: the chance that the
     points, if exchangeable (no trend at all), put y in an order at least as correlated
-    with x. Exact over every permutation of y for up to `exact_up_to` points, else from
-    `reps` random permutations. A trend over a few SAEs cannot be told from noise unless
-    this is small: over 4 points only a perfect order reaches 1/24 = 0.042."""
-    x, y = list(x), np.asarray(list(y), dtype=float)
-    rho = spearman(x, y)
-    exact = len(y) <= exact_up_to
+    with x. A trend over a few SAEs cannot be told from noise unless this is small: over 4
+    points only a perfect order reaches 1/24 = 0.042.
+
+    `y` may instead hold several runs' values at the same x (one sequence per run, say per
+    data draw): the statistic is then the mean of the runs' correlations and each run's
+    order is exchangeable on its own (a stratified test), so runs that agree add power (two
+    runs over 3 points, both in order: 1/36). Exact over every joint order while they
+    number at most exact_up_to! (8! = 40320), else from `reps` random draws of them."""
+    x, y = list(x), list(y)
+    runs_given = bool(y) and np.ndim(y[0]) > 0
+    ys = [np.asarray(list(r), dtype=float) for r in (y if runs_given else [y])]
+    if any(len(r) != len(x) for r in ys):
+        raise ValueError(f"spearman_permutation_p: every run needs one value per x "
+                         f"({len(x)}); got {[len(r) for r in ys]}")
+    n, runs = len(x), len(ys)
+    rho = float(np.mean([spearman(x, r) for r in ys]))
+    exact = math.factorial(n) ** runs <= math.factorial(exact_up_to)
     if exact:
-        orders = (list(p) for p in itertools.permutations(range(len(y))))
+        orders = [list(o) for o in itertools.permutations(range(n))]
+        stats = np.zeros(1)
+        for r in ys:  # every joint order: the sum over runs of each run's statistic
+            stats = np.add.outer(stats, [spearman(x, r[o]) for o in orders]).ravel()
+        stats = stats / runs
     else:
         rng = np.random.default_rng(seed)
-        orders = (rng.permutation(len(y)) for _ in range(reps))
-    stats = np.array([spearman(x, y[o]) for o in orders])
+        stats = np.array([np.mean([spearman(x, r[rng.permutation(n)]) for r in ys])
+                          for _ in range(reps)])
     eps = 1e-9  # a tie of the statistic counts as at least as extreme
     hits = int((stats >= rho - eps).sum() if rho >= 0 else (stats <= rho + eps).sum())
     return hits / len(stats) if exact else (hits + 1) / (len(stats) + 1)

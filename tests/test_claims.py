@@ -76,6 +76,10 @@ def test_trend_noise_passes_only_orders_unlikely_by_chance():
     assert claims.trend_noise([1, 2, 3, 4], [0.1, 0.2, 0.4, 0.3]) == (
         "permutation p = 0.17 over 4 points: an order this strong arises by chance")
     assert claims.trend_noise(range(5), [5, 4, 3, 2, 1]) == ""
+    # two runs over 3 points, one with a swap: p = 5/36 (test_metrics), noise level
+    assert claims.trend_noise([1, 2, 3], [[1, 2, 3], [1, 3, 2]]) == (
+        "permutation p = 0.14 over 3 points in each of 2 runs: an order this strong arises "
+        "by chance")
 
 
 def test_excess_noise_passes_only_splits_unlikely_by_chance():

@@ -254,6 +254,21 @@ def test_spearman_permutation_p_counts_orders_by_hand():
     assert p == pytest.approx(1 / 1000)
 
 
+def test_spearman_permutation_p_over_several_runs_by_hand():
+    """Runs at the same x, each permuted on its own; the statistic is their mean rho. Over
+    3 points the 6 orders give rho 1, 0.5, 0.5, -0.5, -0.5, -1. Two runs both in order:
+    only (1, 1) of the 36 joint orders reaches a mean of 1, p = 1/36. One in order, one with
+    a swap (mean 0.75): (1, 1), (1, 0.5) twice and (0.5, 1) twice, p = 5/36. Opposite orders
+    (mean 0): at least half. 3 runs x 5 points (120^3 joint orders) go to random draws."""
+    p = metrics.spearman_permutation_p
+    assert p([1, 2, 3], [[1, 2, 3], [1, 2, 3]]) == pytest.approx(1 / 36)
+    assert p([1, 2, 3], [[1, 2, 3], [1, 3, 2]]) == pytest.approx(5 / 36)
+    assert p([1, 2, 3], [[1, 2, 3], [3, 2, 1]]) >= 0.5
+    assert p(range(5), [range(5)] * 3, reps=999) == pytest.approx(1 / 1000)
+    with pytest.raises(ValueError, match="one value per x"):
+        p([1, 2, 3], [[1, 2, 3], [1, 2]])
+
+
 def test_fisher_greater_p_counts_splits_by_hand():
     """3 of 3 against 0 of 3: the 3 hits fall in group a in 1 of C(6, 3) = 20 equally likely
     ways, p = 1/20. 2 of 4 against 0 of 4: C(4, 2) / C(8, 2) = 6/28. 1 of 2 against 1 of 2:
