@@ -43,28 +43,39 @@ def test_claim_without_paper_needs_direction():
         Claim("x", "s", None, 1.0, 0.0, "src")
 
 
+def test_mean_halfwidth_is_students_t_times_the_standard_error():
+    """t quantiles (0.975) from tables: 4.303 at 2 degrees of freedom, 2.776 at 4, 2.201 at
+    11; one value has no interval."""
+    assert claims.mean_halfwidth(1.0, 3) == pytest.approx(4.303 / 3 ** 0.5, abs=1e-3)
+    assert claims.mean_halfwidth(1.0, 5) == pytest.approx(2.776 / 5 ** 0.5, abs=1e-3)
+    assert claims.mean_halfwidth(0.014, 12) == pytest.approx(2.201 * 0.014 / 12 ** 0.5,
+                                                             abs=1e-5)
+    assert claims.mean_halfwidth(0.0, 1) == float("inf")
+
+
 @pytest.mark.parametrize("ours, std, n, noisy", [
-    (0.696, 0.014, 3, True),    # edge 0.695: 0.001 away, 2 SE = 2 * 0.014 / sqrt(3) = 0.016
-    (0.660, 0.014, 3, False),   # 0.035 inside the band: more than 0.016 from either edge
+    (0.696, 0.014, 3, True),    # edge 0.695: 0.001 away; half-width 4.303 * 0.014 / sqrt(3) = 0.035
+    (0.650, 0.014, 3, False),   # 0.045 inside the band: more than 0.035 from either edge
     (0.840, 0.014, 3, False),   # 0.045 beyond the upper edge 0.795
-    (0.780, 0.014, 3, True),    # 0.015 from the upper edge 0.795 < 0.016
-    (0.780, 0.014, 12, False),  # more seeds: 2 SE = 0.0081 < 0.015
-    (0.700, 0.0, 1, True),      # one seed: no standard error, never settled
+    (0.770, 0.014, 3, True),    # 0.025 from the upper edge: inside 0.035 (2 SE, 0.016, is not)
+    (0.780, 0.014, 12, False),  # more seeds: 2.201 * 0.014 / sqrt(12) = 0.0089 < 0.015
+    (0.700, 0.0, 1, True),      # one seed: no interval, never settled
 ])
-def test_seed_noise_flags_verdicts_within_two_standard_errors_of_an_edge(ours, std, n, noisy):
+def test_seed_noise_flags_verdicts_whose_interval_reaches_an_edge(ours, std, n, noisy):
     """Band 0.745 +- 0.05 = [0.695, 0.795]; hand-worked distances to the nearer edge."""
     reason = claims.seed_noise(ours, 0.745, 0.05, std, n)
     assert bool(reason) is noisy
     assert (f"over {n} seeds" in reason) is noisy
 
 
-def test_paired_noise_passes_only_means_beyond_two_standard_errors():
-    """Differences 4, 6, 5: mean 5, sd 1, SE 1/sqrt(3) = 0.58, 2 SE 1.15 < 5: settled.
-    1, -1, 3: mean 1, sd 2, 2 SE = 4/sqrt(3) = 2.31 > 1: noise level. One difference: no
-    spread, noise level."""
+def test_paired_noise_passes_only_means_outside_their_interval():
+    """Differences 4, 6, 5: mean 5, sd 1, half-width 4.303 / sqrt(3) = 2.48 < 5: settled.
+    1, 2, 3: mean 2, sd 1, 2.48 > 2: noise level (two standard errors, 1.15, would have
+    settled it). 1, -1, 3: sd 2, half-width 4.97. One difference: no spread, noise level."""
     assert claims.paired_noise([4, 6, 5]) == ""
+    assert claims.paired_noise([1, 2, 3]) != ""
     assert claims.paired_noise([1, -1, 3]) == (
-        "|mean difference| 1 below 2 standard errors (2.31) over 3 runs")
+        "|mean difference| 1 inside its 95% interval (± 4.97) over 3 runs")
     assert claims.paired_noise([-0.5], "draws") == (
         "one difference only: its spread over draws is unmeasured")
 
