@@ -114,12 +114,12 @@ def trend_noise(x: Any, y: Any, level: float = 0.05) -> str:
     permutation test, `metrics.spearman_permutation_p`): each point is one training run,
     and one run's luck can reorder a handful of them. `y` may hold several runs' values
     at the same x (their mean rho, each run permuted on its own)."""
-    from paper_lib.metrics import spearman_permutation_p  # lazy: metrics loads the data code
+    from paper_lib.metrics import as_runs, spearman_permutation_p  # lazy: loads the data code
 
-    x, y = list(x), list(y)
-    p = spearman_permutation_p(x, y)
+    x, ys = list(x), as_runs(y)
+    p = spearman_permutation_p(x, ys)
     if p >= level:
-        runs = f" in each of {len(y)} runs" if y and hasattr(y[0], "__len__") else ""
+        runs = f" in each of {len(ys)} runs" if len(ys) > 1 else ""
         return (f"permutation p = {p:.2f} over {len(x)} points{runs}: an order this strong "
                 f"arises by chance")
     return ""

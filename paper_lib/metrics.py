@@ -220,6 +220,14 @@ def spearman_interval(x, samples: list, reps: int = 2000, level: float = 0.95,
     return float(lo), float(hi)
 
 
+def as_runs(y) -> list[np.ndarray]:
+    """One run's values (a flat sequence) or several runs' (a sequence of sequences), as a
+    list of float arrays, one per run."""
+    y = list(y)
+    runs_given = bool(y) and np.ndim(y[0]) > 0
+    return [np.asarray(list(r), dtype=float) for r in (y if runs_given else [y])]
+
+
 def spearman_permutation_p(x, y, exact_up_to: int = 8, reps: int = 20_000,
                            seed: int = 0) -> float:
     """One-sided p-value of spearman(x, y) in the direction it leans: the chance that the
@@ -232,9 +240,7 @@ def spearman_permutation_p(x, y, exact_up_to: int = 8, reps: int = 20_000,
     order is exchangeable on its own (a stratified test), so runs that agree add power (two
     runs over 3 points, both in order: 1/36). Exact over every joint order while they
     number at most exact_up_to! (8! = 40320), else from `reps` random draws of them."""
-    x, y = list(x), list(y)
-    runs_given = bool(y) and np.ndim(y[0]) > 0
-    ys = [np.asarray(list(r), dtype=float) for r in (y if runs_given else [y])]
+    x, ys = list(x), as_runs(y)
     if any(len(r) != len(x) for r in ys):
         raise ValueError(f"spearman_permutation_p: every run needs one value per x "
                          f"({len(x)}); got {[len(r) for r in ys]}")
