@@ -487,3 +487,29 @@ def test_unit_scale_hand_case_in_chunks():
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     assert unit_scale(x) == pytest.approx(0.4, abs=1e-15)
     assert unit_scale(x, rows=1) == pytest.approx(0.4, abs=1e-15)
+
+
+def test_embedded_path_scales_its_own_copy_and_leaves_the_cache_raw(tiny_corpus, tiny_lm,
+                                                                      tmp_path, monkeypatch):
+    """The stdlib path scales activations in place (no second copy of a large harvest), so
+    a cache hit must hand out its own copy: the shards on disk stay raw, and a second load
+    (a hit) returns the first load's values with E||x||^2 = d."""
+    from paper_lib.data import activations as act
+
+    monkeypatch.setattr(act, "load_lm", lambda *a, **k: (tiny_lm[0], {}))
+    monkeypatch.setattr(act, "load_stdlib_corpus", lambda data_dir: tiny_corpus)
+
+    def load():
+        return act.load_activations("embedded-tiny", "stdlib", "blocks.1.hook_resid_pre",
+                                    n_tokens=620, n_eval_tokens=124, progress=False,
+                                    data_dir=tmp_path)
+    first, second = load(), load()
+    assert not first.cache_hit and second.cache_hit
+    assert torch.equal(first.train, second.train) and torch.equal(first.eval, second.eval)
+    assert first.train.pow(2).sum(-1).mean() == pytest.approx(32, rel=1e-5)
+    raw = {}
+    for man in (tmp_path / "acts").glob("*/manifest.json"):
+        spec = json.loads(man.read_text())["spec"]
+        raw[spec["split"]] = hv.ActivationCache(tmp_path / "acts", spec).load()
+    assert torch.equal(raw["train"] * first.scale, first.train)
+    assert torch.equal(raw["eval"] * first.scale, first.eval)

@@ -182,8 +182,10 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
         train, hit_t = get("train", train_tok, n_tokens)
         ev, hit_e = get("eval", eval_tok, n_eval_tokens)
         scale = unit_scale(train)
-        return ActivationSet(model, info, hook, train * scale, ev * scale, scale, train_tok,
-                             eval_tok, True, "stdlib", sha, hit_t and hit_e)
+        # In place: every harvest here is this call's own copy (a cache hit is copied out of
+        # its memory map), and a gpu-profile one is 16 GB that a scaled copy would double.
+        return ActivationSet(model, info, hook, train.mul_(scale), ev.mul_(scale), scale,
+                             train_tok, eval_tok, True, "stdlib", sha, hit_t and hit_e)
     # Hub dataset (paper profile): stream tokens; hold activations only if they fit.
     tok = model.tokenizer
     eval_rows: list[Tensor] = []
@@ -214,9 +216,9 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
                                         scale=scale, seed=seed)
         def head(n: int) -> Tensor:
             return harvest(model, token_iter(), hook, n, True, device, progress=False) * scale
-        return ActivationSet(model, info, hook, None, ev * scale, scale, None, eval_tok, True,
+        return ActivationSet(model, info, hook, None, ev.mul_(scale), scale, None, eval_tok, True,
                              dataset, None, False, make_stream, head)
     train = harvest(model, token_iter(), hook, n_tokens, True, device, progress=progress)
     scale = unit_scale(train)
-    return ActivationSet(model, info, hook, train * scale, ev * scale, scale, None, eval_tok,
-                         True, dataset)
+    return ActivationSet(model, info, hook, train.mul_(scale), ev.mul_(scale), scale, None,
+                         eval_tok, True, dataset)

@@ -124,18 +124,19 @@ def harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: in
             compile: bool = False, fused: bool = True) -> Tensor:
     """[n_tokens, d_model] activations at `hook` from successive token batches [B, T].
     `compile`, `fused`: see `activations_at` (torch.compile's guards fail under
-    inference_mode, so a compiled harvest runs under no_grad)."""
-    with torch.no_grad() if compile else torch.inference_mode():
-        return _harvest(model, token_batches, hook, n_tokens, drop_bos, out_device, out_dtype,
-                        progress, compile, fused)
-
-
-def _harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: int,
-             drop_bos: bool, out_device: str | torch.device, out_dtype: torch.dtype,
-             progress: bool, compile: bool, fused: bool) -> Tensor:
+    inference_mode, so a compiled harvest runs under no_grad). The result is an ordinary
+    tensor, allocated outside inference mode, so callers may scale it in place."""
     stop = stop_layer(model, hook)
-    dev = model_device(model)
     out = torch.empty(n_tokens, model.cfg.d_model, dtype=out_dtype, device=out_device)
+    with torch.no_grad() if compile else torch.inference_mode():
+        _harvest(model, token_batches, hook, out, stop, drop_bos, progress, compile, fused)
+    return out
+
+
+def _harvest(model: Any, token_batches: Iterable[Tensor], hook: str, out: Tensor, stop: int | None,
+             drop_bos: bool, progress: bool, compile: bool, fused: bool) -> None:
+    n_tokens, out_device, out_dtype = out.shape[0], out.device, out.dtype
+    dev = model_device(model)
     filled = 0
     bar = tqdm(total=n_tokens, desc=f"harvest {hook}", disable=not progress, unit="tok",
                mininterval=1.0)
@@ -155,7 +156,6 @@ def _harvest(model: Any, token_batches: Iterable[Tensor], hook: str, n_tokens: i
     if filled < n_tokens:
         raise ValueError(f"the token source ran out after {filled} of {n_tokens} activation "
                          "tokens: ask for fewer tokens or give more text")
-    return out
 
 
 def row_batches(tokens: Tensor, batch_rows: int) -> Iterator[Tensor]:
