@@ -121,15 +121,16 @@ def test_probe_replicates_draw_data_initialisation_and_batch_order(monkeypatch):
     from types import SimpleNamespace
 
     from paper_lib.config import TopKParams
+    from paper_lib.experiments import common
     from paper_lib.experiments import topk_scaling as ts
     from paper_lib.sae import SAEConfig
 
     def fake_train_on(acts, cfgs, steps, batch_size, lr, device, progress, desc, seed, **kw):
         return [SimpleNamespace(sae=(c.seed, seed, acts.draw)) for c in cfgs]
 
-    monkeypatch.setattr(ts, "load_activations",
+    monkeypatch.setattr(common, "load_activations",
                         lambda *a: SimpleNamespace(draw=a[6]))  # (..., device, seed, progress)
-    monkeypatch.setattr(ts, "train_on", fake_train_on)
+    monkeypatch.setattr(common, "train_on", fake_train_on)
     monkeypatch.setattr(ts, "probe_inputs", lambda acts, n: (("held-out", acts.draw, n), None))
     monkeypatch.setattr(ts, "encode_all", lambda sae, x: ((sae, x), None))
     monkeypatch.setattr(ts, "probe_scores", lambda codes, labels: {ts.PROBE_SCORE: codes})
@@ -140,3 +141,31 @@ def test_probe_replicates_draw_data_initialisation_and_batch_order(monkeypatch):
     assert out == [{name: ((3 + i, 10 + i, 10 + i), ("held-out", 10 + i, 300)) for name in cfg}
                    for i in (1, 2)]
     assert ts.probe_replicates(TopKParams(probe_seeds=1), cfg, "cpu") == []
+
+
+def test_l0_replicates_train_top_afa_at_every_lambda_per_draw(monkeypatch):
+    """With seed 5 and lambda_seeds 2, the one extra run of 01's lambda sweep harvests draw 6
+    at the sweep's hook, trains top-AFA at each lambda of the grid (initialised at seed 6,
+    standardised rows, no TopK) in draw 6's batch order, and reads each one's held-out L0."""
+    from types import SimpleNamespace
+
+    from paper_lib.config import AFAParams
+    from paper_lib.experiments import afa, common
+
+    calls = []
+
+    def fake_train_on(acts, cfgs, steps, batch_size, lr, device, progress, desc, seed, **kw):
+        calls.append((acts.draw, seed, [(c.architecture, c.afa_lambda, c.seed,
+                                         c.standardize_input, c.hook_name) for c in cfgs]))
+        return [SimpleNamespace(final={"l0": 1000 * c.afa_lambda + c.seed}) for c in cfgs]
+
+    monkeypatch.setattr(common, "load_activations",
+                        lambda *a: SimpleNamespace(draw=(a[2], a[6])))  # (hook, seed)
+    monkeypatch.setattr(common, "train_on", fake_train_on)
+    p = AFAParams(seed=5, lambda_seeds=2, afa_lambdas=(0.25, 0.5))
+    out = afa.l0_replicates(p, "blocks.0.hook_resid_pre", 16, "cpu")
+    assert calls == [(("blocks.0.hook_resid_pre", 6), 6,
+                      [("topafa", 0.25, 6, True, "blocks.0.hook_resid_pre"),
+                       ("topafa", 0.5, 6, True, "blocks.0.hook_resid_pre")])]
+    assert out == [{"topafa lambda=0.25": 256.0, "topafa lambda=0.5": 506.0}]
+    assert afa.l0_replicates(AFAParams(lambda_seeds=1), "h", 16, "cpu") == []

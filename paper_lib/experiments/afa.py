@@ -5,7 +5,8 @@ Autoencoders by Approximating Quasi-Orthogonality" (arXiv 2503.24277).
 - `zf_data`: per-sample ||z|| (input after b_dec centring), ||f~|| (decoder-scaled codes),
   their ratio, eps-LBO and L0 for a trained SAE: the raw material of a ZF plot;
 - `sweep_configs`, `frontier_fvu`: top-AFA over its lambda against a TopK frontier over k,
-  both on standardised rows (the paper's L0-L2 comparison).
+  both on standardised rows (the paper's L0-L2 comparison);
+- `l0_replicates`: more runs of top-AFA's lambda sweep, each on its own data draw.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from paper_lib import metrics
+from paper_lib.config import AFAParams
 from paper_lib.data import synthetic as syn
-from paper_lib.experiments.common import encode_all
+from paper_lib.experiments.common import encode_all, replicate_runs
 from paper_lib.sae import SAE, SAEConfig
 
 
@@ -86,14 +88,18 @@ def family_configs(d_in: int, d_sae: int, k: int, l1_coeff: float, afa_lambda: f
     }
 
 
+def topafa_name(lam: float) -> str:
+    """The sweep's name of top-AFA at loss weight lam."""
+    return f"topafa lambda={lam:.4g}"
+
+
 def sweep_configs(d_in: int, d_sae: int, lambdas: Sequence[float], ks: Sequence[int], hook: str,
                   model: str, seed: int) -> dict[str, SAEConfig]:
     """top-AFA at each lambda and TopK at each k, all on standardised rows as in the authors'
     runs (same n and seed): the points and the frontier of an L0-FVU plot."""
     common = dict(d_in=d_in, d_sae=d_sae, standardize_input=True, hook_name=hook,
                   model_name=model, seed=seed)
-    cfgs = {f"topafa lambda={lam:.4g}": SAEConfig("topafa", afa_lambda=lam, **common)
-            for lam in lambdas}
+    cfgs = {topafa_name(lam): SAEConfig("topafa", afa_lambda=lam, **common) for lam in lambdas}
     cfgs.update({f"topk k={k}": SAEConfig("topk", k=k, **common) for k in ks})
     return cfgs
 
@@ -107,3 +113,15 @@ def frontier_fvu(l0: Sequence[float], fvu: Sequence[float], at: float) -> float:
     if len(pts) < 2 or not xs[0] <= np.log(at) <= xs[-1]:
         return float("nan")
     return float(np.exp(np.interp(np.log(at), xs, ys)))
+
+
+def l0_replicates(p: AFAParams, hook: str, d_in: int,
+                  device: torch.device) -> list[dict[str, float]]:
+    """Runs 2 .. p.lambda_seeds of top-AFA over p.afa_lambdas (`sweep_configs`' names and
+    settings), each on its own draw of text, initialisation and batch order
+    (`replicate_runs`): {name: held-out mean L0} per run, for the trend of L0 in lambda."""
+    cfgs = sweep_configs(d_in, p.d_sae, p.afa_lambdas, (), hook, p.model, p.seed)
+    return replicate_runs(p, hook, cfgs, p.lambda_seeds, device,
+                          lambda acts, trained: {name: r.final["l0"]
+                                                 for name, r in trained.items()},
+                          "top-AFA λ sweep")

@@ -7,18 +7,20 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
 
 from paper_lib import metrics
-from paper_lib.data.activations import ActivationSet
+from paper_lib.config import LMParams
+from paper_lib.data.activations import ActivationSet, load_activations
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, SAEConfig, make_sae, save_sae
 from paper_lib.train import TrainConfig, TrainResult, configs_key, encode_all, train_saes
 
-__all__ = ["encode_all", "lm_loss", "lm_loss_fn", "save_trained", "train_on"]
+__all__ = ["encode_all", "lm_loss", "lm_loss_fn", "replicate_runs", "reseeded_configs",
+           "save_trained", "train_on"]
 
 SAE_ROOT = PROJECT_ROOT / "data" / "saes"
 CKPT_ROOT = PROJECT_ROOT / "data" / "ckpt"
@@ -59,6 +61,40 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
                      checkpoint_path=str(CKPT_ROOT / f"{key}.pt"))
     return train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
                       init_x=acts.train_sample(4096, seed), eval_fn=eval_fn)
+
+
+def reseeded_configs(cfgs: dict[str, SAEConfig], offset: int) -> dict[str, SAEConfig]:
+    """A copy of each named config at initialisation seed seed + offset, named
+    <name>_s<seed + offset>, every other setting equal."""
+    return {f"{name}_s{c.seed + offset}": replace(c, seed=c.seed + offset)
+            for name, c in cfgs.items()}
+
+
+T = TypeVar("T")
+
+
+def replicate_runs(p: LMParams, hook: str, cfgs: dict[str, SAEConfig], runs: int,
+                   device: torch.device,
+                   score: Callable[[ActivationSet, dict[str, TrainResult]], T],
+                   desc: str, **train_kw: Any) -> list[T]:
+    """Runs 2 .. `runs` of an experiment whose first run the caller already has, each a full
+    replication: run i + 1 harvests its own draw of training and held-out text at `hook`
+    (`load_activations` at seed p.seed + i), initialises every config at its seed + i
+    (`reseeded_configs`) and reads its batches in the order of seed p.seed + i, with the
+    notebook's steps, batch size and lr (p: the notebook's LMParams). `score(acts,
+    {name: result})` reads what the caller compares off that run. A run's draw is dropped
+    before the next is harvested, so at most one is held here beside the caller's. Run-to-run
+    spread then includes the data, not only training luck."""
+    out = []
+    for i in range(1, runs):
+        acts = load_activations(p.model, p.dataset, hook, p.n_tokens, p.n_eval_tokens,
+                                device, p.seed + i, p.progress)
+        trained = train_on(acts, list(reseeded_configs(cfgs, i).values()), p.steps,
+                           p.batch_size, p.lr, device, p.progress,
+                           desc=f"{desc}: run {i + 1} of {runs}", seed=p.seed + i, **train_kw)
+        out.append(score(acts, dict(zip(cfgs, trained))))
+        del acts, trained
+    return out
 
 
 def lm_loss(acts: ActivationSet, sae: SAE, rows: int = 32) -> metrics.LMLoss:

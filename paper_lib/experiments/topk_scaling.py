@@ -7,7 +7,6 @@ frontier size, a TopK without AuxK and tied init (dead latents), and a multi-Top
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,8 +15,8 @@ from torch import Tensor
 
 from paper_lib import interp, metrics
 from paper_lib.config import TopKParams
-from paper_lib.data.activations import ActivationSet, load_activations
-from paper_lib.experiments.common import encode_all, train_on
+from paper_lib.data.activations import ActivationSet
+from paper_lib.experiments.common import encode_all, replicate_runs
 from paper_lib.inference import refine_codes
 from paper_lib.sae import SAE, SAEConfig
 
@@ -41,13 +40,6 @@ def sweep_configs(p: TopKParams, d_in: int, hook: str) -> dict[str, SAEConfig]:
     return cfgs
 
 
-def reseeded_configs(cfgs: dict[str, SAEConfig], offset: int) -> dict[str, SAEConfig]:
-    """A copy of each named config at initialisation seed seed + offset, named
-    <name>_s<seed + offset>, every other setting equal."""
-    return {f"{name}_s{c.seed + offset}": replace(c, seed=c.seed + offset)
-            for name, c in cfgs.items()}
-
-
 PROBE_SCORE = "mean relative probe loss"
 
 
@@ -67,26 +59,16 @@ def probe_scores(codes: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
 def probe_replicates(p: TopKParams, cfgs: dict[str, SAEConfig],
                      device: torch.device) -> list[dict[str, float]]:
     """Runs 2 .. p.probe_seeds of the probe comparison between the named configs, each a
-    full replication of the first (the sweep's): run i + 1 harvests its own draw of training
-    and held-out text (`load_activations` at seed p.seed + i), initialises at seed + i
-    (`reseeded_configs`) and reads its batches in the order of seed p.seed + i. Every
-    named SAE gets its PROBE_SCORE on that draw's first p.analysis_tokens held-out tokens.
-    One {name: score} per run. A draw is dropped before the next is harvested, so at most
-    two are held at once (the caller's and one here)."""
-    out = []
-    for i in range(1, p.probe_seeds):
-        acts = load_activations(p.model, p.dataset, p.hook, p.n_tokens, p.n_eval_tokens,
-                                device, p.seed + i, p.progress)
-        runs = train_on(acts, list(reseeded_configs(cfgs, i).values()), p.steps,
-                        p.batch_size, p.lr, device, p.progress,
-                        desc=f"probe run {i + 1} of {p.probe_seeds}", seed=p.seed + i,
-                        lr_scale_with_n=True, lr_ref_latents=p.lr_ref_n,
-                        heldout_midway=False)
+    full replication of the first (the sweep's) on its own draw of text, initialisation and
+    batch order (`replicate_runs`). Every named SAE gets its PROBE_SCORE on that draw's
+    first p.analysis_tokens held-out tokens. One {name: score} per run."""
+    def score(acts: ActivationSet, trained: dict[str, Any]) -> dict[str, float]:
         x, labels = probe_inputs(acts, p.analysis_tokens)
-        out.append({name: probe_scores(encode_all(r.sae, x)[0], labels)[PROBE_SCORE]
-                    for name, r in zip(cfgs, runs)})
-        del acts, runs, x
-    return out
+        return {name: probe_scores(encode_all(r.sae, x)[0], labels)[PROBE_SCORE]
+                for name, r in trained.items()}
+    return replicate_runs(p, p.hook, cfgs, p.probe_seeds, device, score, "probe comparison",
+                          lr_scale_with_n=True, lr_ref_latents=p.lr_ref_n,
+                          heldout_midway=False)
 
 
 def dominated_fraction(front_l0: np.ndarray, front_y: np.ndarray, l0: np.ndarray,
