@@ -15,7 +15,7 @@
 #                                       min with autotuning off, bench ~4-6 min
 #   notebooks  env prepare 01 05        prepare 1-3.5 min (the gpu LM), 01 4-7 min before its
 #                                       λ sweep gained a second run on its own draw (5 top-AFA
-#                                       SAEs, lambda_seeds = 2 at gpu): ~+1 min estimated; 05 1 min
+#                                       SAEs, lambda_seeds = 2): ~+1 min estimated; 05 1 min
 #   withdrawn  env prepare 02 04        the records with withdrawn claims (claims.WITHDRAWN,
 #                                       2026-12-06): 02 165-180 s, 04 160 s; one lease
 #   probes     env prepare 03           03's withdrawn probe claims (same date): 03 260-290 s

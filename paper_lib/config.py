@@ -363,7 +363,9 @@ class AFAParams(LMParams):
     steps: int = param(400, "SAE training steps", lo=1)
     lr: float = param(4e-3, "SAE Adam learning rate", lo=0, lo_open=True)
     ce_rows: int = param(32, "held-out token rows for CE loss recovered", lo=1)
-    lambda_seeds: int = param(3, "runs of top-AFA's lambda sweep behind the L0 trend: the "
+    # 2, not 3, at smoke and gpu: a run of 5 top-AFA SAEs costs ~50 s at smoke (make test
+    # must fit 15 minutes on 2 cores) and an estimated minute of an H100 (01: 10 minutes)
+    lambda_seeds: int = param(2, "runs of top-AFA's lambda sweep behind the L0 trend: the "
                               "sweep's, plus runs each on its own data draw, initialisation "
                               "and batch order", lo=1)
 
@@ -373,13 +375,11 @@ class AFAParams(LMParams):
                 "h_values": (2, 4, 8, 16, 32), "n_samples": 100_000, "d_sae": 8192, "k": 32,
                 # 4x apart, not 2x: with 7 k, 01 at gpu was unfinished after 430 s (H100)
                 "topk_ks": (32, 128, 512, 2048),
-                "l1_coeff": 3.0, "steps": 4000, "lr": 1e-3, "ce_rows": 256,
-                # one more run of 5 top-AFA SAEs, not two: 01 must fit 10 minutes on an H100
-                "lambda_seeds": 2},
+                "l1_coeff": 3.0, "steps": 4000, "lr": 1e-3, "ce_rows": 256},
         "paper": {**_LM_PAPER, "n_atoms": 512, "atom_dim": 256, "eps_values": (0.1, 0.15, 0.2),
                   "h_values": (2, 4, 8, 16, 32), "n_samples": 100_000, "layers": (6, 7, 8),
                   "d_sae": 12288, "k": 32, "topk_ks": tuple(2 ** i for i in range(5, 14)),
-                  "steps": 20_000, "lr": 3e-4, "ce_rows": 256},
+                  "steps": 20_000, "lr": 3e-4, "ce_rows": 256, "lambda_seeds": 3},
     }
 
     def validate(self) -> None:
