@@ -169,3 +169,13 @@ def test_l0_replicates_train_top_afa_at_every_lambda_per_draw(monkeypatch):
                        ("topafa", 0.5, 6, True, "blocks.0.hook_resid_pre")])]
     assert out == [{"topafa lambda=0.25": 256.0, "topafa lambda=0.5": 506.0}]
     assert afa.l0_replicates(AFAParams(lambda_seeds=1), "h", 16, "cpu") == []
+
+
+def test_lambda_label_hand_cases():
+    """The authors' grid reads as 1/n; a weight that is no reciprocal of a whole number
+    keeps its value (1/0.3 = 3.33 must not read 1/3)."""
+    from paper_lib.experiments.afa import lambda_label
+
+    assert [lambda_label(v) for v in (1 / 128, 1 / 24, 0.0625, 1.0)] == \
+        ["1/128", "1/24", "1/16", "1/1"]
+    assert lambda_label(0.3) == "0.3" and lambda_label(0.007) == "0.007"

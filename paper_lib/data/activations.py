@@ -215,7 +215,7 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
                                         buffer_tokens=max(2 * batch_size, min(n_tokens, 1 << 21)),
                                         scale=scale, seed=seed)
         def head(n: int) -> Tensor:
-            return harvest(model, token_iter(), hook, n, True, device, progress=False) * scale
+            return harvest(model, token_iter(), hook, n, True, device, progress=False).mul_(scale)
         return ActivationSet(model, info, hook, None, ev.mul_(scale), scale, None, eval_tok, True,
                              dataset, None, False, make_stream, head)
     train = harvest(model, token_iter(), hook, n_tokens, True, device, progress=progress)

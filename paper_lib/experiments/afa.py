@@ -93,6 +93,13 @@ def topafa_name(lam: float) -> str:
     return f"topafa lambda={lam:.4g}"
 
 
+def lambda_label(lam: float) -> str:
+    """A loss weight as the authors write their grid, 1/n where 1/lam is a whole number
+    (1/128, 1/24), else its decimal value."""
+    inv = 1 / lam
+    return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 * inv else f"{lam:.3g}"
+
+
 def sweep_configs(d_in: int, d_sae: int, lambdas: Sequence[float], ks: Sequence[int], hook: str,
                   model: str, seed: int) -> dict[str, SAEConfig]:
     """top-AFA at each lambda and TopK at each k, all on standardised rows as in the authors'
