@@ -81,7 +81,8 @@ def replicate_runs(p: LMParams, hook: str, cfgs: dict[str, SAEConfig], runs: int
     replication: run i + 1 harvests its own draw of training and held-out text at `hook`
     (`load_activations` at seed p.seed + i), initialises every config at its seed + i
     (`reseeded_configs`) and reads its batches in the order of seed p.seed + i, with the
-    notebook's steps, batch size and lr (p: the notebook's LMParams). `score(acts,
+    notebook's steps, batch size and lr (p: an LMParams subclass that defines `steps` and
+    `lr`, as AFAParams and TopKParams do; LMParams itself does not). `score(acts,
     {name: result})` reads what the caller compares off that run. A run's draw is dropped
     before the next is harvested, so at most one is held here beside the caller's. Run-to-run
     spread then includes the data, not only training luck."""
