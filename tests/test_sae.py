@@ -147,6 +147,28 @@ def test_topafa_picks_k_by_norm_hand_case():
     assert not sae.b_enc.requires_grad
 
 
+def test_topafa_rows_with_few_positives_hand_case():
+    """n = 6 unit decoder rows, b_dec = 0. Row 1: one positive act 0.5 under a target of 10
+    keeps it alone (the cumulative norm stays 0.5). Row 2: no positive act keeps no code.
+    Row 3: acts (1.01, 1, 0.99, 0.98) sum cumulatively to norms 1.01, 1.42, 1.73, 1.99;
+    the target 1.8 keeps the first three. Row 4: the first case's (3, 2, 1, 0.1) keeps two.
+    At most 4 of the 6 latents are positive in any row (the selection's top m = 4)."""
+    sae = make_sae(SAEConfig("topafa", 4, 6, standardize_input=False))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([torch.eye(4), torch.eye(4)[:2]]))
+    pre = torch.tensor([[-1.0, 0.5, -2.0, 0.0, -1.0, -1.0],
+                        [-1.0, -1.0, -1.0, -1.0, 0.0, -3.0],
+                        [1.0, 1.01, 0.99, 0.98, -1.0, -1.0],
+                        [3.0, -1.0, 2.0, 0.1, 1.0, 0.0]])
+    x = torch.tensor([[10.0, 0, 0, 0], [1.0, 0, 0, 0], [1.8, 0, 0, 0], [13 ** 0.5, 0, 0, 0]])
+    expected = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 0.0],
+                             [0.0] * 6,
+                             [1.0, 1.01, 0.99, 0.0, 0.0, 0.0],
+                             [3.0, 0.0, 2.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(sae.activation(pre, x), expected)
+    assert sae.keep_mask(pre[:0], x[:0]).shape == (0, 6)
+
+
 def test_topafa_norm_loss_hand_case():
     """The authors' norm term, weighted against a per-element MSE: lambda * d * (||f|| - ||x||)^2
     with x the (standardised) input, not x - b_dec. d = 4, W_enc = 0.75 I, W_dec = I,
