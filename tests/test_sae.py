@@ -191,6 +191,16 @@ def test_mlp_encoder_has_hidden_layer():
     assert sae.W_1.shape == (8, 16) and sae.W_enc.shape == (16, 32)
 
 
+def test_mlp_hidden_layer_is_not_the_next_seeds_draws():
+    """W_1 = (U - 1/2) * 2 / sqrt(d_in) with U uniform: its U must not be the first uniform
+    draws of seed + 1, which an SAE with seed + 1 (say, the next replicate) starts from."""
+    sae = make_sae(SAEConfig("mlp", 8, 32, mlp_hidden=16, seed=3))
+    u = (sae.W_1.detach() * 8 ** 0.5 + 1) / 2
+    assert not torch.allclose(u, torch.rand(8, 16, generator=torch.Generator().manual_seed(4)),
+                              atol=1e-6)
+    assert torch.equal(sae.W_1, make_sae(SAEConfig("mlp", 8, 32, mlp_hidden=16, seed=3)).W_1)
+
+
 def test_frozen_decoder_and_no_bias():
     sae = make_sae(SAEConfig("relu", 8, 16, freeze_decoder=True, decoder_bias=False))
     assert not sae.W_dec.requires_grad and not sae.b_dec.requires_grad

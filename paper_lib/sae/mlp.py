@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from paper_lib.runtime import stream_generator
 from paper_lib.sae.base import SAE, SAEConfig, SAEOutput
 
 
@@ -22,7 +23,8 @@ class MLPSAE(SAE):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        # its own stream: manual_seed(seed + 1) would replay the next seed's SAE initialisation
+        gen = stream_generator(cfg.seed, "mlp-encoder")
         h = cfg.mlp_hidden
         self.W_1 = nn.Parameter((torch.rand(cfg.d_in, h, generator=gen) * 2 - 1)
                                 / math.sqrt(cfg.d_in))
