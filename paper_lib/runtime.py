@@ -82,7 +82,8 @@ def stream_generator(seed: int, stream: str) -> torch.Generator:
     an SAE initialised with seed s (a random decoder, `randn(n, d)`) would start exactly at
     the ground-truth dictionary of synthetic data made with seed s, and so would sparse
     coding's random start. Data and solvers draw from their own streams instead (the
-    stream's name and the seed hashed to a 63-bit seed); SAEs keep `manual_seed(cfg.seed)`."""
+    stream's name and the seed hashed to a 63-bit seed); SAEs keep `manual_seed(cfg.seed)`
+    (an MLP encoder's extra layer draws from its own stream)."""
     digest = hashlib.sha256(f"{stream}:{seed}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
