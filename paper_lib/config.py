@@ -29,10 +29,24 @@ _SEEN_KEY = "_paper_lib_param_names"
 
 
 def param(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-          lo_open: bool = False) -> Any:
+          lo_open: bool = False, repeats: bool = False) -> Any:
     """A dataclass field with documentation and an allowed range (`lo <= v <= hi`;
-    `lo_open` makes the lower bound strict)."""
-    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open})
+    `lo_open` makes the lower bound strict). A list's values are the settings of a sweep
+    and must differ, unless `repeats` (one side of a list of pairs: the pairs must differ,
+    which the class's `validate` checks with `refuse_repeats`)."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open,
+                                            "repeats": repeats})
+
+
+def refuse_repeats(name: str, values: Any) -> None:
+    """A ValueError if a sweep lists one setting twice: its run would be trained twice under
+    one name, and fits and trends would count it twice."""
+    seen: set = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"parameter {name!r} = {list(values)} lists {v!r} twice: each "
+                             "value is one setting of the sweep; list it once")
+        seen.add(v)
 
 
 def _type_name(tp: Any) -> str:
@@ -158,6 +172,8 @@ class Params:
         for f in fields(self):
             value = _coerce(f.name, getattr(self, f.name), hints[f.name])
             _check_range(f.name, value, f.metadata)
+            if isinstance(value, tuple) and not f.metadata.get("repeats"):
+                refuse_repeats(f.name, value)
             object.__setattr__(self, f.name, value)
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"parameter 'device' = {self.device!r} is invalid: "
@@ -297,8 +313,10 @@ class AmortParams(Params):
     sc_lr: float = param(3e-2, "Adam lr of sparse coding", lo=0, lo_open=True)
     ito_steps: int = param(1000, "Adam steps of inference-time optimisation", lo=1)
     mlp_widths: tuple[int, ...] = param((32, 256), "hidden widths of the MLP encoders", lo=1)
-    sweep_dims: tuple[int, ...] = param((), "M values of the (M, N) scaling sweep", lo=1)
-    sweep_latents: tuple[int, ...] = param((), "N values paired with sweep_dims", lo=2)
+    sweep_dims: tuple[int, ...] = param((), "M values of the (M, N) scaling sweep", lo=1,
+                                        repeats=True)
+    sweep_latents: tuple[int, ...] = param((), "N values paired with sweep_dims", lo=2,
+                                           repeats=True)
     sweep_seeds: int = param(3, "seeds per point of the scaling sweep", lo=1)
     lm_gap: bool = param(True, "measure the SAE vs ITO FVU gap on LM activations")
     lm_model: str = param("embedded-smoke", "LM for the real-activation gap")
@@ -322,6 +340,8 @@ class AmortParams(Params):
         if len(self.sweep_dims) != len(self.sweep_latents):
             raise ValueError("parameters 'sweep_dims' and 'sweep_latents' must have equal "
                              f"length (got {len(self.sweep_dims)} and {len(self.sweep_latents)})")
+        refuse_repeats("(sweep_dims, sweep_latents)", list(zip(self.sweep_dims,
+                                                                self.sweep_latents)))
         for m, n in zip(self.sweep_dims, self.sweep_latents):
             if not self.k < m < n:
                 raise ValueError(f"sweep pair (M={m}, N={n}) must satisfy K < M < N "
@@ -480,8 +500,9 @@ class MatryoshkaParams(LMParams):
     syn_dim: int = param(64, "dimension of the synthetic check", lo=4)
     syn_steps: int = param(400, "training steps of the synthetic check", lo=1)
     extra_sizes: tuple[int, ...] = param((512, 1024), "n of further Matryoshka / TopK pairs "
-                                         "(Matryoshka vs pruning at other sizes and k)", lo=16)
-    extra_ks: tuple[int, ...] = param((16, 32), "k paired with extra_sizes", lo=1)
+                                         "(Matryoshka vs pruning at other sizes and k)", lo=16,
+                                         repeats=True)
+    extra_ks: tuple[int, ...] = param((16, 32), "k paired with extra_sizes", lo=1, repeats=True)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},
@@ -508,6 +529,7 @@ class MatryoshkaParams(LMParams):
         pairs = [("d_sae", self.d_sae, "k", self.k)]
         pairs += [(f"extra_sizes[{i}]", n, f"extra_ks[{i}]", k)
                   for i, (n, k) in enumerate(zip(self.extra_sizes, self.extra_ks))]
+        refuse_repeats("(d_sae, k) and (extra_sizes, extra_ks)", [(n, k) for _, n, _, k in pairs])
         for n_name, n, k_name, k in pairs:
             if n & (n - 1):
                 raise ValueError(f"parameter {n_name!r} = {n} must be a power of two")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from paper_lib.config import AmortParams, Params, lm_preset
+from paper_lib.config import AFAParams, AmortParams, MatryoshkaParams, Params, TopKParams, lm_preset
 
 
 def test_presets_and_overrides():
@@ -32,6 +32,26 @@ def test_bad_parameters_raise_clear_errors(kwargs, match):
     """Each bad value names the parameter, the value and what is allowed."""
     with pytest.raises(ValueError, match=match):
         AmortParams.from_profile("smoke", **kwargs)
+
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (TopKParams, {"n_values": [128, 256, 256, 512]}, r"'n_values' = \[128, 256, 256, 512\] "
+                                                      r"lists 256 twice: .* list it once"),
+    (AFAParams, {"afa_lambdas": [1 / 64, 1 / 32, 1 / 64]},
+     r"'afa_lambdas' .* lists 0.015625 twice"),
+    (AmortParams, {"sweep_dims": [8, 16, 8], "sweep_latents": [16, 32, 16]},
+     r"'\(sweep_dims, sweep_latents\)' = \[\(8, 16\), \(16, 32\), \(8, 16\)\] "
+     r"lists \(8, 16\) twice"),
+    (MatryoshkaParams, {"d_sae": 512, "extra_sizes": [512, 1024], "extra_ks": [16, 32]},
+     r"\(d_sae, k\) and \(extra_sizes, extra_ks\).* lists \(512, 16\) twice"),
+])
+def test_a_sweep_listing_one_setting_twice_is_refused(cls, kwargs, match):
+    """A repeated setting would train twice under one name and count twice in fits; lists of
+    pairs may repeat one side (M = 16 with N = 32 and 64) but not a whole pair."""
+    with pytest.raises(ValueError, match=match):
+        cls.from_profile("smoke", **kwargs)
+    p = AmortParams.from_profile("smoke", sweep_dims=[8, 16, 16], sweep_latents=[16, 32, 64])
+    assert p.sweep_dims == (8, 16, 16)
 
 
 def test_unknown_profile():
