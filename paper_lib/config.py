@@ -410,6 +410,9 @@ class AFAParams(LMParams):
             raise ValueError(f"'topk_ks' = {list(self.topk_ks)} must hold at least two "
                              f"distinct k, none above 'd_sae' = {self.d_sae}: the TopK "
                              "frontier interpolates between them")
+        if len(self.afa_lambdas) < 2:
+            raise ValueError(f"'afa_lambdas' = {list(self.afa_lambdas)} must hold at least two "
+                             "values: top-AFA's L0 trend in lambda is read over them")
         if self.atom_dim >= self.n_atoms:
             raise ValueError(f"'atom_dim' = {self.atom_dim} must be < 'n_atoms' = "
                              f"{self.n_atoms}: superposition needs more atoms than dimensions")

@@ -54,6 +54,11 @@ def test_a_sweep_listing_one_setting_twice_is_refused(cls, kwargs, match):
     assert p.sweep_dims == (8, 16, 16)
 
 
+def test_afa_needs_two_lambdas_for_its_trend():
+    with pytest.raises(ValueError, match=r"'afa_lambdas' = \[0.03125\] must hold at least two"):
+        AFAParams.from_profile("smoke", afa_lambdas=[1 / 32])
+
+
 def test_unknown_profile():
     with pytest.raises(ValueError, match=r"'profile' = 'laptop' is invalid: expected one of"):
         AmortParams.from_profile("laptop")
