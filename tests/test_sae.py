@@ -151,8 +151,8 @@ def test_topafa_rows_with_few_positives_hand_case():
     """n = 6 unit decoder rows, b_dec = 0. Row 1: one positive act 0.5 under a target of 10
     keeps it alone (the cumulative norm stays 0.5). Row 2: no positive act keeps no code.
     Row 3: acts (1.01, 1, 0.99, 0.98) sum cumulatively to norms 1.01, 1.42, 1.73, 1.99;
-    the target 1.8 keeps the first three. Row 4: the first case's (3, 2, 1, 0.1) keeps two.
-    At most 4 of the 6 latents are positive in any row (the selection's top m = 4)."""
+    the target 1.8 keeps the first three. Row 4: the first case's acts (3, 2, 1, 0.1), here on
+    latents 0, 2, 4, 3, keep latents 0 and 2. An empty batch gives an empty mask."""
     sae = make_sae(SAEConfig("topafa", 4, 6, standardize_input=False))
     with torch.no_grad():
         sae.W_dec.copy_(torch.cat([torch.eye(4), torch.eye(4)[:2]]))
