@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,31 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
                              + ", ".join(nb.stem for nb in nbs))
         return picked
     return nbs
+
+
+def params_class(nb: Path) -> type[Params] | None:
+    """The dataclass a notebook validates its parameters with (its `XParams.from_namespace`
+    call, the cell after `parameters`)."""
+    from paper_lib import config
+
+    found = re.search(r"(\w+Params)\.from_namespace", nb.read_text())
+    return getattr(config, found.group(1), None) if found else None
+
+
+def refused_params(nbs: list[Path], profile: str, params: dict[str, Any]) -> str:
+    """Why a notebook would refuse these parameters, or "": each is checked as its own
+    parameters cell would, before the LM is prepared (minutes at `gpu`) or a kernel starts."""
+    overrides = dict(params)
+    profile = overrides.pop("profile", profile)
+    for nb in nbs:
+        cls = params_class(nb)
+        if cls is None:
+            continue
+        try:
+            cls.from_profile(profile, **overrides)
+        except ValueError as e:
+            return f"{nb.stem}: {e}"
+    return ""
 
 
 def kernel_name() -> str:
@@ -432,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reproduce: {e}", file=sys.stderr)
             return 2
     nbs = notebooks(args.only)
+    refused = refused_params(nbs, args.profile, params)
+    if refused:
+        print(f"reproduce: {refused}", file=sys.stderr)
+        return 2
     changed = refresh_if_stale()
     if changed:
         print(f"kernel {KERNEL!r}: reinstalled with today's CPU numerics ({changed})",

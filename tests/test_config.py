@@ -145,6 +145,29 @@ def test_notebook_parameters_refuse_a_missing_gpu_before_any_work(monkeypatch):
     assert len(started) == 1
 
 
+def test_driver_refuses_bad_parameters_before_preparing_or_starting_anything(monkeypatch, capsys):
+    """`reproduce -p ...` checks each selected notebook's parameters as its parameters cell
+    would, before the LM is prepared (minutes at gpu) or a kernel starts."""
+    from paper_lib import reproduce
+
+    started = []
+    for name in ("run_parallel", "run_sequential", "refresh_if_stale"):
+        monkeypatch.setattr(reproduce, name, lambda *a, **k: started.append(a) or [])
+    assert reproduce.main(["--only", "03", "-p", "n_values", "[128, 256, 256]",
+                           "--no-update"]) == 2
+    assert "03_topk_scaling: parameter 'n_values' = [128, 256, 256] lists 256 twice" in \
+        capsys.readouterr().err
+    # a parameter one of the selected notebooks lacks is refused for that notebook
+    assert reproduce.main(["--only", "01", "03", "-p", "n_values", "[128, 256, 512]",
+                           "--no-update"]) == 2
+    assert "01_afa_bound: unknown parameter(s) 'n_values' for AFAParams" in \
+        capsys.readouterr().err
+    assert started == []
+    assert reproduce.main(["--only", "03", "-p", "n_values", "[256, 512, 1024, 2048]",
+                           "--no-update", "--no-scoreboard"]) == 0
+    assert len(started) == 2  # the kernel check, then the runner
+
+
 def test_a_cuda_index_beyond_the_machine_is_refused(monkeypatch):
     """device='cuda:3' on a one-GPU machine: named at once, not as a CUDA error later."""
     from paper_lib.runtime import pick_device
