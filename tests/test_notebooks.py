@@ -38,14 +38,12 @@ def test_parameters_cell_lists_every_parameter(path):
     """The parameters cell is its dataclass's `parameters_cell()`, and Papermill's own
     parser finds every field with its type and help: `papermill --help-notebook` documents
     them all, and no valid parameter is reported as unknown."""
-    import re
-
     import papermill
 
-    import paper_lib.config as config
+    from paper_lib.reproduce import params_class
 
     raw = path.read_text()
-    cls = getattr(config, re.search(r"(\w+Params)\.from_namespace", raw).group(1))
+    cls = params_class(path)
     cell = next(c for c in json.loads(raw)["cells"]
                 if "parameters" in c["metadata"].get("tags", []))
     assert "".join(cell["source"]) == cls.parameters_cell(), \
