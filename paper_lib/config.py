@@ -406,9 +406,9 @@ class AFAParams(LMParams):
         super().validate()
         if self.k > self.d_sae:
             raise ValueError(f"parameter 'k' = {self.k} exceeds 'd_sae' = {self.d_sae}")
-        if len(set(self.topk_ks)) < 2 or max(self.topk_ks) > self.d_sae:
+        if len(self.topk_ks) < 2 or max(self.topk_ks) > self.d_sae:  # repeats refused first
             raise ValueError(f"'topk_ks' = {list(self.topk_ks)} must hold at least two "
-                             f"distinct k, none above 'd_sae' = {self.d_sae}: the TopK "
+                             f"k, none above 'd_sae' = {self.d_sae}: the TopK "
                              "frontier interpolates between them")
         if len(self.afa_lambdas) < 2:
             raise ValueError(f"'afa_lambdas' = {list(self.afa_lambdas)} must hold at least two "

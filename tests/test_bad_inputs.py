@@ -89,7 +89,7 @@ CASES = [
      ValueError, r"'lr' = -0.1 is out of range: must be > 0"),
     ("TopK frontier k above the dictionary",
      lambda t: lambda: AFAParams.from_profile("smoke", topk_ks=[16, 1024]),
-     ValueError, r"'topk_ks' = \[16, 1024\] must hold at least two distinct k, none above "
+     ValueError, r"'topk_ks' = \[16, 1024\] must hold at least two k, none above "
                  r"'d_sae' = 512"),
     ("top-AFA sweep lambda of 0", lambda t: lambda: AFAParams.from_profile("smoke",
                                                                           afa_lambdas=[0.0]),
