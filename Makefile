@@ -44,22 +44,27 @@ $(DEV_STAMP): $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m paper_lib.reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(ONLY),--only $(ONLY))
 
-# Unit tests first: they read the committed results (README scoreboard check) before
-# nbval re-executes the notebooks and rewrites them. Meanwhile the LM and activations the
-# notebooks share are prepared in the background (`reproduce --prepare`, log in
-# build/prepare.log): the unit tests leave most of a core idle. Both with OpenMP's waiting
-# threads asleep: with spinning waiters of two processes on 2 cores, a fresh clone's unit
-# tests took 404 s beside the LM (241 s with them asleep). nbval then runs one pytest per notebook, JOBS at a time; the
-# browser test needs the data those runs leave behind, so it comes last.
+# The unit tests and nbval run side by side: the unit tests keep about one core busy
+# (261 CPU-s in 251 s here), nbval's prepare step (the LM and activations the notebooks
+# share) and notebooks fill the rest, two at a time. Run one after the other they left
+# ~280 CPU-s of a 2-core machine idle. Neither writes what the other reads: nbval's records
+# and figures go to build/nbval, the unit tests' runs to temporary folders. Both with
+# OpenMP's waiting threads asleep (spinning waiters of two processes on 2 cores made a
+# fresh clone's unit tests 404 s beside the LM against 241 s with them asleep). The unit
+# tests' output goes to build/unit.log, printed when both are done; the browser test needs
+# the data nbval's runs leave behind, so it comes last.
 test: $(DEV_STAMP)
 	@mkdir -p build
 	@export OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}; \
-	$(PY) -m paper_lib.reproduce --prepare > build/prepare.log 2>&1 & prep=$$!; \
-	trap 'kill $$prep 2>/dev/null; exit 130' INT TERM; \
-	echo "$(PY) -m pytest tests -q --ignore=tests/browser  (LM preparing beside it)"; \
-	$(PY) -m pytest tests -q --ignore=tests/browser || { kill $$prep 2>/dev/null; exit 1; }; \
-	wait $$prep || { cat build/prepare.log; echo "preparing the LM failed (above)"; exit 1; }
-	$(PY) -m paper_lib.reproduce --nbval --jobs $(JOBS)
+	echo "$(PY) -m pytest tests -q --ignore=tests/browser  (beside nbval; output: build/unit.log)"; \
+	$(PY) -m pytest tests -q --ignore=tests/browser > build/unit.log 2>&1 & unit=$$!; \
+	trap 'kill $$unit 2>/dev/null; exit 130' INT TERM; \
+	$(PY) -m paper_lib.reproduce --nbval --jobs $(JOBS); nbval=$$?; \
+	wait $$unit; unit=$$?; \
+	echo "--- unit tests (build/unit.log) ---"; cat build/unit.log; \
+	[ $$unit = 0 ] || echo "unit tests FAILED (exit $$unit)"; \
+	[ $$nbval = 0 ] || echo "nbval FAILED (exit $$nbval)"; \
+	[ $$unit = 0 ] && [ $$nbval = 0 ]
 	$(MAKE) --no-print-directory browser-test
 
 unit: $(DEV_STAMP)
