@@ -34,6 +34,17 @@ def test_notebook_shape(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_warning_reaches_a_reader(path):
+    """No cell of a committed notebook shows a warning: a reader takes one for a fault of
+    the run (04 once showed torch's "requires_grad=True to a scalar", from metrics computed
+    with autograd on)."""
+    for i, c in enumerate(json.loads(path.read_text())["cells"]):
+        for o in c.get("outputs", []):
+            text = "".join(o.get("text", ""))
+            assert "Warning" not in text, f"cell {i} shows a warning: {text.strip()[:300]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_cell_lists_every_parameter(path):
     """The parameters cell is its dataclass's `parameters_cell()`, and Papermill's own
     parser finds every field with its type and help: `papermill --help-notebook` documents

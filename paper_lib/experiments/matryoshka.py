@@ -71,6 +71,7 @@ def matryoshka_prefix_recon(sae: SAE, x: Tensor, g: int) -> Tensor:
 Method = Callable[[Tensor, int], Tensor]
 
 
+@torch.no_grad()  # inference only: a method may call an SAE module (its graph would be kept)
 def prefix_curves(methods: dict[str, Method], x: Tensor, gs: list[int],
                   lm_loss: Callable[[Callable[[Tensor], Tensor]], Any] | None, scale: float,
                   rsa_samples: int, seed: int) -> list[dict[str, Any]]:
