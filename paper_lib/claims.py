@@ -318,8 +318,10 @@ class Run:
         if volatile:
             self.volatile_metrics.append(name)
 
-    def savefig(self, fig: Any, name: str) -> Path:
-        """Save `fig` as PNG and PDF under figures/<profile>/<stem>_<name>.*, atomically."""
+    def savefig(self, fig: Any, name: str) -> None:
+        """Save `fig` as PNG and PDF under figures/<profile>/<stem>_<name>.*, atomically,
+        and list it in the record. Returns nothing: a cell ending in it shows the figure,
+        not this host's path."""
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         out = self.fig_dir / f"{self.stem}_{name}"
         # No creation date in the PDF: reruns produce identical bytes (clean git diffs).
@@ -327,7 +329,6 @@ class Run:
             with atomic_path(out.with_suffix(f".{ext}")) as tmp:
                 fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)
         self.figures.append(str(out.relative_to(self.root)))
-        return out.with_suffix(".png")
 
     def record(self) -> dict[str, Any]:
         device = getattr(self.params, "device", "auto")

@@ -26,6 +26,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
+def project_relative(path: Path) -> Path:
+    """`path` relative to the project root when it lies inside it: what a notebook prints
+    for its reader, whose checkout is elsewhere (a path outside stays absolute)."""
+    path = Path(path)
+    return path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
+
+
 def output_root() -> Path:
     """Where results/ and figures/ are written: the project, unless PAPER_LIB_OUTPUT_ROOT
     points elsewhere (tests and scratch runs use it to leave committed results alone)."""

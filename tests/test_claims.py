@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +165,28 @@ def test_run_writes_results_atomically(tmp_path):
     assert set(on_disk) >= {"notebook", "profile", "params", "env", "seconds", "claims", "metrics"}
     assert {"torch", "device", "git"} <= set(on_disk["env"])
     assert [p.name for p in path.parent.iterdir()] == ["99_test.json"]
+
+
+def test_savefig_lists_the_figure_and_shows_no_host_path(tmp_path):
+    """Run.savefig writes PNG and PDF, lists the figure relative to the output root, and
+    returns nothing (a cell ending in it showed PosixPath('/home/...') to every reader);
+    printed paths inside the project are relative to it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from paper_lib.runtime import project_relative
+
+    run = claims.Run("99_test", AmortParams.from_profile("smoke"), root=tmp_path)
+    fig, _ = plt.subplots()
+    assert run.savefig(fig, "curve") is None
+    plt.close(fig)
+    assert sorted(p.name for p in (tmp_path / "figures" / "smoke").iterdir()) == \
+        ["99_test_curve.pdf", "99_test_curve.png"]
+    assert run.figures == ["figures/smoke/99_test_curve"]
+    assert project_relative(PROJECT_ROOT / "data" / "saes") == Path("data/saes")
+    assert project_relative(tmp_path / "x") == tmp_path / "x"
 
 
 def test_exploratory_runs_keep_off_the_reference_results(tmp_path):

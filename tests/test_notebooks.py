@@ -34,14 +34,16 @@ def test_notebook_shape(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_no_warning_reaches_a_reader(path):
-    """No cell of a committed notebook shows a warning: a reader takes one for a fault of
-    the run (04 once showed torch's "requires_grad=True to a scalar", from metrics computed
-    with autograd on)."""
+def test_no_warning_or_host_path_reaches_a_reader(path):
+    """No cell of a committed notebook shows a warning (a reader takes one for a fault of
+    the run: 04 once showed torch's "requires_grad=True to a scalar", from metrics computed
+    with autograd on) or a returned path (01 and 02 showed PosixPath('/<this host's
+    checkout>/figures/...') below cells ending in run.savefig)."""
     for i, c in enumerate(json.loads(path.read_text())["cells"]):
         for o in c.get("outputs", []):
-            text = "".join(o.get("text", ""))
+            text = "".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
             assert "Warning" not in text, f"cell {i} shows a warning: {text.strip()[:300]}"
+            assert "PosixPath(" not in text, f"cell {i} shows a path: {text.strip()[:300]}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
