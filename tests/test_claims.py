@@ -171,17 +171,14 @@ def test_savefig_lists_the_figure_and_shows_no_host_path(tmp_path):
     """Run.savefig writes PNG and PDF, lists the figure relative to the output root, and
     returns nothing (a cell ending in it showed PosixPath('/home/...') to every reader);
     printed paths inside the project are relative to it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the test leaves its state alone
 
     from paper_lib.runtime import project_relative
 
     run = claims.Run("99_test", AmortParams.from_profile("smoke"), root=tmp_path)
-    fig, _ = plt.subplots()
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
     assert run.savefig(fig, "curve") is None
-    plt.close(fig)
     assert sorted(p.name for p in (tmp_path / "figures" / "smoke").iterdir()) == \
         ["99_test_curve.pdf", "99_test_curve.png"]
     assert run.figures == ["figures/smoke/99_test_curve"]
