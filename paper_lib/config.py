@@ -98,6 +98,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 pass
+            if isinstance(value, str) and typing.get_args(tp)[0] is str:
+                value = [value]  # one path, say: a list of one
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"{bad} (written as a list: -p {name} \"[...]\", or "
                                  f"-y \"{name}: [...]\")")
@@ -550,9 +552,18 @@ class ExploreParams(LMParams):
     """Notebook 05: the widget explorers."""
 
     fallback_steps: int = param(200, "training steps when no saved SAEs exist yet", lo=1)
+    sae_dirs: tuple[str, ...] = param((), "more SAEs to explore: folders holding cfg.json "
+                                      "(saved by paper_lib, or SAELens 'standard' / 'topk' "
+                                      "SAEs) or folders of them; relative to the project root")
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},
         "gpu": {**_LM_GPU, "fallback_steps": 1000},
         "paper": {**_LM_PAPER, "fallback_steps": 5000},
     }
+
+    def validate(self) -> None:
+        super().validate()
+        from paper_lib.sae.io import listed_saes
+
+        listed_saes(self.sae_dirs)  # each folder must exist and hold a saved SAE

@@ -32,12 +32,7 @@ from paper_lib import interp, metrics, plots
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, load_sae
 from paper_lib.sae.base import initial_decoder
-from paper_lib.sae.io import read_cfg
-
-
-def saved_saes(root: Path = PROJECT_ROOT / "data" / "saes") -> dict[str, Path]:
-    """Every saved SAE directory below root, keyed by its path relative to root."""
-    return {str(p.parent.relative_to(root)): p.parent for p in sorted(root.rglob("cfg.json"))}
+from paper_lib.sae.io import read_cfg, saved_saes
 
 
 def profile_saes(root: Path, profile: str) -> dict[str, Path]:
@@ -48,6 +43,15 @@ def profile_saes(root: Path, profile: str) -> dict[str, Path]:
 
     custom = saved_saes(root / (profile + CUSTOM_SUFFIX))  # a missing folder finds none
     return {**saved_saes(root / profile), **{f"custom/{k}": v for k, v in custom.items()}}
+
+
+def sae_source(path: Path, root: Path = PROJECT_ROOT / "data" / "saes") -> str:
+    """Where an explored SAE was read, the same on every machine for those the notebooks
+    saved (relative to data/saes) and project-relative or absolute for listed ones."""
+    from paper_lib.runtime import project_relative
+
+    path = Path(path)
+    return str(path.relative_to(root) if path.is_relative_to(root) else project_relative(path))
 
 
 @dataclass
@@ -95,17 +99,24 @@ class ExplorerData:
 
     @staticmethod
     def load_saes(paths: dict[str, Path], d_in: int, hook: str = "",
-                  model: str = "") -> dict[str, SAE]:
+                  model: str = "", required: tuple[str, ...] = ()) -> dict[str, SAE]:
         """Load the saved SAEs made for these activations: same d_in and, where both sides
         record them, the same hook and model. Others are skipped: an SAE trained at
-        another layer (same width) would encode these activations without complaint."""
+        another layer (same width) would encode these activations without complaint. One
+        named in `required` (the user listed it) that does not fit raises a ValueError
+        saying why instead."""
         out = {}
         for name, path in paths.items():
             raw = read_cfg(path)
             meta = raw.get("metadata") or {}
-            if raw["d_in"] != d_in or any(want and meta.get(key) and meta[key] != want
-                                          for key, want in (("hook_name", hook),
-                                                            ("model_name", model))):
+            misfit = [f"{what} {have!r}, the activations' {want!r}" for what, have, want in (
+                ("d_in", raw["d_in"], d_in), ("hook", meta.get("hook_name"), hook),
+                ("model", meta.get("model_name"), model)) if want and have and have != want]
+            if misfit:
+                if name in required:
+                    raise ValueError(f"SAE {name} ({path}) was not made for these "
+                                     f"activations: {'; '.join(misfit)}; pick its model and "
+                                     "hook with -p model / -p hook")
                 continue
             out[name] = load_sae(path, expected_d_in=d_in).eval()
         return out

@@ -31,13 +31,13 @@ def _corrupt_weights(tmp: Path):
     return lambda: load_sae(d)
 
 
-def _cfg_without(key: str):
-    """A case: a saved SAE whose cfg.json lacks `key`."""
+def _cfg_without(key: str, **change):
+    """A case: a saved SAE whose cfg.json lacks `key` (and has `change`)."""
     def case(tmp: Path):
         d = _saved(tmp)
         cfg = json.loads((d / CFG_FILE).read_text())
         del cfg[key]
-        (d / CFG_FILE).write_text(json.dumps(cfg))
+        (d / CFG_FILE).write_text(json.dumps({**cfg, **change}))
         return lambda: load_sae(d)
     return case
 
@@ -129,8 +129,10 @@ CASES = [
     ("cfg.json with a missing key", _cfg_without("d_in"), ValueError,
      r"lacks required key\(s\) \['d_in'\]"),
     ("cfg.json not JSON", _cfg_not_json, ValueError, r"is not valid JSON"),
-    ("cfg.json not from paper_lib", _cfg_without("paper_lib"), ValueError,
-     r"no 'paper_lib.config' section.*sae_lens"),
+    ("SAELens file of an architecture not read here",
+     _cfg_without("paper_lib", architecture="jumprelu"), ValueError,
+     r"SAELens architecture 'jumprelu' cannot be loaded here; paper_lib reads SAELens "
+     r"'standard' and 'topk' SAEs and its own files"),
     ("SAE for another model width", _wrong_d_in, ValueError,
      r"d_in=8 but the activations have d_in=768: wrong hook or model"),
     ("missing SAE directory", lambda t: lambda: load_sae(t / "nope"), FileNotFoundError,

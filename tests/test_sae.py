@@ -2,6 +2,7 @@
 save/load in the SAELens layout (including bad files)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,6 +267,88 @@ def test_saelens_loads_our_files(tmp_path, arch, scale):
         assert (codes > 0).any() and (codes == 0).any()  # both sides of the activation
         assert torch.allclose(theirs.encode(raw), codes, atol=1e-5)
         assert torch.allclose(theirs(raw), sae(raw * scale).recon / scale, atol=1e-5)
+
+
+def _saelens_sae(sae_lens, arch: str, tmp: Path, **opts):
+    """An SAE built and saved by SAELens itself, with random weights (decoder rows of
+    varied norm, non-zero biases) so every folded option matters."""
+    meta = sae_lens.saes.sae.SAEMetadata(hook_name="blocks.1.hook_resid_pre", model_name="m")
+    if arch == "standard":
+        theirs = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=8, d_sae=32,
+                                                                 metadata=meta, **opts))
+    else:
+        theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=8, d_sae=32, k=4, metadata=meta,
+                                                         **opts))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        theirs.W_dec.mul_(torch.rand(32, 1, generator=gen) * 2 + 0.2)
+    theirs.save_model(tmp / "theirs")
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("arch,opts", [
+    ("standard", {}),
+    ("standard", {"apply_b_dec_to_input": False}),
+    ("standard", {"normalize_activations": "layer_norm"}),
+    ("topk", {}),
+    ("topk", {"rescale_acts_by_decoder_norm": True}),
+    ("topk", {"apply_b_dec_to_input": False, "rescale_acts_by_decoder_norm": True}),
+])
+def test_we_load_saelens_files(tmp_path, arch, opts):
+    """A "standard" or "topk" SAE saved by SAELens loads here (ReLU / TopK) and encodes and
+    reconstructs like SAELens' own model, its options folded into our weights."""
+    sae_lens = pytest.importorskip("sae_lens")
+    theirs = _saelens_sae(sae_lens, arch, tmp_path, **opts)
+    ours = load_sae(tmp_path / "theirs").eval()
+    assert ours.cfg.architecture == {"standard": "relu", "topk": "topk"}[arch]
+    assert (ours.cfg.hook_name, ours.cfg.model_name) == ("blocks.1.hook_resid_pre", "m")
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        codes = theirs.encode(x)
+        assert (codes > 0).any() and (codes == 0).any()  # both sides of the activation
+        assert torch.allclose(ours.encode(x), codes, atol=1e-5)
+        assert torch.allclose(ours(x).recon, theirs(x), atol=1e-4)
+        if arch == "topk":
+            assert ((ours.encode(x) > 0).sum(-1) <= 4).all()
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_our_file_resaved_by_saelens_loads_back(tmp_path, arch):
+    """Ours -> SAELens (load_from_disk, save_model: its own cfg.json, no paper_lib section)
+    -> ours again: the same encoding of raw activations (the input scale stays folded)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = make_sae(cfg_for(arch, hook_name="blocks.1.hook_resid_pre")).eval()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    save_sae(sae, tmp_path / "ours", input_scale=2.5)
+    sae_lens.SAE.load_from_disk(str(tmp_path / "ours")).save_model(tmp_path / "theirs")
+    assert "paper_lib" not in json.loads((tmp_path / "theirs" / CFG_FILE).read_text())
+    back = load_sae(tmp_path / "theirs").eval()
+    assert back.cfg.hook_name == "blocks.1.hook_resid_pre"
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        assert torch.allclose(back.encode(x), sae.encode(x * 2.5), atol=1e-5)
+        assert torch.allclose(back(x).recon, sae(x * 2.5).recon / 2.5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architecture": "gated"}, r"SAELens architecture 'gated' cannot be loaded here; "
+                                r"paper_lib reads SAELens 'standard' and 'topk' SAEs"),
+    ({"normalize_activations": "expected_average_only_in"},
+     r"normalize_activations='expected_average_only_in' has no equivalent here; fold"),
+    ({"reshape_activations": "hook_z"}, r"per-head SAEs .* are not supported"),
+])
+def test_saelens_files_we_cannot_read_are_named(tmp_path, change, message):
+    """What has no exact equivalent here is refused by name, before the weights are read."""
+    sae_lens = pytest.importorskip("sae_lens")
+    _saelens_sae(sae_lens, "standard", tmp_path)
+    cfg = json.loads((tmp_path / "theirs" / CFG_FILE).read_text())
+    (tmp_path / "theirs" / CFG_FILE).write_text(json.dumps({**cfg, **change}))
+    (tmp_path / "theirs" / WEIGHTS_FILE).write_bytes(b"not read")
+    with pytest.raises(ValueError, match=message):
+        load_sae(tmp_path / "theirs")
 
 
 def test_load_errors(tmp_path):

@@ -10,6 +10,12 @@ SAELens names: relu -> "standard", topk -> "topk", batchtopk / matryoshka -> "ju
 If the SAE was trained on activations multiplied by `input_scale`, the scale is folded
 into the saved weights so the file works on raw activations. Loading uses JSON and
 safetensors only: no pickle on any path.
+
+`load_sae` also reads SAEs that SAELens itself saved (`SAE.save_model`, a release
+downloaded with `SAE.from_pretrained` and saved): "standard" as ReLU and "topk" as TopK,
+`apply_b_dec_to_input=False` and `rescale_acts_by_decoder_norm` folded exactly into the
+weights and `layer_norm` inputs standardised per row as SAELens does, so they can be
+explored and scored like ours. Anything else is refused by name before any weight is read.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from paper_lib.runtime import atomic_dir
+from paper_lib.runtime import PROJECT_ROOT, atomic_dir
 from paper_lib.sae.base import SAE, SAEConfig
 from paper_lib.sae.registry import make_sae
 
@@ -31,6 +37,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 FORMAT_VERSION = 1
 SAELENS_NAMES = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
                  "matryoshka": "jumprelu", "topafa": "paper_lib.topafa", "mlp": "paper_lib.mlp"}
+FROM_SAELENS = {"standard": "relu", "topk": "topk"}
+"""SAELens architectures `load_sae` reads from SAELens' own files, and what they load as."""
 
 
 def _state(sae: SAE, input_scale: float) -> dict[str, torch.Tensor]:
@@ -75,6 +83,29 @@ def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0,
     return Path(path)
 
 
+def saved_saes(root: Path = PROJECT_ROOT / "data" / "saes") -> dict[str, Path]:
+    """Every saved SAE directory below root, keyed by its path relative to root."""
+    return {str(p.parent.relative_to(root)): p.parent for p in sorted(root.rglob(CFG_FILE))}
+
+
+def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT) -> dict[str, Path]:
+    """The SAEs in folders a user names (`-p sae_dirs`), keyed "listed/<folder>[/<sub>]": each
+    folder a saved SAE (it holds cfg.json: ours, or SAELens') or a folder of them; a
+    relative path is read from `root`. A ValueError names a folder that is missing or
+    holds none, before any work."""
+    out: dict[str, Path] = {}
+    for d in dirs:
+        path = Path(d).expanduser()
+        path = path if path.is_absolute() else root / path
+        found = {"": path} if (path / CFG_FILE).is_file() else saved_saes(path)
+        if not path.is_dir() or not found:
+            raise ValueError(f"parameter 'sae_dirs': {d!r} ({path}) "
+                             + ("is not a folder" if not path.is_dir() else
+                                "holds no saved SAE (no cfg.json in it or below it)"))
+        out.update({f"listed/{path.name}" + (f"/{k}" if k else ""): p for k, p in found.items()})
+    return out
+
+
 def read_cfg(path: str | Path) -> dict[str, Any]:
     """Parse and check cfg.json; raises ValueError naming what is wrong."""
     f = Path(path) / CFG_FILE
@@ -87,18 +118,70 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("architecture", "d_in", "d_sae") if k not in raw]
     if missing:
         raise ValueError(f"{f} lacks required key(s) {missing}")
-    ours = raw.get("paper_lib")
-    if not isinstance(ours, dict) or "config" not in ours:
-        raise ValueError(f"{f} has no 'paper_lib.config' section: not saved by paper_lib "
-                         "(load SAELens files with sae_lens.SAE.load_from_disk)")
     return raw
+
+
+def _saved_by_us(raw: dict[str, Any]) -> bool:
+    ours = raw.get("paper_lib")
+    return isinstance(ours, dict) and "config" in ours
+
+
+def _saelens_config(raw: dict[str, Any], f: Path) -> SAEConfig:
+    """Our config for an SAE SAELens saved; ValueError naming what has no equivalent here."""
+    arch = raw["architecture"]
+    if arch not in FROM_SAELENS:
+        raise ValueError(f"{f}: SAELens architecture {arch!r} cannot be loaded here; "
+                         f"paper_lib reads SAELens {' and '.join(map(repr, FROM_SAELENS))} "
+                         "SAEs and its own files")
+    norm = raw.get("normalize_activations") or "none"
+    if norm not in ("none", "layer_norm"):
+        raise ValueError(f"{f}: normalize_activations={norm!r} has no equivalent here; fold "
+                         "the scaling into the weights in SAELens (e.g. "
+                         "sae.fold_activation_norm_scaling_factor(factor)) and save it again")
+    if (raw.get("reshape_activations") or "none") != "none" or raw.get("hook_head_index") \
+            is not None or (raw.get("metadata") or {}).get("hook_head_index") is not None:
+        raise ValueError(f"{f}: per-head SAEs (reshape_activations / hook_head_index) are not "
+                         "supported: paper_lib reads residual-stream-shaped activations")
+    meta = raw.get("metadata") or {}
+    return SAEConfig(FROM_SAELENS[arch], int(raw["d_in"]), int(raw["d_sae"]),
+                     k=int(raw.get("k") or 0), standardize_input=norm == "layer_norm",
+                     unit_norm_decoder=False,
+                     hook_name=str(meta.get("hook_name") or raw.get("hook_name") or ""),
+                     model_name=str(meta.get("model_name") or raw.get("model_name") or ""))
+
+
+@torch.no_grad()
+def _saelens_state(raw: dict[str, Any], state: dict[str, torch.Tensor],
+                   wfile: Path) -> dict[str, torch.Tensor]:
+    """SAELens' weights in our convention, pre = (x - b_dec) W_enc + b_enc, codes decoded
+    by W_dec: exact rewrites of their options, in float64, stored as float32."""
+    extra = sorted(set(state) - {"W_enc", "b_enc", "W_dec", "b_dec"})
+    if extra:
+        raise ValueError(f"{wfile} holds weight(s) {extra} that a SAELens "
+                         f"{raw['architecture']!r} SAE read here does not use")
+    sd = {k: v.double() for k, v in state.items()}
+    if len(sd) == 4:  # a weight missing is reported by load_sae
+        if raw.get("apply_b_dec_to_input") is False:  # x W + b = (x - b_dec) W + (b + b_dec W)
+            sd["b_enc"] = sd["b_enc"] + sd["b_dec"] @ sd["W_enc"]
+        if raw.get("rescale_acts_by_decoder_norm"):
+            # TopK on pre * |W_dec,i|, decoded by W_dec,i / |W_dec,i|: the same codes and
+            # reconstruction with the norms moved into the encoder.
+            norms = sd["W_dec"].norm(dim=1).clamp_min(1e-8)
+            sd["W_enc"], sd["b_enc"] = sd["W_enc"] * norms, sd["b_enc"] * norms
+            sd["W_dec"] = sd["W_dec"] / norms[:, None]
+    return {k: v.float() for k, v in sd.items()}
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu",
              expected_d_in: int | None = None) -> SAE:
-    """Load an SAE saved by `save_sae` (weights in the units they were saved in)."""
+    """Load an SAE saved by `save_sae` (weights in the units they were saved in), or a
+    "standard" or "topk" SAE saved by SAELens (see the module docstring)."""
     raw = read_cfg(path)
-    cfg = SAEConfig.from_dict(raw["paper_lib"]["config"])
+    ours = _saved_by_us(raw)
+    if ours:
+        cfg = SAEConfig.from_dict(raw["paper_lib"]["config"])
+    else:
+        cfg = _saelens_config(raw, Path(path) / CFG_FILE)
     if (raw["d_in"], raw["d_sae"]) != (cfg.d_in, cfg.d_sae):
         raise ValueError(f"{path}: cfg.json d_in/d_sae disagree with its paper_lib config")
     if expected_d_in is not None and cfg.d_in != expected_d_in:
@@ -112,6 +195,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu",
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{wfile} is not a readable safetensors file ({e}); "
                          "it is corrupt or truncated") from None
+    if not ours:
+        state = _saelens_state(raw, state, wfile)
     sae = make_sae(cfg)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     if "threshold" in state and "threshold" in expected:
