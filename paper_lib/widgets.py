@@ -315,18 +315,20 @@ class LatentExplorer:
         """The latent of each other SAE whose decoder direction is closest to this one's,
         with the cosine of the two latents' initial decoder rows: SAEs of one seed start
         from the same directions, so a match inherited from initialisation is no evidence
-        of a shared feature."""
+        of a shared feature. An SAE read from SAELens' files has no known start: n/a."""
         name = self.sae_dropdown.value
-        direction, start = self.sae.W_dec[j], self._initial_row(self.sae, j)
+        direction = self.sae.W_dec[j]
         rows = []
         for other, sae in self.data.saes.items():
             if other != name:
                 idx, cos = metrics.nearest_atoms(direction, sae.W_dec)
                 i = int(idx[0])
-                at_init = float(self._initial_row(sae, i) @ start)
+                at_init = (float(self._initial_row(sae, i) @ self._initial_row(self.sae, j))
+                           if sae.init_known and self.sae.init_known else float("nan"))
                 rows.append((float(cos[0]), other, i, at_init))
         items = "".join(f"<tr><td>{html.escape(o)}</td><td>{i}</td><td>{c:.2f}</td>"
-                        f"<td>{a:.2f}</td></tr>" for c, o, i, a in sorted(rows, reverse=True))
+                        f"<td>{'n/a' if a != a else f'{a:.2f}'}</td></tr>"
+                        for c, o, i, a in sorted(rows, reverse=True))
         return ("<b>closest latent elsewhere</b> (decoder cosine; <i>at init</i>: the same "
                 "pair's cosine before training, high when both SAEs share a seed)<table>"
                 "<tr><th>SAE</th><th>latent</th><th>cos</th><th>at init</th></tr>"

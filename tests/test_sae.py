@@ -303,6 +303,7 @@ def test_we_load_saelens_files(tmp_path, arch, opts):
     theirs = _saelens_sae(sae_lens, arch, tmp_path, **opts)
     ours = load_sae(tmp_path / "theirs").eval()
     assert ours.cfg.architecture == {"standard": "relu", "topk": "topk"}[arch]
+    assert not ours.init_known and load_sae(tmp_path / "theirs").cfg == ours.cfg
     assert (ours.cfg.hook_name, ours.cfg.model_name) == ("blocks.1.hook_resid_pre", "m")
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)) * 3
     with torch.no_grad():
@@ -327,6 +328,7 @@ def test_our_file_resaved_by_saelens_loads_back(tmp_path, arch):
     assert "paper_lib" not in json.loads((tmp_path / "theirs" / CFG_FILE).read_text())
     back = load_sae(tmp_path / "theirs").eval()
     assert back.cfg.hook_name == "blocks.1.hook_resid_pre"
+    assert load_sae(tmp_path / "ours").init_known and not back.init_known
     x = torch.randn(16, 8)
     with torch.no_grad():
         assert torch.allclose(back.encode(x), sae.encode(x * 2.5), atol=1e-5)

@@ -111,6 +111,7 @@ def test_latent_explorer_effect_and_neighbours(data):
     """The effect panel re-runs the LM with the latent removed where it fires (a latent
     that fires changes the next-token log-probabilities); the neighbours panel lists the
     closest latent of every other SAE, so an SAE loaded twice finds each latent itself."""
+    import copy
     import dataclasses
 
     ex = LatentExplorer(data)
@@ -128,6 +129,11 @@ def test_latent_explorer_effect_and_neighbours(data):
     ex2 = LatentExplorer(twice)
     ex2.latent_slider.value = 7
     assert "<tr><td>b</td><td>7</td><td>1.00</td><td>1.00</td></tr>" in ex2.neighbours.value
+    foreign = copy.deepcopy(data.saes["smoke/topk"])
+    foreign.init_known = False  # as load_sae marks an SAE SAELens saved: its start is unknown
+    ex3 = LatentExplorer(dataclasses.replace(twice, saes={"a": twice.saes["a"], "b": foreign}))
+    ex3.latent_slider.value = 7
+    assert "<tr><td>b</td><td>7</td><td>1.00</td><td>n/a</td></tr>" in ex3.neighbours.value
     no_hook = LatentExplorer(dataclasses.replace(data, hook="", _codes={}))
     assert no_hook.effect.value == ""  # nothing to re-run without knowing the hook
 

@@ -172,6 +172,9 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     nested_ends: tuple[int, ...] | None = None
     """Nested dictionaries (Matryoshka): where each prefix of the latents ends."""
+    init_known: bool = True
+    """Whether `initial_decoder(cfg)` is where its training started: False for an SAE read
+    from SAELens' files (`load_sae`), whose config is ours only by translation."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

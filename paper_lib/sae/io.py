@@ -208,4 +208,5 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu",
     if bad:
         raise ValueError(f"{wfile} has wrong shapes {bad} (found, expected)")
     sae.load_state_dict({k: state[k] for k in expected})
+    sae.init_known = ours
     return sae.to(device)
