@@ -71,6 +71,9 @@ def test_listed_saes_are_found_named_and_must_fit(tmp_path):
     assert sae_source(tmp_path / "mine/a", root=tmp_path / "mine") == "a"
     with pytest.raises(ValueError, match=r"'sae_dirs': 'empty' .* holds no saved SAE"):
         listed_saes(["empty"], root=tmp_path)
+    save_sae(make_sae(SAEConfig("topk", 8, 32, k=2)), tmp_path / "elsewhere/one")
+    with pytest.raises(ValueError, match=r"two folders are named 'one'; list their parent"):
+        listed_saes(["one", "elsewhere/one"], root=tmp_path)
     with pytest.raises(ValueError, match=r"'sae_dirs': 'nope' .* is not a folder"):
         ExploreParams.from_profile("smoke", sae_dirs="nope")  # one path: a list of one
     got = ExplorerData.load_saes(found, 8, l1, "", required=("listed/one",))

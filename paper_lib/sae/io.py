@@ -102,6 +102,9 @@ def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT) ->
             raise ValueError(f"parameter 'sae_dirs': {d!r} ({path}) "
                              + ("is not a folder" if not path.is_dir() else
                                 "holds no saved SAE (no cfg.json in it or below it)"))
+        if any(k.split("/")[1] == path.name for k in out):
+            raise ValueError(f"parameter 'sae_dirs': two folders are named {path.name!r}; "
+                             "list their parent folder instead, or rename one")
         out.update({f"listed/{path.name}" + (f"/{k}" if k else ""): p for k, p in found.items()})
     return out
 
