@@ -391,6 +391,17 @@ def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     with torch.no_grad():
         fvu = float((sae(raw).recon - raw).pow(2).sum() / (raw - raw.mean(0)).pow(2).sum())
     assert fvu == pytest.approx(rec["final"]["fvu"], rel=1e-4)
+    # python -m paper_lib.evaluate on the saved SAE: its model and hook from its record, the
+    # same held-out stream (only it harvested), the same FVU and CE as at the end of training
+    from paper_lib.evaluate import main as evaluate_main
+
+    scored = tmp_path / "eval.json"
+    assert evaluate_main([str(saved), "--dataset", "text", "--data-files", str(data),
+                          "--n-eval-tokens", "500", "--out", str(scored), "--quiet"]) == 0
+    ev = json.loads(scored.read_text())
+    assert (ev["model"], ev["hook"]) == ("standin-gpt2", "blocks.1.hook_resid_pre")
+    assert ev["saes"][0]["fvu"] == pytest.approx(rec["final"]["fvu"], rel=1e-4)
+    assert ev["saes"][0]["ce_spliced"] == pytest.approx(rec["ce_spliced"], rel=1e-4)
 
 
 def test_paper_path_offline_says_what_to_do_instead(tmp_path):

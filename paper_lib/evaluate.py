@@ -1,0 +1,130 @@
+"""`python -m paper_lib.evaluate`: score saved SAEs with the papers' metrics.
+
+Any SAE folder `load_sae` reads (ours, or a "standard" / "topk" SAE that SAELens saved, say
+a release fetched with `SAE.from_pretrained`) is scored on held-out activations of the LM
+it was made for, in raw model units:
+- reconstruction: FVU, L0 and the fraction of latents that never fire on those tokens;
+- downstream (Gao et al. 2024): next-token CE with the reconstruction spliced in at the
+  hook, against the clean and zero-ablated model: CE recovered and delta LM loss;
+- under-activation (Lee et al. 2025): the ZF plot's ||f~|| / ||z|| per token (median, and
+  the fraction below 1) and the median eps-LBO.
+The LM and hook default to the ones the SAEs record, so scoring the notebooks' own SAEs
+needs only their folder. Results go to a JSON file, one record per SAE, and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from paper_lib.data.activations import load_activations
+
+
+def recorded(paths: dict[str, Path], key: str) -> str:
+    """The model or hook (`key` of cfg.json's metadata) the SAEs agree on, or ""."""
+    from paper_lib.sae.io import read_cfg
+
+    seen = {(read_cfg(p).get("metadata") or {}).get(key) or "" for p in paths.values()}
+    seen.discard("")
+    return seen.pop() if len(seen) == 1 else ""
+
+
+@torch.no_grad()
+def score(sae: Any, x: torch.Tensor, splice: Any) -> dict[str, float]:
+    """The metrics above for one SAE on raw held-out rows x; `splice` is the activation
+    set's `SpliceEval` (raw-units reconstruction -> CE losses)."""
+    from paper_lib.experiments.afa import zf_data
+    from paper_lib.train import evaluate
+
+    sae.eval()
+    out = evaluate(sae, x)
+    ce = splice(lambda a: sae(a).recon)
+    zf = zf_data(sae, x)
+    lbo = zf["eps_lbo"][np.isfinite(zf["eps_lbo"])]
+    out.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_zero=ce.zero,
+               ce_recovered=ce.recovered, delta_lm=ce.delta,
+               zf_ratio_median=float(np.median(zf["ratio"])),
+               under_activated=float(np.mean(zf["ratio"] < 1)),
+               eps_lbo_median=float(np.median(lbo)) if lbo.size else float("nan"))
+    return out
+
+
+COLUMNS = ("fvu", "l0", "dead_eval", "ce_recovered", "delta_lm", "zf_ratio_median",
+           "under_activated", "eps_lbo_median")
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The records as a plain-text table, one row per SAE."""
+    width = max(len(r["name"]) for r in records)
+    lines = [f"{'SAE':<{width}}  " + "  ".join(f"{c:>15}" for c in COLUMNS)]
+    lines += [f"{r['name']:<{width}}  " + "  ".join(f"{r[c]:>15.4g}" for c in COLUMNS)
+              for r in records]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Score saved SAEs (folders holding cfg.json, or folders of them) on held-out
+    activations of their LM: FVU, L0, dead latents, CE recovered and delta LM loss (Gao et
+    al.), ZF under-activation and eps-LBO (Lee et al.). It runs under the notebooks' pinned
+    CPU numerics, so the embedded LM it loads is the notebooks' cached one."""
+    from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
+    from paper_lib.sae.io import listed_saes
+    from paper_lib.widgets import ExplorerData
+
+    ap = argparse.ArgumentParser(prog="python -m paper_lib.evaluate", description=main.__doc__)
+    ap.add_argument("saes", nargs="+", help="SAE folders (ours or SAELens'), or folders of them")
+    ap.add_argument("--model", default="", help="the LM: embedded-smoke, embedded-gpu or a "
+                    "transformer-lens name such as gpt2 (default: the one the SAEs record)")
+    ap.add_argument("--dataset", default="stdlib",
+                    help="stdlib (embedded corpus) or a Hugging Face dataset")
+    ap.add_argument("--data-files", help="with --dataset text: local text file(s)")
+    ap.add_argument("--hook", default="", help="hook name (default: the one the SAEs record, "
+                    "else the middle layer's resid_pre)")
+    ap.add_argument("--n-eval-tokens", type=int, default=16_384, help="held-out tokens")
+    ap.add_argument("--ce-rows", type=int, default=32, help="held-out token rows for CE")
+    ap.add_argument("--seed", type=int, default=0, help="which draw of the data is held out")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    ap.add_argument("--out", type=Path, required=True, help="metrics JSON")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    for name in ("n_eval_tokens", "ce_rows"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    try:  # every folder and setting checked before an LM is loaded
+        paths = listed_saes(args.saes, root=Path.cwd())
+        device = pick_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    model = args.model or recorded(paths, "model_name") or "embedded-smoke"
+    hook = args.hook or recorded(paths, "hook_name")
+    if argv is None:  # a command line: the notebooks' CPU numerics, and so their cached LM
+        from paper_lib.kernelspec import exec_pinned
+
+        exec_pinned("paper_lib.evaluate")
+    acts = load_activations(model, args.dataset, hook, 1, args.n_eval_tokens, device,
+                            args.seed, progress=not args.quiet, stream=True,
+                            data_files=args.data_files)
+    try:
+        saes = ExplorerData.load_saes(paths, acts.d, acts.hook, model, required=tuple(paths))
+    except ValueError as e:
+        ap.error(str(e))
+    x = acts.eval / acts.scale  # raw units: saved SAEs take raw activations
+    splice = acts.splice_eval(args.ce_rows)
+    records = [{"name": name, "path": str(paths[name]), "architecture": sae.cfg.architecture,
+                "d_sae": sae.cfg.d_sae, **score(sae.to(device), x, splice)}
+               for name, sae in saes.items()]
+    atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
+                                 "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,
+                                 "seed": args.seed, "saes": records,
+                                 "cpu_numerics": cpu_numerics()})
+    print(table(records), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
