@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     try:  # every folder and setting checked before an LM is loaded
-        paths = listed_saes(args.saes, root=Path.cwd())
+        paths = listed_saes(args.saes, root=Path.cwd(), what="SAE folder")
         device = pick_device(args.device)
     except ValueError as e:
         ap.error(str(e))

@@ -88,22 +88,23 @@ def saved_saes(root: Path = PROJECT_ROOT / "data" / "saes") -> dict[str, Path]:
     return {str(p.parent.relative_to(root)): p.parent for p in sorted(root.rglob(CFG_FILE))}
 
 
-def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT) -> dict[str, Path]:
-    """The SAEs in folders a user names (`-p sae_dirs`), keyed "listed/<folder>[/<sub>]": each
-    folder a saved SAE (it holds cfg.json: ours, or SAELens') or a folder of them; a
-    relative path is read from `root`. A ValueError names a folder that is missing or
-    holds none, before any work."""
+def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT,
+                what: str = "parameter 'sae_dirs'") -> dict[str, Path]:
+    """The SAEs in folders a user names (`what`: notebook 05's `-p sae_dirs`, evaluate's
+    arguments), keyed "listed/<folder>[/<sub>]": each folder a saved SAE (it holds
+    cfg.json: ours, or SAELens') or a folder of them; a relative path is read from `root`.
+    A ValueError names a folder that is missing or holds none, before any work."""
     out: dict[str, Path] = {}
     for d in dirs:
         path = Path(d).expanduser()
         path = path if path.is_absolute() else root / path
         found = {"": path} if (path / CFG_FILE).is_file() else saved_saes(path)
         if not path.is_dir() or not found:
-            raise ValueError(f"parameter 'sae_dirs': {d!r} ({path}) "
+            raise ValueError(f"{what}: {d!r} ({path}) "
                              + ("is not a folder" if not path.is_dir() else
                                 "holds no saved SAE (no cfg.json in it or below it)"))
         if any(k.split("/")[1] == path.name for k in out):
-            raise ValueError(f"parameter 'sae_dirs': two folders are named {path.name!r}; "
+            raise ValueError(f"{what}: two folders are named {path.name!r}; "
                              "list their parent folder instead, or rename one")
         out.update({f"listed/{path.name}" + (f"/{k}" if k else ""): p for k, p in found.items()})
     return out
