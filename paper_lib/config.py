@@ -553,8 +553,9 @@ class ExploreParams(LMParams):
 
     fallback_steps: int = param(200, "training steps when no saved SAEs exist yet", lo=1)
     sae_dirs: tuple[str, ...] = param((), "more SAEs to explore: folders holding cfg.json "
-                                      "(saved by paper_lib, or SAELens 'standard' / 'topk' "
-                                      "SAEs) or folders of them; relative to the project root")
+                                      "(saved by paper_lib, or SAELens' standard, topk or "
+                                      "jumprelu SAEs) or folders of them; relative to the "
+                                      "project root")
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},

@@ -1,8 +1,8 @@
 """`python -m paper_lib.evaluate`: score saved SAEs with the papers' metrics.
 
-Any SAE folder `load_sae` reads (ours, or a "standard" / "topk" SAE that SAELens saved, say
-a release fetched with `SAE.from_pretrained`) is scored on held-out activations of the LM
-it was made for, in raw model units:
+Any SAE folder `load_sae` reads (ours, or a "standard", "topk" or "jumprelu" SAE that
+SAELens saved, say a release fetched with `SAE.from_pretrained`) is scored on held-out
+activations of the LM it was made for, in raw model units:
 - reconstruction: FVU, L0 and the fraction of latents that never fire on those tokens;
 - downstream (Gao et al. 2024): next-token CE with the reconstruction spliced in at the
   hook, against the clean and zero-ablated model: CE recovered and delta LM loss;

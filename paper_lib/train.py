@@ -31,7 +31,7 @@ from tqdm import tqdm
 from paper_lib import metrics
 from paper_lib.runtime import atomic_path, clean_stale_tmp, deterministic_on_cpu
 from paper_lib.sae import kernels
-from paper_lib.sae.base import SAE, SAEConfig
+from paper_lib.sae.base import READ_ONLY, SAE, SAEConfig
 from paper_lib.sae.stack import SAEStack, stack_groups
 
 
@@ -262,6 +262,11 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     init_x: a sample for data-dependent initialisation (b_dec = geometric median).
     With cfg.checkpoint_path, an existing checkpoint for the same configs is resumed.
     """
+    read_only = sorted({s.cfg.architecture for s in saes} & set(READ_ONLY))
+    if read_only:
+        raise ValueError(f"{', '.join(read_only)} SAEs are read from SAELens' files, to explore "
+                         "and score; training them (a straight-through estimator for their "
+                         "thresholds) is not implemented here")
     device = next(saes[0].parameters()).device
     deterministic_on_cpu(device)
     if init_x is not None:

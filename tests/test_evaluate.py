@@ -44,14 +44,14 @@ def test_scores_match_hand_computation_in_raw_units(tiny_world, tmp_path):
                           "--ce-rows", "2", "--quiet"]) == 0
     rec = json.loads(out.read_text())
     assert (rec["model"], rec["hook"], rec["n_eval_tokens"]) == ("embedded-tiny", HOOK, 124)
-    by = {r["name"]: r for r in rec["saes"]}
+    by = {r["name"].rsplit("/", 1)[1]: r for r in rec["saes"]}  # listed/<path as given>/<sae>
     acts = tiny_world("embedded-tiny", "stdlib", HOOK, 1, 124, "cpu", 0, progress=False)
     x = acts.eval / acts.scale
     with torch.no_grad():
         codes, recon = sae.encode(x), sae(x).recon
         scaled_recon = sae(x * 2.0).recon / 2.0
     fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    plain = by["listed/saes/plain"]
+    plain = by["plain"]
     assert plain["fvu"] == pytest.approx(fvu, rel=1e-5)
     assert plain["l0"] == pytest.approx(float((codes > 0).sum(-1).float().mean()))
     assert plain["ce_recovered"] == pytest.approx(
@@ -59,7 +59,7 @@ def test_scores_match_hand_computation_in_raw_units(tiny_world, tmp_path):
     assert plain["delta_lm"] == pytest.approx(plain["ce_spliced"] - plain["ce_clean"])
     assert 0 <= plain["under_activated"] <= 1 and plain["zf_ratio_median"] > 0
     fvu_scaled = float((x - scaled_recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    assert by["listed/saes/scaled"]["fvu"] == pytest.approx(fvu_scaled, rel=1e-5)
+    assert by["scaled"]["fvu"] == pytest.approx(fvu_scaled, rel=1e-5)
 
 
 def test_an_saelens_copy_scores_like_ours(tiny_world, tmp_path):
@@ -90,6 +90,6 @@ def test_refusals(tiny_world, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path / "narrow"), "--out", str(tmp_path / "e.json"),
                        "--n-eval-tokens", "124", "--quiet"])
-    assert ("listed/narrow" in (err := capsys.readouterr().err)
+    assert ("narrow (" in (err := capsys.readouterr().err)
             and "not made for these activations: d_in 16, the activations' 32" in err)
     assert not (tmp_path / "e.json").exists()

@@ -247,7 +247,7 @@ def test_input_scale_folded_into_saved_weights(tmp_path):
     assert torch.allclose(raw_sae(x_raw).recon, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["topk", "relu", "batchtopk", "matryoshka", "jumprelu"])
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 def test_saelens_loads_our_files(tmp_path, arch, scale):
     """SAELens reads our TopK, ReLU ("standard") and BatchTopK/Matryoshka ("jumprelu": their
@@ -276,6 +276,9 @@ def _saelens_sae(sae_lens, arch: str, tmp: Path, **opts):
     if arch == "standard":
         theirs = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=8, d_sae=32,
                                                                  metadata=meta, **opts))
+    elif arch == "jumprelu":
+        theirs = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=8, d_sae=32,
+                                                                 metadata=meta, **opts))
     else:
         theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=8, d_sae=32, k=4, metadata=meta,
                                                          **opts))
@@ -284,6 +287,8 @@ def _saelens_sae(sae_lens, arch: str, tmp: Path, **opts):
         for p in theirs.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         theirs.W_dec.mul_(torch.rand(32, 1, generator=gen) * 2 + 0.2)
+        if arch == "jumprelu":  # thresholds that cut some positive pre-activations, not all
+            theirs.threshold.copy_(torch.rand(32, generator=gen))
     theirs.save_model(tmp / "theirs")
     return theirs.eval()
 
@@ -295,14 +300,18 @@ def _saelens_sae(sae_lens, arch: str, tmp: Path, **opts):
     ("topk", {}),
     ("topk", {"rescale_acts_by_decoder_norm": True}),
     ("topk", {"apply_b_dec_to_input": False, "rescale_acts_by_decoder_norm": True}),
+    ("jumprelu", {}),
+    ("jumprelu", {"apply_b_dec_to_input": False}),
 ])
 def test_we_load_saelens_files(tmp_path, arch, opts):
-    """A "standard" or "topk" SAE saved by SAELens loads here (ReLU / TopK) and encodes and
-    reconstructs like SAELens' own model, its options folded into our weights."""
+    """A "standard", "topk" or "jumprelu" SAE saved by SAELens loads here (ReLU / TopK /
+    JumpReLU) and encodes and reconstructs like SAELens' own model, its options folded into
+    our weights."""
     sae_lens = pytest.importorskip("sae_lens")
     theirs = _saelens_sae(sae_lens, arch, tmp_path, **opts)
     ours = load_sae(tmp_path / "theirs").eval()
-    assert ours.cfg.architecture == {"standard": "relu", "topk": "topk"}[arch]
+    assert ours.cfg.architecture == {"standard": "relu", "topk": "topk",
+                                     "jumprelu": "jumprelu"}[arch]
     assert not ours.init_known and load_sae(tmp_path / "theirs").cfg == ours.cfg
     assert (ours.cfg.hook_name, ours.cfg.model_name) == ("blocks.1.hook_resid_pre", "m")
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)) * 3
@@ -313,6 +322,9 @@ def test_we_load_saelens_files(tmp_path, arch, opts):
         assert torch.allclose(ours(x).recon, theirs(x), atol=1e-4)
         if arch == "topk":
             assert ((ours.encode(x) > 0).sum(-1) <= 4).all()
+        if arch == "jumprelu":  # some positive pre-activations fall below their threshold
+            pre = ours.pre_acts(x)
+            assert ((pre > 0) & (codes == 0)).any()
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu"])
@@ -337,7 +349,7 @@ def test_our_file_resaved_by_saelens_loads_back(tmp_path, arch):
 
 @pytest.mark.parametrize("change,message", [
     ({"architecture": "gated"}, r"SAELens architecture 'gated' cannot be loaded here; "
-                                r"paper_lib reads SAELens 'standard' and 'topk' SAEs"),
+                                r"paper_lib reads SAELens 'standard', 'topk', 'jumprelu' SAEs"),
     ({"normalize_activations": "expected_average_only_in"},
      r"normalize_activations='expected_average_only_in' has no equivalent here; fold"),
     ({"reshape_activations": "hook_z"}, r"per-head SAEs .* are not supported"),

@@ -54,8 +54,8 @@ def test_explorer_loads_only_saes_made_for_these_activations(tmp_path):
 
 def test_listed_saes_are_found_named_and_must_fit(tmp_path):
     """`-p sae_dirs`: a folder that is one SAE or holds several, read from the project root
-    when relative; a missing or empty folder is refused by name before any work, and a
-    listed SAE made for other activations raises instead of being skipped."""
+    when relative and named as given; a missing or empty folder is refused by name before
+    any work, and a listed SAE made for other activations raises instead of being skipped."""
     from paper_lib.config import ExploreParams
     from paper_lib.sae.io import listed_saes
     from paper_lib.widgets import sae_source
@@ -64,16 +64,19 @@ def test_listed_saes_are_found_named_and_must_fit(tmp_path):
     for name, hook in (("mine/a", l1), ("mine/b", "blocks.0.hook_resid_pre"), ("one", l1)):
         save_sae(make_sae(SAEConfig("topk", 8, 32, k=2, hook_name=hook)), tmp_path / name)
     (tmp_path / "empty").mkdir()
-    found = listed_saes(["mine", str(tmp_path / "one")], root=tmp_path)
+    found = listed_saes(["mine", "one/"], root=tmp_path)
     assert found == {"listed/mine/a": tmp_path / "mine/a", "listed/mine/b": tmp_path / "mine/b",
                      "listed/one": tmp_path / "one"}
+    absolute = listed_saes([str(tmp_path / "one")], root=tmp_path / "elsewhere")
+    assert absolute == {"listed/" + str(tmp_path / "one").strip("/"): tmp_path / "one"}
     assert sae_source(tmp_path / "one", root=tmp_path / "mine") == str(tmp_path / "one")
     assert sae_source(tmp_path / "mine/a", root=tmp_path / "mine") == "a"
     with pytest.raises(ValueError, match=r"'sae_dirs': 'empty' .* holds no saved SAE"):
         listed_saes(["empty"], root=tmp_path)
     save_sae(make_sae(SAEConfig("topk", 8, 32, k=2)), tmp_path / "elsewhere/one")
-    with pytest.raises(ValueError, match=r"two folders are named 'one'; list their parent"):
-        listed_saes(["one", "elsewhere/one"], root=tmp_path)
+    both = listed_saes(["one", "elsewhere/one"], root=tmp_path)  # named as given: no clash
+    assert both == {"listed/one": tmp_path / "one",
+                    "listed/elsewhere/one": tmp_path / "elsewhere/one"}
     with pytest.raises(ValueError, match=r"'sae_dirs': 'nope' .* is not a folder"):
         ExploreParams.from_profile("smoke", sae_dirs="nope")  # one path: a list of one
     got = ExplorerData.load_saes(found, 8, l1, "", required=("listed/one",))

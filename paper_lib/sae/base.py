@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from paper_lib.sae import kernels
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "matryoshka", "topafa", "mlp")
+"""The architectures this package trains."""
+READ_ONLY = ("jumprelu",)
+"""Architectures it only reads, from SAELens' files (see paper_lib.sae.io)."""
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
@@ -69,7 +72,7 @@ class SAEConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        if self.architecture not in ARCHITECTURES + READ_ONLY:
             raise ValueError(f"unknown architecture {self.architecture!r}; "
                              f"choose one of {', '.join(ARCHITECTURES)}")
         if self.d_in <= 0 or self.d_sae <= 0:

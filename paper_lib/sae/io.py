@@ -12,7 +12,8 @@ into the saved weights so the file works on raw activations. Loading uses JSON a
 safetensors only: no pickle on any path.
 
 `load_sae` also reads SAEs that SAELens itself saved (`SAE.save_model`, a release
-downloaded with `SAE.from_pretrained` and saved): "standard" as ReLU and "topk" as TopK,
+downloaded with `SAE.from_pretrained` and saved): "standard" as ReLU, "topk" as TopK and
+"jumprelu" (Gemma Scope; SAELens' own BatchTopK and Matryoshka SAEs) as JumpReLU,
 `apply_b_dec_to_input=False` and `rescale_acts_by_decoder_norm` folded exactly into the
 weights and `layer_norm` inputs standardised per row as SAELens does, so they can be
 explored and scored like ours. Anything else is refused by name before any weight is read.
@@ -36,8 +37,9 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 FORMAT_VERSION = 1
 SAELENS_NAMES = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
-                 "matryoshka": "jumprelu", "topafa": "paper_lib.topafa", "mlp": "paper_lib.mlp"}
-FROM_SAELENS = {"standard": "relu", "topk": "topk"}
+                 "matryoshka": "jumprelu", "topafa": "paper_lib.topafa", "mlp": "paper_lib.mlp",
+                 "jumprelu": "jumprelu"}
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 """SAELens architectures `load_sae` reads from SAELens' own files, and what they load as."""
 
 
@@ -91,7 +93,7 @@ def saved_saes(root: Path = PROJECT_ROOT / "data" / "saes") -> dict[str, Path]:
 def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT,
                 what: str = "parameter 'sae_dirs'") -> dict[str, Path]:
     """The SAEs in folders a user names (`what`: notebook 05's `-p sae_dirs`, evaluate's
-    arguments), keyed "listed/<folder>[/<sub>]": each folder a saved SAE (it holds
+    arguments), keyed "listed/<folder as given>[/<sub>]": each folder a saved SAE (it holds
     cfg.json: ours, or SAELens') or a folder of them; a relative path is read from `root`.
     A ValueError names a folder that is missing or holds none, before any work."""
     out: dict[str, Path] = {}
@@ -103,10 +105,8 @@ def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT,
             raise ValueError(f"{what}: {d!r} ({path}) "
                              + ("is not a folder" if not path.is_dir() else
                                 "holds no saved SAE (no cfg.json in it or below it)"))
-        if any(k.split("/")[1] == path.name for k in out):
-            raise ValueError(f"{what}: two folders are named {path.name!r}; "
-                             "list their parent folder instead, or rename one")
-        out.update({f"listed/{path.name}" + (f"/{k}" if k else ""): p for k, p in found.items()})
+        label = "listed/" + Path(d).as_posix().strip("/")
+        out.update({label + (f"/{k}" if k else ""): p for k, p in found.items()})
     return out
 
 
@@ -135,7 +135,7 @@ def _saelens_config(raw: dict[str, Any], f: Path) -> SAEConfig:
     arch = raw["architecture"]
     if arch not in FROM_SAELENS:
         raise ValueError(f"{f}: SAELens architecture {arch!r} cannot be loaded here; "
-                         f"paper_lib reads SAELens {' and '.join(map(repr, FROM_SAELENS))} "
+                         f"paper_lib reads SAELens {', '.join(map(repr, FROM_SAELENS))} "
                          "SAEs and its own files")
     norm = raw.get("normalize_activations") or "none"
     if norm not in ("none", "layer_norm"):
@@ -159,12 +159,14 @@ def _saelens_state(raw: dict[str, Any], state: dict[str, torch.Tensor],
                    wfile: Path) -> dict[str, torch.Tensor]:
     """SAELens' weights in our convention, pre = (x - b_dec) W_enc + b_enc, codes decoded
     by W_dec: exact rewrites of their options, in float64, stored as float32."""
-    extra = sorted(set(state) - {"W_enc", "b_enc", "W_dec", "b_dec"})
+    weights = {"W_enc", "b_enc", "W_dec", "b_dec"} | (
+        {"threshold"} if raw["architecture"] == "jumprelu" else set())
+    extra = sorted(set(state) - weights)
     if extra:
         raise ValueError(f"{wfile} holds weight(s) {extra} that a SAELens "
                          f"{raw['architecture']!r} SAE read here does not use")
     sd = {k: v.double() for k, v in state.items()}
-    if len(sd) == 4:  # a weight missing is reported by load_sae
+    if len(sd) == len(weights):  # a weight missing is reported by load_sae
         if raw.get("apply_b_dec_to_input") is False:  # x W + b = (x - b_dec) W + (b + b_dec W)
             sd["b_enc"] = sd["b_enc"] + sd["b_dec"] @ sd["W_enc"]
         if raw.get("rescale_acts_by_decoder_norm"):
@@ -179,7 +181,7 @@ def _saelens_state(raw: dict[str, Any], state: dict[str, torch.Tensor],
 def load_sae(path: str | Path, device: str | torch.device = "cpu",
              expected_d_in: int | None = None) -> SAE:
     """Load an SAE saved by `save_sae` (weights in the units they were saved in), or a
-    "standard" or "topk" SAE saved by SAELens (see the module docstring)."""
+    "standard", "topk" or "jumprelu" SAE saved by SAELens (see the module docstring)."""
     raw = read_cfg(path)
     ours = _saved_by_us(raw)
     if ours:
@@ -203,7 +205,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu",
         state = _saelens_state(raw, state, wfile)
     sae = make_sae(cfg)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    if "threshold" in state and "threshold" in expected:
+    if "threshold" in state and expected.get("threshold") == ():  # BatchTopK's one theta
         state["threshold"] = state["threshold"][0].clone()
     missing = sorted(set(expected) - set(state))
     if missing:

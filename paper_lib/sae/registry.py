@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from paper_lib.sae.base import ARCHITECTURES, SAE, SAEConfig
+from paper_lib.sae.base import ARCHITECTURES, READ_ONLY, SAE, SAEConfig
 from paper_lib.sae.batchtopk import BatchTopKSAE
+from paper_lib.sae.jumprelu import JumpReLUSAE
 from paper_lib.sae.matryoshka import MatryoshkaSAE
 from paper_lib.sae.mlp import MLPSAE
 from paper_lib.sae.relu import ReLUSAE
@@ -12,9 +13,9 @@ from paper_lib.sae.topk import TopKSAE
 
 REGISTRY: dict[str, type[SAE]] = {
     cls.architecture: cls
-    for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, TopAFASAE, MLPSAE)
+    for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, TopAFASAE, MLPSAE, JumpReLUSAE)
 }
-assert tuple(sorted(REGISTRY)) == tuple(sorted(ARCHITECTURES))
+assert sorted(REGISTRY) == sorted(ARCHITECTURES + READ_ONLY)
 
 
 def make_sae(cfg: SAEConfig) -> SAE:
