@@ -347,6 +347,19 @@ def test_our_file_resaved_by_saelens_loads_back(tmp_path, arch):
         assert torch.allclose(back(x).recon, sae(x * 2.5).recon / 2.5, atol=1e-5)
 
 
+def test_saelens_file_of_wrong_shapes_is_named(tmp_path):
+    """A SAELens file whose W_enc is stored transposed: the shape error, not a matmul's."""
+    from safetensors.torch import load_file, save_file
+
+    sae_lens = pytest.importorskip("sae_lens")
+    _saelens_sae(sae_lens, "standard", tmp_path, apply_b_dec_to_input=False)
+    wfile = tmp_path / "theirs" / WEIGHTS_FILE
+    state = load_file(str(wfile))
+    save_file({**state, "W_enc": state["W_enc"].T.contiguous()}, str(wfile))
+    with pytest.raises(ValueError, match=r"has wrong shapes \{'W_enc': \(\(32, 8\), \(8, 32\)\)"):
+        load_sae(tmp_path / "theirs")
+
+
 @pytest.mark.parametrize("change,message", [
     ({"architecture": "gated"}, r"SAELens architecture 'gated' cannot be loaded here; "
                                 r"paper_lib reads SAELens 'standard', 'topk', 'jumprelu' SAEs"),

@@ -166,7 +166,9 @@ def _saelens_state(raw: dict[str, Any], state: dict[str, torch.Tensor],
         raise ValueError(f"{wfile} holds weight(s) {extra} that a SAELens "
                          f"{raw['architecture']!r} SAE read here does not use")
     sd = {k: v.double() for k, v in state.items()}
-    if len(sd) == len(weights):  # a weight missing is reported by load_sae
+    d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
+    if len(sd) == len(weights) and sd["W_enc"].shape == (d_in, d_sae) \
+            and sd["W_dec"].shape == (d_sae, d_in):  # else load_sae names what is wrong
         if raw.get("apply_b_dec_to_input") is False:  # x W + b = (x - b_dec) W + (b + b_dec W)
             sd["b_enc"] = sd["b_enc"] + sd["b_dec"] @ sd["W_enc"]
         if raw.get("rescale_acts_by_decoder_norm"):
