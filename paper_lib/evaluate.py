@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     x = acts.eval / acts.scale  # raw units: saved SAEs take raw activations
     splice = acts.splice_eval(args.ce_rows)
-    records = [{"name": name, "path": str(paths[name]), "architecture": sae.cfg.architecture,
-                "d_sae": sae.cfg.d_sae, **score(sae.to(device), x, splice)}
+    records = [{"name": name.removeprefix("listed/"), "path": str(paths[name]),
+                "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
+                **score(sae.to(device), x, splice)}
                for name, sae in saes.items()]
     atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
                                  "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,

@@ -44,7 +44,9 @@ def test_scores_match_hand_computation_in_raw_units(tiny_world, tmp_path):
                           "--ce-rows", "2", "--quiet"]) == 0
     rec = json.loads(out.read_text())
     assert (rec["model"], rec["hook"], rec["n_eval_tokens"]) == ("embedded-tiny", HOOK, 124)
-    by = {r["name"].rsplit("/", 1)[1]: r for r in rec["saes"]}  # listed/<path as given>/<sae>
+    given = str(tmp_path / "saes").strip("/")  # each SAE named by the folder as given
+    assert sorted(r["name"] for r in rec["saes"]) == [f"{given}/plain", f"{given}/scaled"]
+    by = {r["name"].rsplit("/", 1)[1]: r for r in rec["saes"]}
     acts = tiny_world("embedded-tiny", "stdlib", HOOK, 1, 124, "cpu", 0, progress=False)
     x = acts.eval / acts.scale
     with torch.no_grad():
