@@ -39,12 +39,13 @@ def score(sae: Any, x: torch.Tensor, splice: Any) -> dict[str, float]:
     """The metrics above for one SAE on raw held-out rows x; `splice` is the activation
     set's `SpliceEval` (raw-units reconstruction -> CE losses)."""
     from paper_lib.experiments.afa import zf_data
-    from paper_lib.train import evaluate
+    from paper_lib.train import encode_all, evaluate
 
     sae.eval()
-    out = evaluate(sae, x)
+    encoded = encode_all(sae, x)  # once, for the reconstruction metrics and the ZF plot
+    out = evaluate(sae, x, encoded=encoded)
     ce = splice(lambda a: sae(a).recon)
-    zf = zf_data(sae, x)
+    zf = zf_data(sae, x, encoded[0])
     lbo = zf["eps_lbo"][np.isfinite(zf["eps_lbo"])]
     out.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_zero=ce.zero,
                ce_recovered=ce.recovered, delta_lm=ce.delta,

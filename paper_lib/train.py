@@ -166,9 +166,11 @@ def encode_all(sae: SAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     return torch.cat(codes), torch.cat(recon)
 
 
-def evaluate(sae: SAE, x: Tensor, chunk: int = 8192) -> dict[str, float]:
-    """FVU, L0 and eval-window dead fraction of `sae` on rows x (in eval mode)."""
-    c, r = encode_all(sae, x, chunk)
+def evaluate(sae: SAE, x: Tensor, chunk: int = 8192,
+             encoded: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+    """FVU, L0 and eval-window dead fraction of `sae` on rows x (in eval mode); `encoded`:
+    their (codes, reconstruction) from `encode_all`, when the caller has them already."""
+    c, r = encoded if encoded is not None else encode_all(sae, x, chunk)
     return {"fvu": metrics.fvu(x, r), "l0": metrics.l0(c), "dead_eval": metrics.dead_fraction(c)}
 
 

@@ -60,9 +60,11 @@ def bound_check(n_atoms: int, dim: int, eps: float, h_values: tuple[int, ...], n
 
 
 @torch.no_grad()
-def zf_data(sae: SAE, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """ZF-plot quantities for rows x (SAE units): z = x_in - b_dec, f~ = codes * ||W_dec||."""
-    codes, _ = encode_all(sae, x)
+def zf_data(sae: SAE, x: torch.Tensor, codes: torch.Tensor | None = None
+            ) -> dict[str, np.ndarray]:
+    """ZF-plot quantities for rows x (SAE units): z = x_in - b_dec, f~ = codes * ||W_dec||;
+    `codes`: the SAE's codes of x, when the caller has them already."""
+    codes = encode_all(sae, x)[0] if codes is None else codes
     x_in, _, _ = sae.prepare(x)
     z = (x_in - sae.b_dec).float()
     f_t = metrics.scaled_codes(codes, sae.W_dec.float())
