@@ -4,9 +4,13 @@ The smoke numbers are bit-reproducible only where every CPU kernel the notebooks
 in the same order. When two machines' notebooks disagree, this says which kernel differs:
 it runs each op the notebooks lean on (random draws, matrix products at the smoke shapes
 and their weight gradients, the LM's nonlinearities, top-k, the sparse decode and its
-gradients, a fused Adam step) plus two end-to-end checks (80 TopK SAE steps, and a
-forward and backward of a small HookedTransformer), on fixed inputs, and hashes each
-result. `--compare` prints the ops whose hashes differ from another machine's JSON.
+gradients, a fused Adam step), the float64 statistics computed outside torch (NumPy's
+OpenBLAS products and sums behind MCC, SciPy's least-squares fits behind the scaling laws)
+plus two end-to-end checks (80 TopK SAE steps, and a forward and backward of a small
+HookedTransformer), on fixed inputs, and hashes each result. `--compare` prints the ops
+whose hashes differ from another machine's JSON. The JSON also records which code paths
+the CPU libraries picked at run time (`libraries`): OpenBLAS's kernel set and the NumPy
+SIMD targets this CPU runs, the choices that differ between CPU generations.
 
 It runs under the notebooks' pinned CPU numerics (re-executing itself with them if
 needed); `--as-is` keeps the caller's environment instead, to try other pins, e.g.
@@ -19,8 +23,9 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,10 +35,14 @@ from torch import Tensor
 ROWS, D, N, K = 4096, 128, 512, 16
 
 
-def digest(*tensors: Tensor) -> str:
+def digest(*arrays: Tensor | np.ndarray) -> str:
+    """sha256 (16 hex digits) of the raw bytes of tensors or NumPy arrays, in row-major
+    order."""
     h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    for a in arrays:
+        if isinstance(a, Tensor):
+            a = a.detach().cpu().numpy()
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -100,7 +109,68 @@ def _lm_forward_backward() -> tuple[Tensor, ...]:
     return (loss.detach(), *(p.grad for p in model.parameters()))
 
 
-def _ops() -> dict[str, Callable[[], tuple[Tensor, ...]]]:
+def _float64_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the shapes 02's MCC correlates: 4096 samples of 128 and 64 latents."""
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((ROWS, D)), rng.standard_normal((ROWS, D // 2))
+
+
+def _mcc_products() -> tuple[np.ndarray, ...]:
+    from paper_lib import metrics
+
+    a, b = _float64_inputs()
+    corr = metrics.abs_corr_matrix(torch.from_numpy(a), torch.from_numpy(b))
+    return corr, np.array([metrics.matched_mean(corr)[0]])
+
+
+def _float64_sums() -> tuple[np.ndarray, ...]:
+    a, _ = _float64_inputs()
+    # a whole-array sum, column means, and the mean of five values (a claim over seeds)
+    return np.array([a.sum(), a[:5, 0].mean()]), a.mean(axis=0)
+
+
+def _scaling_fits() -> tuple[np.ndarray, ...]:
+    from paper_lib import scaling
+
+    n, k = (np.array(v, float).ravel() for v in np.meshgrid([512, 1024, 2048, 4096],
+                                                             [8, 16, 32, 64]))
+    rng = np.random.default_rng(0)
+    loss = 0.5 * n ** -0.1 * k ** -0.3 * np.exp(0.01 * rng.standard_normal(n.size))
+    return (np.array(scaling.fit_power_law(n, loss)),
+            np.array(scaling.fit_joint_law(n, k, loss)))
+
+
+def libraries() -> dict[str, Any]:
+    """The code paths NumPy's and SciPy's CPU libraries picked on this machine: OpenBLAS's
+    kernel set per loaded OpenBLAS (None where it cannot be asked) and the NumPy SIMD
+    dispatch targets this CPU supports."""
+    import ctypes
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    cores: dict[str, str | None] = {}
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        maps = []
+    for lib in sorted({line.split()[-1] for line in maps if "openblas" in line.lower()
+                       and ".so" in line}):
+        name = Path(lib).name.split("-")[0]
+        cores[name] = None
+        for sym in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                    "openblas_get_corename64_", "openblas_get_corename"):
+            try:
+                fn = getattr(ctypes.CDLL(lib), sym)
+            except (OSError, AttributeError):
+                continue
+            fn.restype = ctypes.c_char_p
+            cores[name] = fn().decode()
+            break
+    return {"openblas_core": cores,
+            "numpy_simd": [t for t in __cpu_dispatch__ if __cpu_features__.get(t)]}
+
+
+def _ops() -> dict[str, Callable[[], tuple[Tensor | np.ndarray, ...]]]:
     def one(f: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[], tuple[Tensor, ...]]:
         return lambda: (f(*_inputs()),)
 
@@ -121,6 +191,9 @@ def _ops() -> dict[str, Callable[[], tuple[Tensor, ...]]]:
             [v.float() for v in g.topk(K, dim=1)], dim=1)),
         "sparse decode (embedding_bag) and grads": _sparse_decode,
         "fused Adam (3 steps)": _adam,
+        "float64 correlations and Hungarian mean (MCC; NumPy, OpenBLAS)": _mcc_products,
+        "float64 sums and means (NumPy)": _float64_sums,
+        "power-law and joint-law fits (NumPy, SciPy least squares)": _scaling_fits,
         "TopK SAE training (80 steps)": _sae_training,
         "HookedTransformer forward + backward": _lm_forward_backward,
     }
@@ -161,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     from paper_lib.runtime import atomic_write_json, env_info
 
     ops = fingerprint()
+    libs = libraries()
     for name, h in ops.items():
         print(f"{h}  {name}")
+    print(f"OpenBLAS kernels: {libs['openblas_core'] or 'none loaded'}; NumPy SIMD targets: "
+          f"{', '.join(libs['numpy_simd']) or 'baseline only'}")
     if args.out is not None:
-        atomic_write_json(args.out, {"env": env_info("cpu"), "ops": ops})
+        atomic_write_json(args.out, {"env": env_info("cpu"), "libraries": libs, "ops": ops})
     for path, theirs in others.items():
         diff = compare(ops, theirs)
         print(f"\nvs {path}: {len(diff)} of {len(ops)} ops differ"

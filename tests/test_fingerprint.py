@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,10 @@ def test_digest_hashes_the_raw_float_bytes():
     one = hashlib.sha256(bytes.fromhex("0000803f")).hexdigest()[:16]  # 1.0f, little-endian
     assert fingerprint.digest(torch.ones(1)) == one
     assert fingerprint.digest(torch.ones(2, 2).t()) == fingerprint.digest(torch.ones(4))
+    # NumPy arrays hash their own bytes: float64 zeros are 8 zero bytes each
+    assert fingerprint.digest(np.zeros(2)) == hashlib.sha256(bytes(16)).hexdigest()[:16]
+    assert fingerprint.digest(np.ones(1, np.float32)) == one
+    assert fingerprint.digest(np.ones((2, 2)).T) == fingerprint.digest(np.ones(4))
 
 
 def test_compare_names_differing_and_one_sided_ops():
@@ -23,14 +28,19 @@ def test_compare_names_differing_and_one_sided_ops():
 
 def test_fingerprint_repeats_within_a_machine(tmp_path, capsys):
     """Same process, same numerics: every op hashes the same twice (the deterministic
-    kernels are on), and the JSON records the CPU it ran on."""
+    kernels are on), and the JSON records the CPU it ran on and the code paths NumPy's
+    libraries picked (NumPy's SIMD targets are among those it was built to dispatch)."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__
+
     out = tmp_path / "fp.json"
     assert fingerprint.main(["--out", str(out)]) == 0
     first = json.loads(out.read_text())
-    assert len(first["ops"]) == len(fingerprint._ops()) >= 16
+    assert len(first["ops"]) == len(fingerprint._ops()) >= 19
     assert first["env"]["cpu"] == kernelspec.cpu_model()
+    assert set(first["libraries"]["numpy_simd"]) <= set(__cpu_dispatch__)
+    assert all(core is None or core for core in first["libraries"]["openblas_core"].values())
     assert fingerprint.main(["--compare", str(out)]) == 0
-    assert "0 of 16 ops differ" in capsys.readouterr().out
+    assert "0 of 19 ops differ" in capsys.readouterr().out
 
 
 def test_compare_file_is_checked_before_any_work(tmp_path, monkeypatch):
