@@ -37,8 +37,12 @@ DISPLAY_NAME = "Python (paper_lib)"
 # 2-core AVX-512 host an LM trained with 1 and with 2 threads differed (weight gradients,
 # x.T @ g over the batch, summed in another order); with it they are bit-identical, at no
 # measurable cost (SAE steps and a 2048x512x2048 product on 2 cores).
+# OPENBLAS_CORETYPE: NumPy's and SciPy's OpenBLAS (float64 statistics: MCC's correlations,
+# the scaling fits) picks its kernels at load, SkylakeX on an AVX-512 CPU and Haswell on an
+# AVX2 one; on a Zen 4 host the two gave different bits in both (`paper_lib.fingerprint`).
+# Haswell is OpenBLAS's AVX2 kernel set; an OpenBLAS that does not know the name detects.
 PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
-              "ONEDNN_MAX_CPU_ISA": "AVX2"}
+              "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
 
 
 def _cpuinfo(field: str, cpuinfo: str | Path) -> str | None:
@@ -78,7 +82,8 @@ def inductor_cache_dir() -> str:
 
 
 def pinned_cpu_env(flags: set[str]) -> dict[str, str]:
-    """Environment that holds PyTorch (ATen), MKL and oneDNN to their AVX2 code paths.
+    """Environment that holds PyTorch (ATen), MKL, oneDNN and OpenBLAS to their AVX2 code
+    paths.
 
     Only on CPUs that have AVX2: ATen trusts ATEN_CPU_CAPABILITY without checking the
     hardware, so forcing it on an older CPU would crash with an illegal instruction.
