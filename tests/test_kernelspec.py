@@ -1,6 +1,7 @@
 """The kernelspec pins CPU numerics only where the CPU can run the pinned code path."""
 
 import json
+from pathlib import Path
 
 from paper_lib import kernelspec
 
@@ -123,3 +124,42 @@ def test_cpu_model_names_vendor_and_model(tmp_path):
                     "flags\t\t: avx2\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n")
     assert kernelspec.cpu_model(info) == "AuthenticAMD: AMD EPYC"
     assert kernelspec.cpu_model(tmp_path / "missing")  # platform's name, or "unknown"
+
+
+PROBE = "PAPER_LIB_PROBE_OPENBLAS"
+
+
+def test_openblas_core_probe():
+    """Run by the next test in a pytest of its own: the OpenBLAS kernels this test process
+    got are the pinned ones."""
+    import os
+
+    import pytest
+
+    from paper_lib.fingerprint import libraries
+
+    if PROBE not in os.environ:
+        pytest.skip("probe: run by test_pins_reach_openblas_before_any_plugin_loads_it")
+    cores = set(libraries()["openblas_core"].values())
+    assert cores == {kernelspec.PINNED_ENV["OPENBLAS_CORETYPE"]}, cores
+
+
+def test_pins_reach_openblas_before_any_plugin_loads_it():
+    """OpenBLAS reads OPENBLAS_CORETYPE once, when NumPy loads it, and tests/conftest.py sets
+    the pins only after pytest's plugins have loaded (jaxtyping's imported NumPy, so the unit
+    tests ran on the CPU's own OpenBLAS kernels until pyproject disabled it). A pytest started
+    from a shell that lacks the variable gets the pinned kernels."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if "avx2" not in kernelspec.cpu_flags():
+        pytest.skip("no AVX2: nothing is pinned")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q",
+                          f"{__file__}::test_openblas_core_probe"],
+                         env={**env, PROBE: "1"}, capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-2000:]
