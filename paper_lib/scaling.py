@@ -4,7 +4,8 @@
 - `fit_power_law_offset`: y = a x^b + c, an irreducible term c >= 0;
 - `fit_joint_law`: Gao et al.'s joint law in latents n and sparsity k,
   L(n, k) = exp(alpha + beta_k ln k + beta_n ln n + gamma ln k ln n) + exp(zeta + eta ln k),
-  fitted by least squares on ln L from several starting points.
+  fitted by least squares on ln L from several starting points; `joint_law_se` gives its
+  parameters' standard errors, which say which of them a grid of (n, k) pins down.
 Each returns its parameters and R^2 (of ln y, where the fit is in log space).
 """
 
@@ -113,21 +114,49 @@ class JointLaw(NamedTuple):
                        + self.gamma * ln_k * ln_n) + np.exp(self.zeta + self.eta * ln_k))
 
 
-def fit_joint_law(n: np.ndarray, k: np.ndarray, loss: np.ndarray) -> JointLaw:
-    """Gao et al.'s L(n, k) (Sec. 3.2, Eq. 4 form), best of several starting points."""
+def _joint_inputs(n: np.ndarray, k: np.ndarray, loss: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, k, loss = (np.asarray(a, float) for a in (n, k, loss))
     if not (n.shape == k.shape == loss.shape) or n.size < 7:
         raise ValueError(f"need at least 7 (n, k, L) points for 6 parameters, got {n.size}")
     if np.any(n <= 0) or np.any(k <= 0) or np.any(loss <= 0):
         raise ValueError("the joint law needs positive n, k and L")
-    ln_n, ln_k, ln_l = np.log(n), np.log(k), np.log(loss)
+    return np.log(n), np.log(k), np.log(loss)
+
+
+def joint_law_se(n: np.ndarray, k: np.ndarray, loss: np.ndarray,
+                 law: JointLaw) -> dict[str, float]:
+    """Standard errors of `law`'s six parameters on these points: the linearised
+    least-squares covariance s^2 (J^T J)^-1, with J the derivative of ln L(n, k) in each
+    parameter at `law` and s^2 = SSR / (m - 6) the residual variance of ln L over m points.
+    With A and B the exponents of the two terms and w = e^A / (e^A + e^B), J's columns are
+    w, w ln k, w ln n, w ln k ln n, 1 - w, (1 - w) ln k. A parameter combination the points
+    cannot resolve (a singular value of J below double precision) gives inf for every
+    parameter in it: such a fit's surface can be read, not those parameters."""
+    ln_n, ln_k, ln_l = _joint_inputs(n, k, loss)
+    a, bk, bn, g, z, e, _ = law
+    big_a = a + bk * ln_k + bn * ln_n + g * ln_k * ln_n
+    big_b = z + e * ln_k
+    w = np.exp(big_a - np.logaddexp(big_a, big_b))
+    jac = np.stack([w, w * ln_k, w * ln_n, w * ln_k * ln_n, 1 - w, (1 - w) * ln_k], axis=1)
+    s2 = float(np.sum((ln_l - np.logaddexp(big_a, big_b)) ** 2)) / (ln_l.size - 6)
+    _, sing, vt = np.linalg.svd(jac, full_matrices=False)
+    ok = sing > sing.max() * max(jac.shape) * np.finfo(float).eps
+    var = s2 * np.sum(vt[ok] ** 2 / sing[ok, None] ** 2, axis=0)
+    var[np.any(np.abs(vt[~ok]) > 1e-8, axis=0)] = np.inf
+    return dict(zip(JointLaw._fields[:6], (float(v) for v in np.sqrt(var))))
+
+
+def fit_joint_law(n: np.ndarray, k: np.ndarray, loss: np.ndarray) -> JointLaw:
+    """Gao et al.'s L(n, k) (Sec. 3.2, Eq. 4 form), best of several starting points."""
+    ln_n, ln_k, ln_l = _joint_inputs(n, k, loss)
 
     def model(p: np.ndarray) -> np.ndarray:
         a, bk, bn, g, z, e = p
         return np.logaddexp(a + bk * ln_k + bn * ln_n + g * ln_k * ln_n, z + e * ln_k)
 
     best = None
-    floor = np.log(loss.min())
+    floor = float(ln_l.min())  # = ln of the smallest loss
     for a0, bn0, z0 in ((ln_l.mean(), -0.3, floor - 1), (0.0, -0.5, floor - 3),
                         (ln_l.max(), -0.1, floor - 0.3), (1.0, -1.0, floor - 5)):
         r = least_squares(lambda p: model(p) - ln_l, [a0, -0.3, bn0, 0.0, z0, -0.1],

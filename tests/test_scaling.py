@@ -38,6 +38,40 @@ def test_joint_law_recovers_parameters():
     assert fit.beta_n == pytest.approx(-0.2, abs=0.02)
 
 
+def test_joint_law_se_is_the_regression_se_when_one_term_is_off():
+    """With zeta = -50 the second term is e^-50 of the first (w = 1 in double precision),
+    so ln L = alpha + beta_k ln k + beta_n ln n + gamma ln k ln n: a linear regression on
+    (1, ln k, ln n, ln k ln n). Its four standard errors are then s sqrt(diag((X^T X)^-1))
+    with s^2 = SSR / (m - 6), worked here from the normal equations; zeta and eta move
+    nothing and get inf."""
+    rng = np.random.default_rng(0)
+    n, k = (v.ravel().astype(float) for v in np.meshgrid([256, 512, 1024, 2048],
+                                                          [4, 8, 16, 32]))
+    x = np.stack([np.ones_like(n), np.log(k), np.log(n), np.log(k) * np.log(n)], axis=1)
+    ln_l = x @ [0.5, -0.6, -0.2, 0.02] + rng.normal(0, 0.05, n.size)
+    coef = np.linalg.solve(x.T @ x, x.T @ ln_l)
+    ssr = np.sum((ln_l - x @ coef) ** 2)
+    want = np.sqrt(ssr / (n.size - 6) * np.diag(np.linalg.inv(x.T @ x)))
+    law = scaling.JointLaw(*coef, -50.0, 0.0, float("nan"))
+    se = scaling.joint_law_se(n, k, np.exp(ln_l), law)
+    got = [se[p] for p in ("alpha", "beta_k", "beta_n", "gamma")]
+    assert np.allclose(got, want, rtol=1e-6)
+    assert se["zeta"] == se["eta"] == np.inf
+
+
+def test_joint_law_se_is_inf_for_what_one_n_cannot_tell():
+    """Every point at one n: alpha and beta_n (and beta_k and gamma) enter only as
+    alpha + beta_n ln n (beta_k + gamma ln n), so neither of a pair is determined; the second
+    term's zeta and eta are, from its share of L."""
+    k = np.array([2, 4, 8, 16, 32, 64, 128, 256], float)
+    n = np.full_like(k, 1024)
+    law = scaling.JointLaw(0.5, -0.6, -0.2, 0.02, -3.0, -0.3, float("nan"))
+    loss = law(n, k) * np.exp(np.random.default_rng(1).normal(0, 0.01, k.size))
+    se = scaling.joint_law_se(n, k, loss, law)
+    assert all(se[p] == np.inf for p in ("alpha", "beta_k", "beta_n", "gamma"))
+    assert np.isfinite(se["zeta"]) and np.isfinite(se["eta"])
+
+
 def test_fit_input_errors():
     with pytest.raises(ValueError, match="at least 2"):
         scaling.fit_power_law([1.0], [1.0])
