@@ -110,7 +110,8 @@ def _lm_forward_backward() -> tuple[Tensor, ...]:
 
 
 def _float64_inputs() -> tuple[np.ndarray, np.ndarray]:
-    """Codes of the shapes 02's MCC correlates: 4096 samples of 128 and 64 latents."""
+    """Two float64 code matrices to correlate, as MCC does: 4096 samples of 128 and of 64
+    latents."""
     rng = np.random.default_rng(0)
     return rng.standard_normal((ROWS, D)), rng.standard_normal((ROWS, D // 2))
 
