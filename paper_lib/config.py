@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -157,6 +158,11 @@ def check_device(profile: str, device: str) -> Any:
     return pick_device(device)
 
 
+# What a `device` parameter or --device option may say, matched whole: 'cuda:x' or 'cudaa'
+# would otherwise reach torch's own "Invalid device string" later.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
 @dataclass(frozen=True)
 class Params:
     """Base for notebook parameters. Subclasses add fields with `param(...)` and a
@@ -177,9 +183,9 @@ class Params:
             if isinstance(value, tuple) and not f.metadata.get("repeats"):
                 refuse_repeats(f.name, value)
             object.__setattr__(self, f.name, value)
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ValueError(f"parameter 'device' = {self.device!r} is invalid: "
-                             "expected 'auto', 'cpu' or 'cuda[:i]'")
+                             "expected 'auto', 'cpu' or 'cuda[:i]' (i a GPU number)")
         self.validate()
 
     def validate(self) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from paper_lib.config import DEVICE_PATTERN
 from paper_lib.kernelspec import PINNED_ENV, cpu_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +53,8 @@ def quiet_warnings() -> None:
 
 def pick_device(device: str = "auto") -> torch.device:
     """`"auto"` gives CUDA when present, else CPU; anything else is checked for availability."""
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise ValueError(f"device={device!r} is not 'auto', 'cpu' or 'cuda[:i]' (i a GPU number)")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)

@@ -27,6 +27,9 @@ def test_presets_and_overrides():
     ({"mlp_widths": [32, 256, 512]}, r"must include 32 and 256.*with none wider"),
     ({"sweep_dims": (8,)}, r"must have equal length"),
     ({"device": "tpu"}, r"parameter 'device' = 'tpu' is invalid"),
+    ({"device": "cuda:x"}, r"parameter 'device' = 'cuda:x' is invalid.*'cuda\[:i\]' \(i a GPU"),
+    ({"device": "cudaa"}, r"parameter 'device' = 'cudaa' is invalid"),
+    ({"device": "cpu:0 "}, r"parameter 'device' = 'cpu:0 ' is invalid"),
 ])
 def test_bad_parameters_raise_clear_errors(kwargs, match):
     """Each bad value names the parameter, the value and what is allowed."""
@@ -177,6 +180,17 @@ def test_a_cuda_index_beyond_the_machine_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"torch sees 1 GPU\(s\), numbered from 0"):
         pick_device("cuda:3")
     assert str(pick_device("cuda:0")) == "cuda:0"
+
+
+def test_a_malformed_device_string_is_refused_by_the_commands_too():
+    """The train and evaluate commands' --device goes through pick_device: a string torch
+    cannot parse is a ValueError (their usage error), not torch's RuntimeError later."""
+    from paper_lib.runtime import pick_device
+
+    for bad in ("cuda:x", "cudaa", "gpu", "cuda:"):
+        with pytest.raises(ValueError, match=rf"device='{bad}' is not 'auto', 'cpu' or"):
+            pick_device(bad)
+    assert str(pick_device("cpu")) == "cpu"
 
 
 def test_lm_preset_is_complete():
