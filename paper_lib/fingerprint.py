@@ -208,6 +208,17 @@ def fingerprint() -> dict[str, str]:
     return {name: digest(*op()) for name, op in _ops().items()}
 
 
+def library_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The library code paths that differ from another fingerprint JSON's `libraries`
+    (nothing when it has none: files made before they were recorded)."""
+    other = theirs.get("libraries")
+    if not other:
+        return []
+    names = {"openblas_core": "OpenBLAS kernels", "numpy_simd": "NumPy SIMD targets"}
+    return [f"{label}: {ours.get(key)} here, {other.get(key)} there"
+            for key, label in names.items() if ours.get(key) != other.get(key)]
+
+
 def compare(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
     """The ops whose hashes differ (or that only one side ran)."""
     return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
@@ -225,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     others = {}
     for path in args.compare:  # read before any work: a typo fails at once
         try:
-            others[path] = json.loads(path.read_text())["ops"]
-        except (OSError, ValueError, KeyError) as e:
+            others[path] = json.loads(path.read_text())
+            others[path]["ops"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--compare {path}: not a fingerprint JSON ({type(e).__name__}: {e})")
     if argv is None and not args.as_is:
         from paper_lib.kernelspec import exec_pinned
@@ -243,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         atomic_write_json(args.out, {"env": env_info("cpu"), "libraries": libs, "ops": ops})
     for path, theirs in others.items():
-        diff = compare(ops, theirs)
+        diff = compare(ops, theirs["ops"])
         print(f"\nvs {path}: {len(diff)} of {len(ops)} ops differ"
-              + "".join(f"\n  {name}" for name in diff))
+              + "".join(f"\n  {name}" for name in diff)
+              + "".join(f"\n  ({line})" for line in library_differences(libs, theirs)))
     return 0
 
 

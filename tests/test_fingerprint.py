@@ -26,6 +26,19 @@ def test_compare_names_differing_and_one_sided_ops():
     assert fingerprint.compare({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}) == ["b", "c"]
 
 
+def test_library_differences_name_the_code_paths_that_differ():
+    """Two machines' `libraries`: each differing entry is named with both values; a file
+    without the entry (made before it was recorded) adds nothing."""
+    ours = {"openblas_core": {"libscipy_openblas": "Haswell"}, "numpy_simd": ["X86_V3"]}
+    theirs = {"libraries": {"openblas_core": {"libscipy_openblas": "SkylakeX"},
+                            "numpy_simd": ["X86_V3"]}}
+    assert fingerprint.library_differences(ours, theirs) == [
+        "OpenBLAS kernels: {'libscipy_openblas': 'Haswell'} here, "
+        "{'libscipy_openblas': 'SkylakeX'} there"]
+    assert fingerprint.library_differences(ours, {"libraries": ours}) == []
+    assert fingerprint.library_differences(ours, {"ops": {}}) == []
+
+
 def test_fingerprint_repeats_within_a_machine(tmp_path, capsys):
     """Same process, same numerics: every op hashes the same twice (the deterministic
     kernels are on), and the JSON records the CPU it ran on and the code paths NumPy's
