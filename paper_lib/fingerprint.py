@@ -237,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.compare:  # read before any work: a typo fails at once
         try:
             others[path] = json.loads(path.read_text())
-            others[path]["ops"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             ap.error(f"--compare {path}: not a fingerprint JSON ({type(e).__name__}: {e})")
+        if not isinstance(others[path], dict) or "ops" not in others[path]:
+            ap.error(f"--compare {path}: not a fingerprint JSON (no 'ops')")
     if argv is None and not args.as_is:
         from paper_lib.kernelspec import exec_pinned
 

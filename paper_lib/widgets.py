@@ -318,13 +318,14 @@ class LatentExplorer:
         of a shared feature. An SAE read from SAELens' files has no known start: n/a."""
         name = self.sae_dropdown.value
         direction = self.sae.W_dec[j]
+        start = self._initial_row(self.sae, j) if self.sae.init_known else None
         rows = []
         for other, sae in self.data.saes.items():
             if other != name:
                 idx, cos = metrics.nearest_atoms(direction, sae.W_dec)
                 i = int(idx[0])
-                at_init = (float(self._initial_row(sae, i) @ self._initial_row(self.sae, j))
-                           if sae.init_known and self.sae.init_known else float("nan"))
+                at_init = (float(self._initial_row(sae, i) @ start)
+                           if start is not None and sae.init_known else float("nan"))
                 rows.append((float(cos[0]), other, i, at_init))
         items = "".join(f"<tr><td>{html.escape(o)}</td><td>{i}</td><td>{c:.2f}</td>"
                         f"<td>{'n/a' if a != a else f'{a:.2f}'}</td></tr>"
