@@ -13,8 +13,9 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 TORCH_PIP_ARGS ?=
 # The venv is reinstalled when the dependency list or this file changes. STAMP: what the
 # notebooks need (reproduce, lab); DEV_STAMP adds the test tools (pytest, nbval, SAELens,
-# Playwright), installed by the first target that needs them.
-HASH := $(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# Playwright), installed by the first target that needs them. cksum: POSIX, so also on
+# macOS, which has no sha1sum.
+HASH := $(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(HASH)
 DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
 

@@ -418,7 +418,7 @@ class PrefixExplorer:
             w.observe(lambda _: self.render(), names="value")
         self.widget = W.VBox([W.HBox([self.prefix, self.token]), self.fvu, self.plot,
                               self.active])
-        self._curve = self._fvu_curve(list(ends))
+        self.curve = self._fvu_curve(list(ends))  # held-out FVU per size in `prefix.options`
         self.render()
 
     def _recon(self, g: int) -> Tensor:
@@ -433,10 +433,10 @@ class PrefixExplorer:
 
     def render(self) -> None:
         g = self.prefix.value
-        fvu = self._curve[list(self.prefix.options).index(g)]
+        fvu = self.curve[list(self.prefix.options).index(g)]
         self.fvu.value = f"<b>{self.name}</b>: FVU with the first {g} latents = {fvu:.4f}"
         fig, ax = plt.subplots(figsize=(4.5, 2.8))
-        ax.plot(list(self.prefix.options), self._curve, "o-")
+        ax.plot(list(self.prefix.options), self.curve, "o-")
         ax.axvline(g, color="C3", ls=":")
         ax.set(xscale="log", title="FVU by prefix size", xlabel="latents kept",
                ylabel="FVU (held-out)")

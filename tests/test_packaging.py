@@ -1,8 +1,12 @@
-"""environment.yml gives conda users what pyproject.toml gives pip users."""
+"""environment.yml gives conda users what pyproject.toml gives pip users; the Makefile
+needs no tool beyond POSIX ones to decide what to install."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,3 +33,20 @@ def test_environment_yml_matches_pyproject():
     for name, req in wanted.items():
         if name != "torch":  # pinned to the CPU build there, as the Makefile does
             assert listed[name] == req.replace(" ", ""), f"{name}: version ranges differ"
+
+
+def test_makefile_stamp_needs_only_posix_tools(tmp_path):
+    """The install stamp's hash (which reinstalls the venv when the dependencies change) is
+    computed when make reads the Makefile; with sha1sum, a GNU tool macOS lacks, it came out
+    empty there, with an error on every command."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    for tool in ("sh", "cat", "cut", "cksum"):  # POSIX: on every Unix
+        (tmp_path / tool).symlink_to(shutil.which(tool))
+    res = subprocess.run([make, "-pnq", "venv"], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": str(tmp_path), "HOME": os.environ.get("HOME", "/tmp")})
+    assert "not found" not in res.stderr, res.stderr
+    hashes = [line.split(":=", 1)[1].strip() for line in res.stdout.splitlines()
+              if line.startswith("HASH :=")]
+    assert hashes and hashes[0], "the stamp's hash is empty"
