@@ -331,14 +331,14 @@ class Run:
         self.figures.append(str(out.relative_to(self.root)))
 
     def record(self) -> dict[str, Any]:
-        device = getattr(self.params, "device", "auto")
-        from paper_lib.runtime import pick_device
+        from paper_lib.config import check_device
 
+        device = check_device(self.profile, getattr(self.params, "device", "auto"))
         return {
             "notebook": self.stem,
             "profile": self.profile,
             "params": self.params.to_dict(),
-            "env": env_info(pick_device(device)),
+            "env": env_info(device),
             "seconds": round(time.perf_counter() - self.t0, 1),
             "claims": [asdict(c) for c in self.claims],
             "metrics": self.metrics,

@@ -147,11 +147,16 @@ def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> None:
 def check_device(profile: str, device: str) -> Any:
     """The torch device `device` names, or a ValueError saying why it cannot be had: the
     gpu and paper profiles refuse a CPU-only machine unless device='cpu' asks for a (slow)
-    CPU run, and a CUDA device must exist. Cheap: no CUDA context is created."""
+    CPU run, and a CUDA device must exist. 'auto' is the CPU at smoke, GPU or not: smoke is
+    the CPU reference (its committed records and the outputs nbval checks are CPU results,
+    under the pinned CPU numerics); device='cuda' runs it on a GPU. Elsewhere 'auto' is CUDA
+    where torch sees a GPU. Cheap: no CUDA context is created."""
     import torch
 
     from paper_lib.runtime import pick_device
 
+    if profile == "smoke" and device == "auto":
+        return torch.device("cpu")
     if profile in ("gpu", "paper") and device == "auto" and not torch.cuda.is_available():
         raise ValueError(f"profile {profile!r} needs a CUDA GPU and torch sees none; "
                          "use profile='smoke', or pass device='cpu' to force a (slow) CPU run")
@@ -170,7 +175,7 @@ class Params:
 
     profile: Profile = param("smoke", "named preset: smoke (CPU), gpu (one H100), paper (GPT-2)")
     seed: int = param(0, "base random seed", lo=0)
-    device: str = param("auto", "'auto', 'cpu' or 'cuda[:i]'")
+    device: str = param("auto", "'auto' (smoke: the CPU; gpu, paper: CUDA), 'cpu' or 'cuda[:i]'")
     progress: bool = param(True, "show tqdm progress bars")
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}

@@ -182,6 +182,25 @@ def test_a_cuda_index_beyond_the_machine_is_refused(monkeypatch):
     assert str(pick_device("cuda:0")) == "cuda:0"
 
 
+def test_auto_is_the_cpu_at_smoke_even_on_a_gpu_machine(monkeypatch, tmp_path):
+    """smoke is the CPU reference: on a machine with a GPU, 'auto' must not move it to CUDA
+    (its records and nbval's checked outputs are CPU results, and CUDA runs in bf16);
+    asking for CUDA still works, and the other profiles' 'auto' still picks the GPU. The
+    record names the device the run used."""
+    from paper_lib.claims import Run
+    from paper_lib.config import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert str(AmortParams.from_profile("smoke").torch_device()) == "cpu"
+    assert str(check_device("smoke", "cuda")) == "cuda"
+    assert str(check_device("gpu", "auto")) == "cuda"
+    assert str(check_device("paper", "auto")) == "cuda"
+    monkeypatch.setattr("paper_lib.claims.env_info", lambda dev: {"device": str(dev)})
+    run = Run("99_test", AmortParams.from_profile("smoke"), root=tmp_path)
+    assert run.record()["env"]["device"] == "cpu"
+
+
 def test_a_malformed_device_string_is_refused_by_the_commands_too():
     """The train and evaluate commands' --device goes through pick_device: a string torch
     cannot parse is a ValueError (their usage error), not torch's RuntimeError later."""
