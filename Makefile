@@ -27,8 +27,15 @@ venv: $(DEV_STAMP)
 # --no-compile: pip would byte-compile every installed module up front (a third of the
 # install's time); the kernelspec step compiles just the modules the project imports
 # (needed where PYTHONDONTWRITEBYTECODE is set: no process would ever cache them).
+# The venv's Python must be 3.10 or newer (pyproject.toml): say so before creating it, not
+# in pip's words after (macOS's own python3 is 3.9).
 $(STAMP):
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { \
+	  if ! $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then \
+	    echo "make: PYTHON=$(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo 'not found');" \
+	      "paper_lib needs Python 3.10 or newer: name one, e.g." \
+	      "make PYTHON=python3.12 $(MAKECMDGOALS)" >&2; exit 1; fi; \
+	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-compile -e .
 	$(PY) -m paper_lib.kernelspec

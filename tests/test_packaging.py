@@ -50,3 +50,21 @@ def test_makefile_stamp_needs_only_posix_tools(tmp_path):
     hashes = [line.split(":=", 1)[1].strip() for line in res.stdout.splitlines()
               if line.startswith("HASH :=")]
     assert hashes and hashes[0], "the stamp's hash is empty"
+
+
+def test_make_names_a_too_old_python_before_creating_the_venv(tmp_path):
+    """macOS's own python3 is 3.9; pyproject.toml asks for 3.10. make says so, and how to
+    name another, instead of creating a venv that pip then refuses to install into."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    old = tmp_path / "python3"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.6" && exit 0\nexit 1\n')
+    old.chmod(0o755)
+    venv = tmp_path / "venv"
+    res = subprocess.run([make, "-s", f"PYTHON={old}", f"VENV={venv}", "reproduce"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert (f"PYTHON={old} is Python 3.9.6; paper_lib needs Python 3.10 or newer: name one, "
+            "e.g. make PYTHON=python3.12 reproduce") in res.stderr
+    assert not venv.exists()
