@@ -69,5 +69,16 @@ def loglog_fit(ax: plt.Axes, x: np.ndarray, y: np.ndarray, fit_y: np.ndarray | N
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
 
 
+def value_ticks(ax: plt.Axes, values, axis: str = "x") -> None:
+    """Ticks at the values a sweep measured, labelled plainly (128, 256, ...), on a log
+    axis whose default labels would read 10^2, 10^3 and leave the points in between
+    unlabelled."""
+    values = sorted({float(v) for v in values})
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(matplotlib.ticker.FixedLocator(values))
+    target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def close(fig: plt.Figure) -> None:
     plt.close(fig)
