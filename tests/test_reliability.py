@@ -161,6 +161,50 @@ def test_lm_training_is_bit_identical_across_threads(tiny_corpus):
         assert all(torch.equal(a, b) for a, b in zip(weights[0], other))
 
 
+def test_interrupted_lm_training_resumes_to_the_same_weights(tiny_corpus, tmp_path,
+                                                             monkeypatch):
+    """The embedded LM's training dies after 3 of 8 steps; its checkpoint (written every
+    step here, every minute by default) resumes it to the weights an uninterrupted run
+    gets, bit for bit, and is removed once training ends."""
+    from paper_lib.data import lm
+
+    cfg = lm.LMConfig("tiny-ckpt", n_layers=1, d_model=32, n_heads=2, n_ctx=32, steps=8,
+                      batch_rows=8, warmup=2)
+    ref, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False)
+    ck = tmp_path / "ckpt" / "lm.pt"
+    real, calls = lm.fused_lm_loss, []
+
+    def dies_at_step_4(model, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(lm, "fused_lm_loss", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck,
+                    checkpoint_seconds=0)
+    assert torch.load(ck, weights_only=True)["step"] == 3
+    monkeypatch.setattr(lm, "fused_lm_loss", lambda model, batch: calls.append(1)
+                        or real(model, batch))
+    resumed, manifest = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck,
+                                    checkpoint_seconds=0)
+    assert len(calls) == 4 + 5  # the resumed run trained steps 4 to 8 only
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not ck.exists() and list(ck.parent.iterdir()) == []
+    assert manifest["train_seconds"] >= 0
+    # a checkpoint of another run is refused with what to do, not silently mixed in
+    other = lm.LMConfig("tiny-ckpt", n_layers=1, d_model=32, n_heads=2, n_ctx=32, steps=8,
+                        batch_rows=8, warmup=2, seed=1)
+    opt = torch.optim.AdamW(resumed.parameters())
+    lm._save_checkpoint(ck, lm._checkpoint_key(other, tiny_corpus, torch.device("cpu")), 3,
+                        0.0, resumed, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1),
+                        torch.Generator())
+    with pytest.raises(ValueError, match="belongs to another configuration.*delete it"):
+        lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files and folders written atomically get the mode a plain write would (mkstemp
     and mkdtemp alone would leave them private to the owner), also when they replace a

@@ -6,8 +6,9 @@ stdlib corpus and cached under data/lm/<name>-<hash>-<device>-<numerics>/ as
 model.safetensors + config.json + manifest.json (corpus hash, weight checksum, validation
 bits/byte, the unigram baseline). A cache is reused only when config, corpus hash, training
 numerics (device type, pinned CPU code paths) and weight checksum all match; otherwise the
-model is retrained. `load_lm` gives either it or, for the paper profile,
-`HookedTransformer.from_pretrained(name)`.
+model is retrained. Training writes a checkpoint every minute under data/ckpt/, so an
+interrupted run resumes where it stopped, to the same weights. `load_lm` gives either it
+or, for the paper profile, `HookedTransformer.from_pretrained(name)`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from tqdm import tqdm
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
-from paper_lib.runtime import PROJECT_ROOT, atomic_dir, cpu_numerics, deterministic_on_cpu, \
-    load_or_build
+from paper_lib.runtime import (PROJECT_ROOT, atomic_dir, atomic_path, cpu_numerics,
+                               deterministic_on_cpu, load_or_build)
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -143,7 +144,9 @@ def load_embedded_lm(name: str = "embedded-smoke", device: str | torch.device = 
 
 def _train_and_save(cfg: LMConfig, corpus: Corpus, device: str | torch.device, progress: bool,
                     data_dir: Path) -> dict[str, Any]:
-    model, manifest = train_lm(cfg, corpus, device, progress)
+    # named by everything that decides the weights: another corpus gets another file
+    ckpt = data_dir / "ckpt" / f"{lm_dir(cfg, data_dir, device).name}-{corpus.sha256[:12]}.pt"
+    model, manifest = train_lm(cfg, corpus, device, progress, checkpoint=ckpt)
     with atomic_dir(lm_dir(cfg, data_dir, device)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
@@ -167,9 +170,47 @@ def bits_per_byte(model: Any, tokens: torch.Tensor, batch_rows: int = 64) -> flo
     return tot / n / math.log(2)
 
 
+def _checkpoint_key(cfg: LMConfig, corpus: Corpus, device: torch.device) -> str:
+    return json.dumps({"config": asdict(cfg), "corpus_sha256": corpus.sha256,
+                       "numerics": training_numerics(device)}, sort_keys=True)
+
+
+def _save_checkpoint(path: Path, key: str, step: int, seconds: float, model: Any,
+                     opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator) -> None:
+    state = {"key": key, "step": step, "seconds": seconds, "model": model.state_dict(),
+             "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+             "rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, key: str, model: Any, opt: torch.optim.Optimizer, sched: Any,
+                     gen: torch.Generator) -> tuple[int, float]:
+    """Restore a run from its checkpoint: (steps done, training seconds so far)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickle
+    except Exception as e:
+        raise ValueError(f"LM checkpoint {path} cannot be read safely ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it to start over") from None
+    if state.get("key") != key:
+        raise ValueError(f"LM checkpoint {path} belongs to another configuration, corpus or "
+                         "CPU numerics; delete it to start over")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"]), float(state["seconds"])
+
+
 def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
-             progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train an embedded LM from scratch; returns (model, manifest without checksum)."""
+             progress: bool = True, checkpoint: Path | None = None,
+             checkpoint_seconds: float = 60.0) -> tuple[Any, dict[str, Any]]:
+    """Train an embedded LM from scratch; returns (model, manifest without checksum).
+    With `checkpoint`, the run's state (weights, AdamW, schedule, batch sampler) is written
+    there atomically every `checkpoint_seconds` of training, an existing one is resumed
+    (giving the weights an uninterrupted run gives), and it is removed when training ends."""
     from transformer_lens import HookedTransformer
 
     device = torch.device(device)
@@ -186,10 +227,14 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / cfg.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+    key = _checkpoint_key(cfg, corpus, device)
+    start, before = 0, 0.0  # steps and training seconds of an interrupted run
+    if checkpoint is not None and Path(checkpoint).exists():
+        start, before = _load_checkpoint(Path(checkpoint), key, model, opt, sched, gen)
+    t0 = last = time.perf_counter()
     model.train()
-    for step in tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress,
-                     mininterval=2.0):
+    for step in tqdm(range(start, cfg.steps), desc=f"train {cfg.name}", disable=not progress,
+                     mininterval=2.0, initial=start, total=cfg.steps):
         idx = torch.randint(0, train.shape[0], (cfg.batch_rows,), generator=gen)
         batch = train[idx].to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -199,17 +244,25 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if (checkpoint is not None and step + 1 < cfg.steps
+                and time.perf_counter() - last >= checkpoint_seconds):
+            _save_checkpoint(Path(checkpoint), key, step + 1,
+                             before + time.perf_counter() - t0, model, opt, sched, gen)
+            last = time.perf_counter()
+    seconds = before + time.perf_counter() - t0
     model.eval()
     manifest = {
         "config": asdict(cfg),
         "corpus_sha256": corpus.sha256,
         "train_tokens": cfg.steps * cfg.batch_rows * cfg.n_ctx,
-        "train_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(seconds, 1),
         "device": str(device),
         "numerics": training_numerics(device),  # CPU: {"device": "cpu"} outside the pinned env
         "val_bits_per_byte": round(bits_per_byte(model, val), 4),
         "unigram_bits_per_byte": round(unigram_bits_per_byte(train, val), 4),
     }
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)  # finished: the cache entry replaces it
     return model, manifest
 
 
