@@ -256,6 +256,30 @@ def load_or_build(path: str | Path, load: Callable[[], T | None],
         return build(), False
 
 
+def write_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save a training run's state atomically (a crash keeps the previous one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path: str | Path, key: str, what: str = "checkpoint",
+                    other: str = "a different configuration",
+                    fix: str = "delete it to start over") -> dict[str, Any]:
+    """A checkpoint written by `write_checkpoint` for the run identified by `key`, loaded
+    without unpickling arbitrary objects; a ValueError saying what to do if it cannot be
+    read safely or belongs to `other` (then: `fix`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickle
+    except Exception as e:
+        raise ValueError(f"{what} {path} cannot be read safely ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it to start over") from None
+    if state.get("key") != key:
+        raise ValueError(f"{what} {path} belongs to {other}; {fix}")
+    return state
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like `atomic_path` for a directory: fill the yielded temporary directory; it

@@ -29,7 +29,12 @@ from torch._dynamo.exc import BackendCompilerFailed  # InductorError is one too
 from tqdm import tqdm
 
 from paper_lib import metrics
-from paper_lib.runtime import atomic_path, clean_stale_tmp, deterministic_on_cpu
+from paper_lib.runtime import (
+    clean_stale_tmp,
+    deterministic_on_cpu,
+    read_checkpoint,
+    write_checkpoint,
+)
 from paper_lib.sae import kernels
 from paper_lib.sae.base import READ_ONLY, SAE, SAEConfig
 from paper_lib.sae.stack import SAEStack, stack_groups
@@ -363,20 +368,12 @@ def _save_checkpoint(path: Path, key: str, step: int, saes: list[SAE], opts: lis
         "seconds": [r.seconds for r in results],
         "rng": torch.get_rng_state(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    write_checkpoint(path, state)
 
 
 def _load_checkpoint(path: Path, key: str, saes: list[SAE], opts: list, since: list[Tensor],
                      results: list[TrainResult]) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickle
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read safely ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); delete it to start over") from None
-    if state.get("key") != key:
-        raise ValueError(f"checkpoint {path} belongs to a different configuration; "
-                         "delete it or choose another checkpoint_path")
+    state = read_checkpoint(path, key, fix="delete it or choose another checkpoint_path")
     for sae, cnt, res, s_sd, c, h, sec in zip(saes, since, results, state["saes"],
                                               state["since"], state["history"], state["seconds"]):
         sae.load_state_dict(s_sd)  # in place: a stack's SAEs keep viewing its tensors

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
-from paper_lib.runtime import (PROJECT_ROOT, atomic_dir, atomic_path, cpu_numerics,
-                               deterministic_on_cpu, load_or_build)
+from paper_lib.runtime import (PROJECT_ROOT, atomic_dir, cpu_numerics, deterministic_on_cpu,
+                               load_or_build, read_checkpoint, write_checkpoint)
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -180,22 +180,14 @@ def _save_checkpoint(path: Path, key: str, step: int, seconds: float, model: Any
     state = {"key": key, "step": step, "seconds": seconds, "model": model.state_dict(),
              "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
              "rng": torch.get_rng_state()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    write_checkpoint(path, state)
 
 
 def _load_checkpoint(path: Path, key: str, model: Any, opt: torch.optim.Optimizer, sched: Any,
                      gen: torch.Generator) -> tuple[int, float]:
     """Restore a run from its checkpoint: (steps done, training seconds so far)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickle
-    except Exception as e:
-        raise ValueError(f"LM checkpoint {path} cannot be read safely ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); delete it to start over") from None
-    if state.get("key") != key:
-        raise ValueError(f"LM checkpoint {path} belongs to another configuration, corpus or "
-                         "CPU numerics; delete it to start over")
+    state = read_checkpoint(path, key, "LM checkpoint",
+                            "another configuration, corpus or CPU numerics")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
