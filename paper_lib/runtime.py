@@ -264,6 +264,14 @@ def write_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether a run can resume from `path`; first removes a temporary file that a writer
+    killed mid-write left beside it (no later write may come to clean it up)."""
+    path = Path(path)
+    clean_stale_tmp(path)
+    return path.exists()
+
+
 def read_checkpoint(path: str | Path, key: str, what: str = "checkpoint",
                     other: str = "a different configuration",
                     fix: str = "delete it to start over") -> dict[str, Any]:

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from paper_lib import metrics
 from paper_lib.runtime import (
-    clean_stale_tmp,
     deterministic_on_cpu,
+    has_checkpoint,
     read_checkpoint,
     write_checkpoint,
 )
@@ -300,10 +300,8 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     results = [TrainResult(s) for s in saes]
     start, key = 0, configs_key(saes, cfg)
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
-    if ckpt is not None:
-        clean_stale_tmp(ckpt)  # a killed run may have left a temporary file behind
-        if ckpt.exists():
-            start = _load_checkpoint(ckpt, key, saes, opts, since, results)
+    if ckpt is not None and has_checkpoint(ckpt):
+        start = _load_checkpoint(ckpt, key, saes, opts, since, results)
 
     def run_eval(step: int) -> None:
         heldout = eval_x is not None and (cfg.heldout_midway or step == cfg.steps)

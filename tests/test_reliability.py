@@ -165,7 +165,8 @@ def test_interrupted_lm_training_resumes_to_the_same_weights(tiny_corpus, tmp_pa
                                                              monkeypatch):
     """The embedded LM's training dies after 3 of 8 steps; its checkpoint (written every
     step here, every minute by default) resumes it to the weights an uninterrupted run
-    gets, bit for bit, and is removed once training ends."""
+    gets, bit for bit, and is removed once training ends, with any half-written temporary
+    file beside it."""
     from paper_lib.data import lm
 
     cfg = lm.LMConfig("tiny-ckpt", n_layers=1, d_model=32, n_heads=2, n_ctx=32, steps=8,
@@ -185,10 +186,11 @@ def test_interrupted_lm_training_resumes_to_the_same_weights(tiny_corpus, tmp_pa
         lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck,
                     checkpoint_seconds=0)
     assert torch.load(ck, weights_only=True)["step"] == 3
+    (ck.parent / f".{ck.name}.x1y2.tmp").write_bytes(b"half")  # a write cut by SIGKILL
     monkeypatch.setattr(lm, "fused_lm_loss", lambda model, batch: calls.append(1)
                         or real(model, batch))
-    resumed, manifest = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck,
-                                    checkpoint_seconds=0)
+    # at the default minute no write follows in 5 steps to sweep the temporary file away
+    resumed, manifest = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
     assert len(calls) == 4 + 5  # the resumed run trained steps 4 to 8 only
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

@@ -30,7 +30,8 @@ from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
 from paper_lib.runtime import (PROJECT_ROOT, atomic_dir, cpu_numerics, deterministic_on_cpu,
-                               load_or_build, read_checkpoint, write_checkpoint)
+                               has_checkpoint, load_or_build, read_checkpoint,
+                               write_checkpoint)
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -144,10 +145,11 @@ def load_embedded_lm(name: str = "embedded-smoke", device: str | torch.device = 
 
 def _train_and_save(cfg: LMConfig, corpus: Corpus, device: str | torch.device, progress: bool,
                     data_dir: Path) -> dict[str, Any]:
+    out = lm_dir(cfg, data_dir, device)
     # named by everything that decides the weights: another corpus gets another file
-    ckpt = data_dir / "ckpt" / f"{lm_dir(cfg, data_dir, device).name}-{corpus.sha256[:12]}.pt"
+    ckpt = data_dir / "ckpt" / f"{out.name}-{corpus.sha256[:12]}.pt"
     model, manifest = train_lm(cfg, corpus, device, progress, checkpoint=ckpt)
-    with atomic_dir(lm_dir(cfg, data_dir, device)) as tmp:
+    with atomic_dir(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         manifest["weights_sha256"] = _checksum(tmp / "model.safetensors")
@@ -206,6 +208,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
     from transformer_lens import HookedTransformer
 
     device = torch.device(device)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
     deterministic_on_cpu(device)
     torch.manual_seed(cfg.seed)
     train_rows = cfg.steps * cfg.batch_rows
@@ -221,8 +224,8 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
     gen = torch.Generator().manual_seed(cfg.seed)
     key = _checkpoint_key(cfg, corpus, device)
     start, before = 0, 0.0  # steps and training seconds of an interrupted run
-    if checkpoint is not None and Path(checkpoint).exists():
-        start, before = _load_checkpoint(Path(checkpoint), key, model, opt, sched, gen)
+    if checkpoint is not None and has_checkpoint(checkpoint):
+        start, before = _load_checkpoint(checkpoint, key, model, opt, sched, gen)
     t0 = last = time.perf_counter()
     model.train()
     for step in tqdm(range(start, cfg.steps), desc=f"train {cfg.name}", disable=not progress,
@@ -238,7 +241,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
         sched.step()
         if (checkpoint is not None and step + 1 < cfg.steps
                 and time.perf_counter() - last >= checkpoint_seconds):
-            _save_checkpoint(Path(checkpoint), key, step + 1,
+            _save_checkpoint(checkpoint, key, step + 1,
                              before + time.perf_counter() - t0, model, opt, sched, gen)
             last = time.perf_counter()
     seconds = before + time.perf_counter() - t0
@@ -254,7 +257,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
         "unigram_bits_per_byte": round(unigram_bits_per_byte(train, val), 4),
     }
     if checkpoint is not None:
-        Path(checkpoint).unlink(missing_ok=True)  # finished: the cache entry replaces it
+        checkpoint.unlink(missing_ok=True)  # finished: the cache entry replaces it
     return model, manifest
 
 
