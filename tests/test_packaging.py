@@ -35,13 +35,18 @@ def test_environment_yml_matches_pyproject():
             assert listed[name] == req.replace(" ", ""), f"{name}: version ranges differ"
 
 
-def test_makefile_stamp_needs_only_posix_tools(tmp_path):
+@pytest.fixture
+def make() -> str:
+    path = shutil.which("make")
+    if path is None:
+        pytest.skip("make is not installed")
+    return path
+
+
+def test_makefile_stamp_needs_only_posix_tools(make, tmp_path):
     """The install stamp's hash (which reinstalls the venv when the dependencies change) is
     computed when make reads the Makefile; with sha1sum, a GNU tool macOS lacks, it came out
     empty there, with an error on every command."""
-    make = shutil.which("make")
-    if make is None:
-        pytest.skip("make is not installed")
     for tool in ("sh", "cat", "cut", "cksum"):  # POSIX: on every Unix
         (tmp_path / tool).symlink_to(shutil.which(tool))
     res = subprocess.run([make, "-pnq", "venv"], cwd=ROOT, capture_output=True, text=True,
@@ -52,12 +57,9 @@ def test_makefile_stamp_needs_only_posix_tools(tmp_path):
     assert hashes and hashes[0], "the stamp's hash is empty"
 
 
-def test_make_names_a_too_old_python_before_creating_the_venv(tmp_path):
+def test_make_names_a_too_old_python_before_creating_the_venv(make, tmp_path):
     """macOS's own python3 is 3.9; pyproject.toml asks for 3.10. make says so, and how to
     name another, instead of creating a venv that pip then refuses to install into."""
-    make = shutil.which("make")
-    if make is None:
-        pytest.skip("make is not installed")
     old = tmp_path / "python3"
     old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.6" && exit 0\nexit 1\n')
     old.chmod(0o755)
