@@ -1,6 +1,7 @@
 """Data pipeline: corpus, byte tokens, the embedded LM cache, harvesting, activation
 caches, streaming, and the hub path with local stand-ins."""
 
+import itertools
 import json
 import math
 import os
@@ -249,19 +250,68 @@ def test_activation_cache_roundtrip_and_integrity(tmp_path):
     assert not hit and cache.load() is not None
 
 
-def test_streaming_activations_deterministic(tiny_lm):
-    """The stream serves batches of the right shape; replaying from step 0 repeats them."""
+def _stream_fixture(tiny_lm):
     model, _ = tiny_lm
+    # 31 activation tokens per row after BOS, 4 rows a token batch: 124 tokens a batch.
     tokens = corp.byte_tokens(["def g(y):\n    return y + 1\n" * 200], n_ctx=32)
+    hook = "blocks.1.hook_resid_pre"
 
     def make_iter():
         return hv.row_batches(tokens, 4)
 
-    src = hv.StreamingActivations(model, make_iter, "blocks.1.hook_resid_pre", batch_size=16,
-                                  buffer_tokens=64, scale=2.0, seed=1)
-    first = [src.batch(i).clone() for i in range(6)]
-    assert all(b.shape == (16, 32) for b in first)
-    assert torch.equal(src.batch(0), first[0])
+    def source():
+        return hv.StreamingActivations(model, make_iter, hook, batch_size=16, buffer_tokens=64,
+                                       scale=2.0, seed=1)
+    return model, make_iter, hook, source
+
+
+def test_streaming_fills_serve_each_row_once(tiny_lm):
+    """Each fill of 64 tokens is served as 4 batches holding its rows once each, shuffled;
+    a fill takes whole token batches as `harvest` does, so fill 1 starts at the second
+    batch of 124 tokens (the 60 left over in the first are dropped), not at token 64."""
+    model, make_iter, hook, source = _stream_fixture(tiny_lm)
+    src = source()
+    served = [src.batch(i).clone() for i in range(8)]
+    assert all(b.shape == (16, 32) for b in served)
+    fills = [hv.harvest(model, make_iter(), hook, 64, progress=False) * 2.0,
+             hv.harvest(model, itertools.islice(make_iter(), 1, None), hook, 64,
+                        progress=False) * 2.0]
+    for f, expected in enumerate(fills):
+        got = torch.cat(served[4 * f:4 * f + 4])
+        assert not torch.equal(got, expected)  # shuffled
+        # The same rows as often (a multiset: the repeating text repeats some rows).
+        for a, b in zip(torch.unique(got, dim=0, return_counts=True),
+                        torch.unique(expected, dim=0, return_counts=True)):
+            assert torch.equal(a, b)
+
+
+def test_streaming_step_is_random_access(tiny_lm, monkeypatch):
+    """A batch depends on its step alone: a fresh stream asked for step 9 first (as a
+    resumed run asks) serves what a stream read from step 0 serves, and runs the LM on that
+    one fill only, skipping the token batches before it; an earlier step after a later one
+    restarts the stream to the same batches."""
+    _, _, _, source = _stream_fixture(tiny_lm)
+    src = source()
+    served = [src.batch(i).clone() for i in range(12)]
+    assert torch.equal(src.batch(1), served[1])
+
+    calls = []
+    real = hv.harvest
+    monkeypatch.setattr(hv, "harvest", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    fresh = source()
+    assert torch.equal(fresh.batch(9), served[9])
+    assert calls == [64]
+    assert torch.equal(fresh.batch(10), served[10]) and calls == [64]  # same fill: no harvest
+    other = hv.StreamingActivations(fresh.model, fresh.make_iter, fresh.hook, batch_size=16,
+                                    buffer_tokens=64, scale=2.0, seed=2)
+    assert not torch.equal(other.batch(9), served[9])  # another seed shuffles another way
+
+
+def test_streaming_stream_that_runs_out_says_so(tiny_lm):
+    _, make_iter, _, source = _stream_fixture(tiny_lm)
+    n_batches = sum(1 for _ in make_iter())
+    with pytest.raises(ValueError, match="ran out in fill"):
+        source().batch(4 * (n_batches + 1))
 
 
 def _standin_hub(tmp_path, monkeypatch, lines=400):

@@ -207,6 +207,49 @@ def test_interrupted_lm_training_resumes_to_the_same_weights(tiny_corpus, tmp_pa
         lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
 
 
+def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch):
+    """At the paper profile activations stream from the LM, a buffer (here 4 batches) at a
+    time. A run that dies at step 9 resumes from its step-8 checkpoint to the weights of an
+    uninterrupted run, and runs the LM on the one fill holding step 8 (steps 8-11), not on
+    the two fills it had trained on before (hub stand-ins: tests/standin_hub.py)."""
+    from paper_lib.data import harvest as hv
+    from paper_lib.data.activations import load_activations
+    from paper_lib.train import TrainConfig, train_saes
+    from tests import standin_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data, _ = standin_hub.patch(tmp_path / "hub", monkeypatch.setattr)
+    acts = load_activations("standin-gpt2", "text", "", n_tokens=256, n_eval_tokens=128,
+                            progress=False, data_dir=tmp_path, batch_rows=4,
+                            data_files=str(data), stream=True)
+    cfg = SAEConfig("topk", acts.d, 64, k=4)
+    ck = tmp_path / "ck.pt"
+    tc = TrainConfig(steps=12, checkpoint_every=4, checkpoint_path=str(ck), progress=False)
+    full = train_saes([make_sae(cfg)], acts.batches(64, 0), TrainConfig(steps=12,
+                      progress=False))[0].sae
+
+    class DiesAtStep9:
+        batch_size = 64
+
+        def __init__(self):
+            self.inner = acts.batches(64, 0)
+
+        def batch(self, step):
+            if step == 9:
+                raise KeyboardInterrupt
+            return self.inner.batch(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_saes([make_sae(cfg)], DiesAtStep9(), tc)
+    assert torch.load(ck, weights_only=True)["step"] == 8
+    harvested, real = [], hv.harvest
+    monkeypatch.setattr(hv, "harvest", lambda *a, **k: harvested.append(a[3]) or real(*a, **k))
+    resumed = train_saes([make_sae(cfg)], acts.batches(64, 0), tc)[0].sae
+    assert harvested == [256]
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files and folders written atomically get the mode a plain write would (mkstemp
     and mkdtemp alone would leave them private to the owner), also when they replace a

@@ -6,8 +6,9 @@ the hook-free forward of `paper_lib.data.fused` where the model allows it), for 
 hook `run_with_cache(names_filter=[hook], stop_at_layer=L + 1)`. A NaN/inf check says where a bad value appeared.
 `ActivationCache` stores harvests as memory-mapped .npy shards plus a manifest (model,
 hook, dtype, token count, checksums) and rebuilds anything truncated or stale.
-`StreamingActivations` feeds the trainer from a shuffling buffer refilled by the LM, for
-runs too large to hold in memory (the paper profile).
+`StreamingActivations` feeds the trainer from a buffer the LM fills a block of the stream
+at a time, shuffled, for runs too large to hold in memory (the paper profile); a resumed
+run skips the text it trained on without running the LM on it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from paper_lib.data import fused as fsd
-from paper_lib.runtime import atomic_dir, load_or_build
+from paper_lib.runtime import atomic_dir, load_or_build, stream_generator
 
 MANIFEST = "manifest.json"
 
@@ -232,9 +233,12 @@ class ActivationCache:
 
 
 class StreamingActivations:
-    """A BatchSource that harvests on the fly into a shuffled buffer of `buffer_tokens`
-    rows, refilled when half of it has been served. Deterministic for a given token
-    stream and seed; asking for an earlier step replays the stream from the start."""
+    """A BatchSource that harvests on the fly, one buffer at a time: fill f is the stream's
+    next `buffer_tokens` activation tokens (rounded down to whole batches), shuffled by a
+    generator of its own (seed, f) and served as consecutive batches. A batch depends only
+    on its step, so any step can be asked for first (a resumed run's): the token batches of
+    the fills before it are read and skipped without running the LM, and only the fill that
+    holds the step is harvested. A step before the current fill restarts the stream."""
 
     def __init__(self, model: Any, make_token_iter: Callable[[], Iterator[Tensor]], hook: str,
                  batch_size: int, buffer_tokens: int, scale: float = 1.0, seed: int = 0,
@@ -242,35 +246,46 @@ class StreamingActivations:
         if buffer_tokens < 2 * batch_size:
             raise ValueError("buffer_tokens must hold at least two batches")
         self.model, self.make_iter, self.hook = model, make_token_iter, hook
-        self.batch_size, self.buffer_tokens, self.scale = batch_size, buffer_tokens, scale
-        self.seed, self.drop_bos = seed, drop_bos
+        self.batch_size, self.scale, self.seed, self.drop_bos = batch_size, scale, seed, drop_bos
+        self.per_fill = buffer_tokens // batch_size
+        self.buffer_tokens = self.per_fill * batch_size
         self.device = next(model.parameters()).device
-        self._reset()
+        self.tokens: Iterator[Tensor] | None = None
+        self.read = 0  # fills read from `tokens` so far
+        self.fill, self.buf = -1, None  # the fill held in `buf`
 
-    def _reset(self) -> None:
-        self.tokens = self.make_iter()
-        self.gen = torch.Generator().manual_seed(self.seed)
-        self.buf = self._fill(self.buffer_tokens)
-        self.pos, self.next_step = 0, 0
+    def _skip(self) -> None:
+        """Consume one fill's token batches as `harvest` would, without the LM."""
+        assert self.tokens is not None
+        got = 0
+        for tokens in self.tokens:
+            got += tokens.shape[0] * (tokens.shape[1] - (1 if self.drop_bos else 0))
+            if got >= self.buffer_tokens:
+                self.read += 1
+                return
+        raise ValueError(f"the token source ran out in fill {self.read} of the activation "
+                         "stream: give more text or train for fewer steps")
 
-    def _fill(self, n: int) -> Tensor:
-        x = harvest(self.model, self.tokens, self.hook, n, self.drop_bos, self.device,
-                    progress=False) * self.scale
-        return x[torch.randperm(n, generator=self.gen).to(x.device)]
+    def _load(self, fill: int) -> None:
+        self.fill, self.buf = -1, None  # nothing held until the new fill is complete
+        if self.tokens is None or fill < self.read:
+            self.tokens, self.read = self.make_iter(), 0
+        try:
+            while self.read < fill:
+                self._skip()
+            x = harvest(self.model, self.tokens, self.hook, self.buffer_tokens, self.drop_bos,
+                        self.device, progress=False).mul_(self.scale)
+        except BaseException:
+            self.tokens = None  # read partway into a fill: the next request starts over
+            raise
+        self.read += 1
+        gen = stream_generator(self.seed, f"activation stream fill {fill}")
+        self.buf = x[torch.randperm(self.buffer_tokens, generator=gen).to(x.device)]
+        self.fill = fill
 
     def batch(self, step: int) -> Tensor:
-        if step < self.next_step:
-            self._reset()
-        while self.next_step <= step:
-            if self.pos + self.batch_size > self.buffer_tokens // 2:
-                # Keep the unserved half, refill the served half, reshuffle.
-                keep = self.buf[self.pos:]
-                fresh = self._fill(self.buffer_tokens - keep.shape[0])
-                merged = torch.cat([keep, fresh])
-                self.buf = merged[torch.randperm(merged.shape[0], generator=self.gen)
-                                  .to(merged.device)]
-                self.pos = 0
-            out = self.buf[self.pos:self.pos + self.batch_size]
-            self.pos += self.batch_size
-            self.next_step += 1
-        return out
+        fill, i = divmod(step, self.per_fill)
+        if fill != self.fill:
+            self._load(fill)
+        assert self.buf is not None
+        return self.buf[i * self.batch_size:(i + 1) * self.batch_size]
