@@ -8,7 +8,9 @@
 Executed notebooks land in build/<profile>/; results JSON in results/<profile>/ and
 figures in figures/<profile>/ (written by the notebooks). A smoke run also refreshes the
 committed notebooks' outputs (what nbval checks) and the README scoreboard. Exits
-non-zero if any notebook fails, naming the notebook and the failing cell.
+non-zero if any notebook fails, naming the notebook and the failing cell; the failed
+notebook (and, run in parallel, its process's output) is kept in
+build/<profile>/<stem>.failed.*, which later runs do not overwrite with a success.
 
 Parallel runs (`--jobs`, by default 2 for smoke on a machine with 2+ cores, else 1): the
 notebooks' small CPU problems use a second core poorly (an SAE sweep runs 1.4x faster on
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +54,7 @@ from paper_lib.claims import (
 )
 from paper_lib.config import PROFILES, Params
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
-from paper_lib.runtime import PROJECT_ROOT, atomic_write_text, output_root
+from paper_lib.runtime import PROJECT_ROOT, atomic_write_text, output_root, project_relative
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 # Notebooks that read what the others save (05 explores their SAEs): run after the rest.
@@ -202,6 +205,13 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def failure_path(profile: str, stem: str, suffix: str) -> Path:
+    """Where a failed run's evidence is kept: build/<profile>/<stem>.failed.<suffix>."""
+    folder = PROJECT_ROOT / "build" / profile
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{stem}.failed.{suffix}"
+
+
 def run_parallel(nbs: list[Path], profile: str, jobs: int,
                  command: Callable[[Path], list[str]], title: str,
                  prepare: list[str] | None = None,
@@ -273,8 +283,15 @@ def run_parallel(nbs: list[Path], profile: str, jobs: int,
                 f"{time.perf_counter() - t0:.1f} s")
             if code != 0:
                 out.seek(0)
-                say(out.read())
-                failures.append(f"{nb.stem}: exit status {code} (output above)")
+                text = out.read()
+                say(text)
+                # Kept past the next run (which rewrites the executed notebook), for a
+                # failure that does not come back.
+                log = failure_path(profile, nb.stem, f"{title}.log")
+                atomic_write_text(log, f"{title} {nb.stem}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                                  f", exit status {code}:\n{text}")
+                failures.append(f"{nb.stem}: exit status {code} (output above; kept in "
+                                f"{project_relative(log)})")
             out.close()
     except BaseException:
         # Ctrl-C: start nothing more; SIGINT what runs (Papermill and nbval then shut their
@@ -345,8 +362,10 @@ def run_sequential(nbs: list[Path], profile: str, params: dict[str, Any], update
             print(status, flush=True)
         except PapermillExecutionError as e:
             print("FAILED", flush=True)
+            kept = failure_path(profile, nb.stem, "ipynb")
+            shutil.copyfile(out_dir / nb.name, kept)  # the next run rewrites out_dir's copy
             failures.append(f"{nb.stem}: cell {e.cell_index} (In [{e.exec_count}]) raised "
-                            f"{e.ename}: {e.evalue}  -> see {out_dir / nb.name}")
+                            f"{e.ename}: {e.evalue}  -> see {project_relative(kept)}")
     return failures
 
 

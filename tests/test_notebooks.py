@@ -188,6 +188,34 @@ def test_determinism_check_names_what_differs(tmp_path, monkeypatch):
     assert reproduce.run_sequential([nb], "smoke", {}, False, True) == []
 
 
+def test_failed_notebook_is_kept_past_the_next_run(tmp_path, monkeypatch):
+    """A notebook that raises is copied to build/<profile>/<stem>.failed.ipynb, which the
+    next run (rewriting build/<profile>/<stem>.ipynb) leaves as it was."""
+    from papermill.exceptions import PapermillExecutionError
+
+    from paper_lib import reproduce
+
+    outcomes = iter(["boom", "fine"])
+
+    def fake_run(nb, profile, out_dir, params, update):
+        text = next(outcomes)
+        (out_dir / nb.name).write_text(text)
+        if text == "boom":
+            raise PapermillExecutionError(3, 4, "x = 1 / 0", "ZeroDivisionError",
+                                          "division by zero", [])
+        return 1.0
+
+    monkeypatch.setattr(reproduce, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "run_one", fake_run)
+    nb = tmp_path / "04_x.ipynb"
+    kept = tmp_path / "build" / "smoke" / "04_x.failed.ipynb"
+    assert reproduce.run_sequential([nb], "smoke", {}, False, False) == [
+        f"04_x: cell 3 (In [4]) raised ZeroDivisionError: division by zero  -> see {kept}"]
+    assert reproduce.run_sequential([nb], "smoke", {}, False, False) == []
+    assert kept.read_text() == "boom"
+    assert (tmp_path / "build" / "smoke" / "04_x.ipynb").read_text() == "fine"
+
+
 def test_run_parallel_reports_each_failure(tmp_path, monkeypatch, capsys):
     """Every notebook's process runs (two at a time); a non-zero exit becomes a failure
     naming the notebook, with that process's output printed."""
@@ -207,7 +235,10 @@ def test_run_parallel_reports_each_failure(tmp_path, monkeypatch, capsys):
 
     failures = reproduce.run_parallel(nbs, "smoke", 2, command, "test")
     assert sorted(p.name for p in ran.iterdir()) == ["01_a", "02_b", "03_c", "05_explore"]
-    assert failures == ["02_b: exit status 3 (output above)"]
+    kept = tmp_path / "build" / "smoke" / "02_b.failed.test.log"
+    assert failures == [f"02_b: exit status 3 (output above; kept in {kept})"]
+    assert kept.read_text().endswith("exit status 3:\nout of 02_b\n")
+    assert [p.name for p in kept.parent.iterdir()] == [kept.name]  # only the failure's
     out = capsys.readouterr().out
     assert "out of 02_b" in out and "out of 01_a" not in out
     assert "02_b: FAILED" in out
