@@ -259,10 +259,15 @@ def _stream_fixture(tiny_lm):
     def make_iter():
         return hv.row_batches(tokens, 4)
 
-    def source():
+    def source(**kw):
         return hv.StreamingActivations(model, make_iter, hook, batch_size=16, buffer_tokens=64,
-                                       scale=2.0, seed=1)
+                                       scale=2.0, seed=1, **kw)
     return model, make_iter, hook, source
+
+
+def _rows(x):
+    """x's rows as a multiset (sorted distinct rows, counts)."""
+    return torch.unique(x, dim=0, return_counts=True)
 
 
 def test_streaming_fills_serve_each_row_once(tiny_lm):
@@ -280,9 +285,7 @@ def test_streaming_fills_serve_each_row_once(tiny_lm):
         got = torch.cat(served[4 * f:4 * f + 4])
         assert not torch.equal(got, expected)  # shuffled
         # The same rows as often (a multiset: the repeating text repeats some rows).
-        for a, b in zip(torch.unique(got, dim=0, return_counts=True),
-                        torch.unique(expected, dim=0, return_counts=True)):
-            assert torch.equal(a, b)
+        assert all(map(torch.equal, _rows(got), _rows(expected)))
 
 
 def test_streaming_step_is_random_access(tiny_lm, monkeypatch):
@@ -305,6 +308,23 @@ def test_streaming_step_is_random_access(tiny_lm, monkeypatch):
     other = hv.StreamingActivations(fresh.model, fresh.make_iter, fresh.hook, batch_size=16,
                                     buffer_tokens=64, scale=2.0, seed=2)
     assert not torch.equal(other.batch(9), served[9])  # another seed shuffles another way
+
+
+def test_streaming_epochs_repeat_the_first_fills_reshuffled(tiny_lm, monkeypatch):
+    """With epoch_fills=2 the stream restarts after two fills, as an in-memory set's epochs
+    do: fills 2 and 3 serve the rows of fills 0 and 1 again, in another order; a fresh
+    stream asked for step 13 (fill 3) harvests that fill alone."""
+    _, _, _, source = _stream_fixture(tiny_lm)
+    src = source(epoch_fills=2)
+    served = [src.batch(i).clone() for i in range(16)]
+    for f in (0, 1):
+        first, again = torch.cat(served[4 * f:4 * f + 4]), torch.cat(served[4 * f + 8:4 * f + 12])
+        assert all(map(torch.equal, _rows(again), _rows(first)))
+        assert not torch.equal(again, first)
+    assert not all(map(torch.equal, _rows(torch.cat(served[4:8])), _rows(torch.cat(served[:4]))))
+    calls, real = [], hv.harvest
+    monkeypatch.setattr(hv, "harvest", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    assert torch.equal(source(epoch_fills=2).batch(13), served[13]) and calls == [64]
 
 
 def test_streaming_stream_that_runs_out_says_so(tiny_lm):

@@ -212,6 +212,7 @@ def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch
     time. A run that dies at step 9 resumes from its step-8 checkpoint to the weights of an
     uninterrupted run, and runs the LM on the one fill holding step 8 (steps 8-11), not on
     the two fills it had trained on before (hub stand-ins: tests/standin_hub.py)."""
+    from paper_lib.data import activations
     from paper_lib.data import harvest as hv
     from paper_lib.data.activations import load_activations
     from paper_lib.train import TrainConfig, train_saes
@@ -219,9 +220,12 @@ def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data, _ = standin_hub.patch(tmp_path / "hub", monkeypatch.setattr)
-    acts = load_activations("standin-gpt2", "text", "", n_tokens=256, n_eval_tokens=128,
+    monkeypatch.setattr(activations, "STREAM_FILL_TOKENS", 256)  # 2 M at full scale
+    acts = load_activations("standin-gpt2", "text", "", n_tokens=768, n_eval_tokens=128,
                             progress=False, data_dir=tmp_path, batch_rows=4,
                             data_files=str(data), stream=True)
+    stream = acts.batches(64, 0)
+    assert (stream.buffer_tokens, stream.epoch_fills) == (256, 3)  # 768 tokens, 3 fills
     cfg = SAEConfig("topk", acts.d, 64, k=4)
     ck = tmp_path / "ck.pt"
     tc = TrainConfig(steps=12, checkpoint_every=4, checkpoint_path=str(ck), progress=False)

@@ -28,6 +28,7 @@ from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.train import BatchSource, ShuffledBatches, first_rows
 
 CACHE_LIMIT_BYTES = 1.5e9  # larger harvests stay in memory (or stream)
+STREAM_FILL_TOKENS = 1 << 21  # a streamed run's shuffling buffer, at most (6.4 GB at d=768)
 
 
 @dataclass
@@ -211,9 +212,15 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
         scale = unit_scale(ev)
 
         def make_stream(batch_size: int, seed: int) -> StreamingActivations:
+            # n_tokens means what it does in memory: the distinct tokens trained on, seen
+            # again in a new order once used up. They come in fills of at most
+            # STREAM_FILL_TOKENS (n_tokens split evenly, so the last is not short; whole
+            # batches, so up to a batch less per fill).
+            fills = math.ceil(n_tokens / STREAM_FILL_TOKENS)
             return StreamingActivations(model, token_iter, hook, batch_size,
-                                        buffer_tokens=max(2 * batch_size, min(n_tokens, 1 << 21)),
-                                        scale=scale, seed=seed)
+                                        buffer_tokens=max(2 * batch_size, n_tokens // fills),
+                                        scale=scale, seed=seed, epoch_fills=fills)
+
         def head(n: int) -> Tensor:
             return harvest(model, token_iter(), hook, n, True, device, progress=False).mul_(scale)
         return ActivationSet(model, info, hook, None, ev.mul_(scale), scale, None, eval_tok, True,

@@ -235,16 +235,21 @@ class ActivationCache:
 class StreamingActivations:
     """A BatchSource that harvests on the fly, one buffer at a time: fill f is the stream's
     next `buffer_tokens` activation tokens (rounded down to whole batches), shuffled by a
-    generator of its own (seed, f) and served as consecutive batches. A batch depends only
-    on its step, so any step can be asked for first (a resumed run's): the token batches of
-    the fills before it are read and skipped without running the LM, and only the fill that
-    holds the step is harvested. A step before the current fill restarts the stream."""
+    generator of its own (seed, f) and served as consecutive batches. With `epoch_fills`
+    the stream restarts after that many fills, so training sees its first epoch_fills *
+    buffer_tokens tokens again, in a new order, as an in-memory set's epochs do (0: never).
+    A batch depends only on its step, so any step can be asked for first (a resumed run's):
+    the token batches of the fills before it are read and skipped without running the LM,
+    and only the fill that holds the step is harvested."""
 
     def __init__(self, model: Any, make_token_iter: Callable[[], Iterator[Tensor]], hook: str,
                  batch_size: int, buffer_tokens: int, scale: float = 1.0, seed: int = 0,
-                 drop_bos: bool = True) -> None:
+                 drop_bos: bool = True, epoch_fills: int = 0) -> None:
         if buffer_tokens < 2 * batch_size:
             raise ValueError("buffer_tokens must hold at least two batches")
+        if epoch_fills < 0:
+            raise ValueError(f"epoch_fills={epoch_fills}: give 0 (never restart) or more")
+        self.epoch_fills = epoch_fills
         self.model, self.make_iter, self.hook = model, make_token_iter, hook
         self.batch_size, self.scale, self.seed, self.drop_bos = batch_size, scale, seed, drop_bos
         self.per_fill = buffer_tokens // batch_size
@@ -268,10 +273,11 @@ class StreamingActivations:
 
     def _load(self, fill: int) -> None:
         self.fill, self.buf = -1, None  # nothing held until the new fill is complete
-        if self.tokens is None or fill < self.read:
+        at = fill % self.epoch_fills if self.epoch_fills else fill  # where in the stream
+        if self.tokens is None or at < self.read:
             self.tokens, self.read = self.make_iter(), 0
         try:
-            while self.read < fill:
+            while self.read < at:
                 self._skip()
             x = harvest(self.model, self.tokens, self.hook, self.buffer_tokens, self.drop_bos,
                         self.device, progress=False).mul_(self.scale)
