@@ -45,7 +45,9 @@ def test_every_notebook_runs_on_the_paper_path(tmp_path, monkeypatch):
         "import sys\nfrom pathlib import Path\n"
         f"sys.path.insert(0, {str(root)!r})\n"
         "from tests import standin_hub\n"
-        f"standin_hub.install(Path({str(tmp_path / 'hub')!r}), Path({str(tmp_path / 'data')!r}))\n")
+        f"standin_hub.install(Path({str(tmp_path / 'hub')!r}), Path({str(tmp_path / 'data')!r}))\n"
+        # The paper preset's 50 M tokens stream from the LM (train is None): so do these.
+        "import paper_lib.data.activations as acts\nacts.CACHE_LIMIT_BYTES = 0\n")
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("PAPER_LIB_OUTPUT_ROOT", str(tmp_path / "out"))
     for stem, params in SMALL.items():
@@ -59,10 +61,14 @@ def test_every_notebook_runs_on_the_paper_path(tmp_path, monkeypatch):
     for stem, rec in records.items():
         assert rec["params"]["profile"] == "paper" and rec["params"].get("model", "gpt2") == "gpt2"
         assert rec["claims"] or stem == "05_explore"
+    def printed(stem):
+        cells = json.loads((tmp_path / f"{stem}.ipynb").read_text())["cells"]
+        return ["".join(out.get("data", {}).get("text/plain", "") or out.get("text", ""))
+                for c in cells for out in c.get("outputs", [])]
+    for stem in ("01_afa_bound", "03_topk_scaling", "04_matryoshka_tradeoffs"):
+        assert any("streamed train" in t for t in printed(stem)), stem
     # 03 read the stand-in's subword text: its n-gram explanations are words of it
-    cells = json.loads((tmp_path / "03_topk_scaling.ipynb").read_text())["cells"]
-    tables = ["".join(out.get("data", {}).get("text/plain", "")) for c in cells
-              for out in c.get("outputs", [])]
+    tables = printed("03_topk_scaling")
     table = next(t for t in tables if "ngram" in t and "fit_f1" in t)
     assert "Ġ" not in table and any(w in table for w in (" quick", " brown", " fox", " jumps"))
     # 05 found the SAEs that 01, 03 and 04 saved (under the stand-in data root, not data/)
