@@ -54,6 +54,8 @@ class ActivationSet:
     """(batch_size, seed) -> a streaming BatchSource, when `train` is None."""
     stream_head: Callable[[int], Tensor] | None = field(default=None, repr=False)
     """n -> the training stream's first n activations in SAE units, when `train` is None."""
+    stream_tokens: int = 0
+    """The distinct training tokens of the stream (n_tokens), when `train` is None."""
     _splice: dict[int, SpliceEval] = field(default_factory=dict, init=False, repr=False)
 
     def splice_eval(self, rows: int) -> SpliceEval:
@@ -116,7 +118,7 @@ class ActivationSet:
         return list(self.model.tokenizer(text)["input_ids"])
 
     def describe(self) -> str:
-        n = "streamed" if self.train is None else f"{self.train.shape[0]:,}"
+        n = f"{self.stream_tokens:,} streamed" if self.train is None else f"{self.train.shape[0]:,}"
         info = self.model_info
         lm = ""  # an embedded LM's quality: how far it is from a byte-frequency model
         if "val_bits_per_byte" in info:
@@ -224,7 +226,7 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
         def head(n: int) -> Tensor:
             return harvest(model, token_iter(), hook, n, True, device, progress=False).mul_(scale)
         return ActivationSet(model, info, hook, None, ev.mul_(scale), scale, None, eval_tok, True,
-                             dataset, None, False, make_stream, head)
+                             dataset, None, False, make_stream, head, n_tokens)
     train = harvest(model, token_iter(), hook, n_tokens, True, device, progress=progress)
     scale = unit_scale(train)
     return ActivationSet(model, info, hook, train.mul_(scale), ev.mul_(scale), scale, None,
