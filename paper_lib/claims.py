@@ -37,6 +37,7 @@ from paper_lib.runtime import (
     atomic_write_text,
     env_info,
     output_root,
+    release_kept,
 )
 
 Verdict = Literal["reproduced", "direction only", "not reproduced"]
@@ -347,9 +348,11 @@ class Run:
         }
 
     def finish(self) -> dict[str, Any]:
-        """Write the results JSON; returns the record."""
+        """Write the results JSON; returns the record. The trained SAEs' checkpoints kept
+        for an interrupted rerun (`runtime.keep_until_recorded`) are then removed."""
         rec = self.record()
         atomic_write_json(self.results_path, rec)
+        release_kept()
         return rec
 
     def verdict_lines(self) -> str:

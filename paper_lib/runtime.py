@@ -272,6 +272,24 @@ def has_checkpoint(path: str | Path) -> bool:
     return path.exists()
 
 
+# Checkpoints of finished trainings that a notebook keeps until its record is written.
+_KEPT: set[Path] = set()
+
+
+def keep_until_recorded(path: str | Path) -> None:
+    """Keep a finished training's checkpoint (TrainConfig.keep_finished) until this
+    process's notebook writes its record (`release_kept`): a rerun after an interruption
+    in the analyses that follow training then reads the trained SAEs instead of training
+    them again."""
+    _KEPT.add(Path(path))
+
+
+def release_kept() -> None:
+    """Remove the checkpoints kept by `keep_until_recorded` (Run.finish calls this)."""
+    while _KEPT:
+        _KEPT.pop().unlink(missing_ok=True)
+
+
 def read_checkpoint(path: str | Path, key: str, what: str = "checkpoint",
                     other: str = "a different configuration",
                     fix: str = "delete it to start over") -> dict[str, Any]:

@@ -106,6 +106,11 @@ class TrainConfig:
     checkpoint_seconds: float = 0.0
     """Also write one whenever this much wall time passed since the last (0: never)."""
     checkpoint_path: str = ""
+    keep_finished: bool = False
+    """When training ends, keep the checkpoint, marked finished (weights, histories, no
+    optimiser state), instead of removing it: a rerun then returns these results without
+    training, and the caller removes the file (`experiments.common.train_on` does once the
+    notebook's record is written, so an interruption after training loses no training)."""
     bf16: bool = True
     """bf16 autocast for the forward pass on CUDA (ignored on CPU)."""
     compile: bool = False
@@ -182,7 +187,7 @@ def evaluate(sae: SAE, x: Tensor, chunk: int = 8192,
 # TrainConfig fields that do not change what a run computes (compile: at most the float
 # rounding), so a checkpoint written under one value resumes under another.
 _BOOKKEEPING = ("progress", "desc", "checkpoint_every", "checkpoint_seconds", "checkpoint_path",
-                "compile")
+                "keep_finished", "compile")
 
 
 def configs_key(saes: list[SAE], cfg: TrainConfig) -> str:
@@ -298,10 +303,10 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
         since_of.update({id(s): part for s, part in members})
     since = [since_of[id(s)] for s in saes]
     results = [TrainResult(s) for s in saes]
-    start, key = 0, configs_key(saes, cfg)
+    start, finished, key = 0, False, configs_key(saes, cfg)
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
     if ckpt is not None and has_checkpoint(ckpt):
-        start = _load_checkpoint(ckpt, key, saes, opts, since, results)
+        start, finished = _load_checkpoint(ckpt, key, saes, opts, since, results)
 
     def run_eval(step: int) -> None:
         heldout = eval_x is not None and (cfg.heldout_midway or step == cfg.steps)
@@ -341,24 +346,29 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
             _save_checkpoint(ckpt, key, done, saes, opts, since, results)
             last_ckpt = time.perf_counter()
     bar.close()
-    run_eval(cfg.steps)
+    if not finished:  # a finished checkpoint holds the final evaluation already
+        run_eval(cfg.steps)
     elapsed = time.perf_counter() - t0
     for st in stacks:
         st.unstack_()  # each SAE its own weights again
     for res, cnt in zip(results, since):
         res.tokens_since_fired = cnt
         res.seconds += elapsed
-    if ckpt is not None and ckpt.exists():
+    if ckpt is not None and cfg.keep_finished:
+        if not finished:
+            _save_checkpoint(ckpt, key, cfg.steps, saes, [], since, results, finished=True)
+    elif ckpt is not None and ckpt.exists():
         ckpt.unlink()  # finished: the checkpoint has served its purpose
     return results
 
 
 def _save_checkpoint(path: Path, key: str, step: int, saes: list[SAE], opts: list,
-                     since: list[Tensor], results: list[TrainResult]) -> None:
-    """opts: one per optimiser unit (an SAE or a stack); the rest one per SAE (a stack's
-    SAEs hold views of its tensors, which torch.save writes once)."""
+                     since: list[Tensor], results: list[TrainResult],
+                     finished: bool = False) -> None:
+    """opts: one per optimiser unit (an SAE or a stack), none once finished; the rest one
+    per SAE (a stack's SAEs hold views of its tensors, which torch.save writes once)."""
     state = {
-        "key": key, "step": step,
+        "key": key, "step": step, "finished": finished,
         "saes": [s.state_dict() for s in saes],
         "opts": [o.state_dict() for o in opts],
         "since": since,
@@ -370,17 +380,20 @@ def _save_checkpoint(path: Path, key: str, step: int, saes: list[SAE], opts: lis
 
 
 def _load_checkpoint(path: Path, key: str, saes: list[SAE], opts: list, since: list[Tensor],
-                     results: list[TrainResult]) -> int:
+                     results: list[TrainResult]) -> tuple[int, bool]:
+    """Restore a checkpoint in place; (its step, whether training had finished)."""
     state = read_checkpoint(path, key, fix="delete it or choose another checkpoint_path")
+    finished = bool(state.get("finished", False))
     for sae, cnt, res, s_sd, c, h, sec in zip(saes, since, results, state["saes"],
                                               state["since"], state["history"], state["seconds"]):
         sae.load_state_dict(s_sd)  # in place: a stack's SAEs keep viewing its tensors
         cnt.copy_(c)
         res.history, res.seconds = h, sec
-    for opt, o_sd in zip(opts, state["opts"]):
-        opt.load_state_dict(o_sd)
+    if not finished:
+        for opt, o_sd in zip(opts, state["opts"]):
+            opt.load_state_dict(o_sd)
     torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), finished
 
 
 def _demo_data(d_in: int, n: int, seed: int) -> Tensor:

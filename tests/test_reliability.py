@@ -254,6 +254,49 @@ def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch
         assert torch.equal(a, b), name
 
 
+def test_trained_saes_outlive_an_interruption_until_the_record(tmp_path, monkeypatch):
+    """A notebook interrupted after `train_on` finished (in its analyses) loses no training:
+    the rerun's train_on reads the trained SAEs from the kept checkpoint without reading a
+    batch, unless the training code changed since; the notebook's `Run.finish` then removes
+    the checkpoint."""
+    from paper_lib.claims import Run
+    from paper_lib.config import TopKParams
+    from paper_lib.data.activations import load_activations
+    from paper_lib.experiments import common
+    from tests import standin_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data, _ = standin_hub.patch(tmp_path / "hub", monkeypatch.setattr)
+    monkeypatch.setattr(common, "CKPT_ROOT", tmp_path / "ckpt")
+    acts = load_activations("standin-gpt2", "text", "", n_tokens=1024, n_eval_tokens=128,
+                            progress=False, data_dir=tmp_path, batch_rows=4,
+                            data_files=str(data))
+    cfgs = [SAEConfig("topk", acts.d, 64, k=k) for k in (2, 4)]
+
+    def train():
+        return common.train_on(acts, cfgs, steps=12, batch_size=64, lr=1e-3,
+                               device=torch.device("cpu"), progress=False)
+    first = train()
+    kept = list((tmp_path / "ckpt").iterdir())
+    assert len(kept) == 1
+
+    class NoBatches:
+        batch_size = 64
+
+        def batch(self, step):
+            raise AssertionError("the rerun read training batches")
+    monkeypatch.setattr(acts, "batches", lambda batch_size, seed: NoBatches())
+    again = train()
+    for a, b in zip(first, again):
+        assert torch.equal(a.sae.W_enc, b.sae.W_enc) and a.history == b.history
+    # SAEs that other training code trained are not reused: the rerun trains
+    monkeypatch.setattr(common, "training_code_sha", lambda: "edited trainer")
+    with pytest.raises(AssertionError, match="read training batches"):
+        train()
+    Run("03_topk_scaling", TopKParams.from_profile("smoke"), root=tmp_path).finish()
+    assert list((tmp_path / "ckpt").iterdir()) == []
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files and folders written atomically get the mode a plain write would (mkstemp
     and mkdtemp alone would leave them private to the owner), also when they replace a

@@ -126,6 +126,52 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
     assert not ck.exists()
 
 
+class NoBatches:
+    """A BatchSource that must not be read (a finished run needs no data)."""
+    batch_size = 128
+
+    def batch(self, step):
+        raise AssertionError(f"batch {step} read")
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_finished_checkpoint_is_kept_and_returned_without_training(tmp_path, stack):
+    """keep_finished: the checkpoint stays when training ends, marked finished; a rerun
+    reads no batch and evaluates nothing, and returns the same weights, history, firing
+    counts and global RNG state; a rerun without keep_finished then removes the file."""
+    x = sparse_data()
+    ck = tmp_path / "ck.pt"
+    cfgs = [SAEConfig("topk", 16, 64, k=k) for k in (2, 4)]
+    tc = TrainConfig(steps=30, eval_every=10, checkpoint_every=20, checkpoint_path=str(ck),
+                     progress=False, keep_finished=True, stack=stack)
+    calls = []
+
+    def eval_fn(sae):
+        calls.append(1)
+        return {"extra": float(sae.W_dec.detach().sum())}
+
+    torch.manual_seed(5)
+    first = train_saes([make_sae(c) for c in cfgs], ShuffledBatches(x, 128), tc, eval_x=x,
+                       eval_fn=eval_fn)
+    rng_after = torch.get_rng_state()
+    state = torch.load(ck, weights_only=True)
+    assert state["finished"] and state["step"] == 30 and state["opts"] == []
+    n_evals = len(calls)
+    torch.manual_seed(6)
+    again = train_saes([make_sae(c) for c in cfgs], NoBatches(), tc, eval_x=x, eval_fn=eval_fn)
+    assert len(calls) == n_evals and torch.equal(torch.get_rng_state(), rng_after)
+    for a, b in zip(first, again):
+        for (name, u), v in zip(a.sae.state_dict().items(), b.sae.state_dict().values()):
+            assert torch.equal(u, v), name
+        assert a.history == b.history and len(a.history) == 3
+        assert torch.equal(a.tokens_since_fired, b.tokens_since_fired)
+    assert ck.exists()
+    plain = TrainConfig(steps=30, eval_every=10, checkpoint_every=20, checkpoint_path=str(ck),
+                        progress=False, stack=stack)
+    third = train_saes([make_sae(c) for c in cfgs], NoBatches(), plain, eval_x=x)
+    assert torch.equal(third[1].sae.W_dec, first[1].sae.W_dec) and not ck.exists()
+
+
 def test_checkpoint_of_other_config_is_refused(tmp_path):
     x = sparse_data(n=512)
     ck = tmp_path / "ck.pt"

@@ -3,6 +3,7 @@ splice an SAE into its LM, and encode held-out activations in chunks."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import replace
@@ -15,7 +16,7 @@ from torch import Tensor
 from paper_lib import metrics
 from paper_lib.config import LMParams
 from paper_lib.data.activations import ActivationSet, load_activations
-from paper_lib.runtime import PROJECT_ROOT
+from paper_lib.runtime import PROJECT_ROOT, keep_until_recorded
 from paper_lib.sae import SAE, SAEConfig, make_sae, save_sae
 from paper_lib.train import TrainConfig, TrainResult, configs_key, encode_all, train_saes
 
@@ -24,6 +25,17 @@ __all__ = ["encode_all", "lm_loss", "lm_loss_fn", "replicate_runs", "reseeded_co
 
 SAE_ROOT = PROJECT_ROOT / "data" / "saes"
 CKPT_ROOT = PROJECT_ROOT / "data" / "ckpt"
+
+
+@functools.cache
+def training_code_sha() -> str:
+    """sha256 (16 hex digits) of the source that decides what training computes: the
+    trainer and the SAE modules (paper_lib/train.py, paper_lib/sae/*.py)."""
+    lib = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in [lib / "train.py", *sorted((lib / "sae").glob("*.py"))]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size: int,
@@ -40,9 +52,11 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
     the L1 penalty of ReLU SAEs ramps up over the first 20% of steps by default. A
     checkpoint keyed by the configs and data is written every `checkpoint_seconds` of
     training under data/ckpt/, so re-running an interrupted notebook resumes where it
-    stopped (0 disables). `compile`: torch.compile each SAE's forward and loss. `stack`:
-    TopK-family SAEs that differ only in seed and k train as one stacked module
-    (TrainConfig.stack).
+    stopped (0 disables); once training ends it stays, holding the trained SAEs, until the
+    notebook's record is written (`runtime.keep_until_recorded`), so an interruption in the
+    analyses after training costs no training on the rerun. `compile`: torch.compile each
+    SAE's forward and loss. `stack`: TopK-family SAEs that differ only in seed and k train
+    as one stacked module (TrainConfig.stack).
     `heldout_midway`: see TrainConfig (False: held-out metrics only at the end)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
@@ -52,15 +66,21 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
                      sparsity_warmup_steps=warm, compile=compile, stack=stack)
     if checkpoint_seconds:
         # The trainer's own key (SAE configs, every TrainConfig field that matters) plus the
-        # data: a leftover checkpoint of other settings gets another file, never refused.
+        # data and the training code: a leftover checkpoint of other settings, or one that
+        # code since changed made (a kept finished one would skip training), gets another
+        # file, never refused or reused.
         key = hashlib.sha256(json.dumps([configs_key(saes, tc), batch_size, seed, eval_n,
                                          acts.hook, acts.model_info.get("weights_sha256"),
-                                         acts.corpus_sha256], sort_keys=True, default=str)
+                                         acts.corpus_sha256, training_code_sha()],
+                                        sort_keys=True, default=str)
                              .encode()).hexdigest()[:16]
         tc = replace(tc, checkpoint_seconds=checkpoint_seconds,
-                     checkpoint_path=str(CKPT_ROOT / f"{key}.pt"))
-    return train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
-                      init_x=acts.train_sample(4096, seed), eval_fn=eval_fn)
+                     checkpoint_path=str(CKPT_ROOT / f"{key}.pt"), keep_finished=True)
+    results = train_saes(saes, acts.batches(batch_size, seed), tc, eval_x=acts.eval[:eval_n],
+                         init_x=acts.train_sample(4096, seed), eval_fn=eval_fn)
+    if tc.keep_finished:
+        keep_until_recorded(tc.checkpoint_path)
+    return results
 
 
 def reseeded_configs(cfgs: dict[str, SAEConfig], offset: int) -> dict[str, SAEConfig]:
