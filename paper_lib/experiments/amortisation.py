@@ -22,6 +22,7 @@ from paper_lib import metrics
 from paper_lib.config import AmortParams
 from paper_lib.data.activations import ActivationSet
 from paper_lib.data.synthetic import SparseData, make_sparse_data
+from paper_lib.experiments.common import train_on
 from paper_lib.inference import inference_flops, refine_codes, sparse_coding
 from paper_lib.sae import SAE, SAEConfig, make_sae
 from paper_lib.train import ShuffledBatches, TrainConfig, train_saes
@@ -197,10 +198,9 @@ def lm_gap(acts: ActivationSet, eval_rows: int, k: int, n_latents: int, steps: i
     after."""
     cfg = SAEConfig("topk", acts.d, n_latents, k=k, seed=seed,
                     dead_tokens=max(batch_size * 50, 1))
-    sae = make_sae(cfg).to(device)
-    tc = TrainConfig(steps=steps, lr=1e-3, progress=progress, desc="lm SAE")
-    train_saes([sae], acts.batches(batch_size, seed), tc,
-               init_x=acts.train_sample(4096, seed))
+    # train_on: checkpointed, as every SAE trained on an LM's activations is
+    sae = train_on(acts, [cfg], steps, batch_size, 1e-3, device, progress, desc="lm SAE",
+                   seed=seed)[0].sae
     x = acts.eval[:eval_rows].to(device)
     with torch.no_grad():
         z = sae.encode(x)
