@@ -44,6 +44,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _scratch_checkpoints(tmp_path_factory, monkeypatch):
+    """Training checkpoints that `train_on` writes (and keeps until a notebook's record)
+    go to a scratch folder, never the project's data/ckpt; none outlives its test."""
+    from paper_lib import runtime
+    from paper_lib.experiments import common
+
+    monkeypatch.setattr(common, "CKPT_ROOT", tmp_path_factory.mktemp("ckpt"))
+    yield
+    runtime.release_kept()
+
+
 @pytest.fixture
 def broken_compiler(monkeypatch):
     """TrainConfig.compile's torch.compile with a backend that fails the way inductor did on
