@@ -237,3 +237,25 @@ def test_train_command_line_refuses_bad_settings_before_any_work(args, message, 
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_activations_too_large_for_memory_are_refused_before_any_work(tmp_path, monkeypatch):
+    """1,000 + 24 activations of width 128 take 1024 * 128 * 4 = 524,288 bytes: refused
+    with 0.5 MB of RAM free, before the embedded LM is loaded (let alone trained), naming
+    the sizes and the fix; accepted with 0.6 MB free."""
+    from paper_lib.data import activations
+
+    monkeypatch.setattr(activations, "available_memory", lambda device: [("RAM", 500_000)])
+
+    def no_lm(*args, **kwargs):
+        raise AssertionError("the LM was loaded")
+    monkeypatch.setattr(activations, "load_lm", no_lm)
+    with pytest.raises(ValueError, match=r"n_tokens = 1,000 \+ n_eval_tokens = 24 activations "
+                       r"of width 128 take 0\.5 MB held in memory, more than the 0\.5 MB "
+                       r"free RAM: lower n_tokens$"):
+        activations.load_activations("embedded-smoke", "stdlib", n_tokens=1000,
+                                     n_eval_tokens=24, data_dir=tmp_path, progress=False)
+    monkeypatch.setattr(activations, "available_memory", lambda device: [("RAM", 600_000)])
+    with pytest.raises(AssertionError, match="the LM was loaded"):  # got past the check
+        activations.load_activations("embedded-smoke", "stdlib", n_tokens=1000,
+                                     n_eval_tokens=24, data_dir=tmp_path, progress=False)

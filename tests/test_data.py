@@ -361,6 +361,24 @@ def test_paper_path_with_local_standins(tmp_path, monkeypatch):
     assert streamed.batches(64, 0).batch(0).shape == (64, 32)
 
 
+def test_hub_activations_stream_when_memory_is_short(tmp_path, monkeypatch):
+    """On the hub path, activations that would not fit the free memory stream instead of
+    being held (2,000 + 500 of width 32: 320,000 bytes, against 0.3 MB free); asked not to
+    stream, the call is refused with the sizes and the fix."""
+    from paper_lib.data import activations
+
+    data, _ = _standin_hub(tmp_path, monkeypatch)
+    monkeypatch.setattr(activations, "available_memory", lambda device: [("RAM", 300_000)])
+    kw = dict(n_tokens=2000, n_eval_tokens=500, progress=False, data_dir=tmp_path,
+              batch_rows=4, data_files=str(data))
+    assert activations.load_activations("standin-gpt2", "text", "", **kw).train is None
+    with pytest.raises(ValueError, match="take 0.3 MB held in memory, more than the 0.3 MB "
+                                         "free RAM: lower n_tokens, or stream them"):
+        activations.load_activations("standin-gpt2", "text", "", stream=False, **kw)
+    monkeypatch.setattr(activations, "available_memory", lambda device: [("RAM", 330_000)])
+    assert activations.load_activations("standin-gpt2", "text", "", **kw).train is not None
+
+
 def test_hub_seed_draws_another_sample(tmp_path, monkeypatch):
     """On the hub path the seed draws the documents' order, as it draws the embedded
     corpus's rows: the same seed reads the same held-out and training rows, another seed

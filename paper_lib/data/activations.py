@@ -22,7 +22,7 @@ from paper_lib.data.corpus import (BYTES, Vocab, byte_tokens, hf_token_batches,
                                    load_stdlib_corpus)
 from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
                                     row_batches, stop_layer)
-from paper_lib.data.lm import load_lm
+from paper_lib.data.lm import EMBEDDED_LMS, load_lm
 from paper_lib.metrics import SpliceEval
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.train import BatchSource, ShuffledBatches, first_rows
@@ -149,6 +149,44 @@ def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> Tensor
     return torch.cat(parts)
 
 
+def available_memory(device: torch.device) -> list[tuple[str, int]]:
+    """(what, free bytes) of the memories an in-memory harvest on `device` fills: the RAM
+    (psutil, which Jupyter's kernel already needs; skipped without it) and a CUDA device's."""
+    out = []
+    try:
+        import psutil
+
+        out.append(("RAM", int(psutil.virtual_memory().available)))
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        out.append((f"memory of {device}", int(torch.cuda.mem_get_info(device)[0])))
+    return out
+
+
+def memory_shortfall(n_rows: int, d: int, device: torch.device) -> str:
+    """'' if n_rows activations of width d (float32, harvested in RAM, then moved to
+    `device`) fit the free memory now, else what they need against what is free."""
+    def size(n: float) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    need = n_rows * d * 4
+    short = [f"{size(free)} free {what}" for what, free in available_memory(device)
+             if need > free]
+    return f"take {size(need)} held in memory, more than the {' and '.join(short)}" \
+        if short else ""
+
+
+def check_fits(n_tokens: int, n_eval_tokens: int, d: int, device: torch.device,
+               fix: str = "lower n_tokens") -> None:
+    """Refuse, before any harvest, activations to be held in memory that exceed the free
+    memory: a clear error now instead of an allocator failure, or the kernel killed, after
+    minutes of harvesting."""
+    short = memory_shortfall(n_tokens + n_eval_tokens, d, device)
+    if short:
+        raise ValueError(f"n_tokens = {n_tokens:,} + n_eval_tokens = {n_eval_tokens:,} "
+                         f"activations of width {d} {short}: {fix}")
+
+
 def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib",
                      hook: str = "", n_tokens: int = 200_000, n_eval_tokens: int = 16_384,
                      device: str | torch.device = "cpu", seed: int = 0, progress: bool = True,
@@ -156,6 +194,8 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
                      batch_rows: int = 64, data_files: Any = None) -> ActivationSet:
     """Harvest (or load from cache) normalised activations for training and evaluation."""
     device = torch.device(device)
+    if dataset == "stdlib" and model_name in EMBEDDED_LMS:  # before the LM is even trained
+        check_fits(n_tokens, n_eval_tokens, EMBEDDED_LMS[model_name].d_model, device)
     model, info = load_lm(model_name, device, progress, data_dir)
     hook = hook or default_hook(model)
     stop_layer(model, hook)  # validate before any compute
@@ -163,6 +203,8 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     per_row = n_ctx - 1
     d = model.cfg.d_model
     if dataset == "stdlib":
+        if model_name not in EMBEDDED_LMS:
+            check_fits(n_tokens, n_eval_tokens, d, device)
         corpus = load_stdlib_corpus(data_dir)
         train_tok = _embedded_rows(corpus.train["text"], n_ctx, math.ceil(n_tokens / per_row),
                                    seed)
@@ -207,8 +249,11 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
                                 len(eval_rows), None)
     ev = harvest(model, row_batches(eval_tok, batch_rows), hook, n_eval_tokens, True, device,
                  progress=progress)
-    if stream is None:
-        stream = n_tokens * d * 4 > CACHE_LIMIT_BYTES * 4
+    if stream is None:  # stream what is large, or more than the memory free now
+        stream = n_tokens * d * 4 > CACHE_LIMIT_BYTES * 4 or \
+            bool(memory_shortfall(n_tokens + n_eval_tokens, d, device))
+    if not stream:
+        check_fits(n_tokens, n_eval_tokens, d, device, "lower n_tokens, or stream them")
     if stream:
         # The scale comes from the held-out sample: the training stream is never all in memory.
         scale = unit_scale(ev)
