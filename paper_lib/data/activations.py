@@ -151,14 +151,10 @@ def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> Tensor
 
 def available_memory(device: torch.device) -> list[tuple[str, int]]:
     """(what, free bytes) of the memories an in-memory harvest on `device` fills: the RAM
-    (psutil, which Jupyter's kernel already needs; skipped without it) and a CUDA device's."""
-    out = []
-    try:
-        import psutil
+    and a CUDA device's."""
+    import psutil
 
-        out.append(("RAM", int(psutil.virtual_memory().available)))
-    except ImportError:
-        pass
+    out = [("RAM", int(psutil.virtual_memory().available))]
     if device.type == "cuda":
         out.append((f"memory of {device}", int(torch.cuda.mem_get_info(device)[0])))
     return out
