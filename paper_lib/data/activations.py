@@ -262,7 +262,8 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
             fills = math.ceil(n_tokens / STREAM_FILL_TOKENS)
             return StreamingActivations(model, token_iter, hook, batch_size,
                                         buffer_tokens=max(2 * batch_size, n_tokens // fills),
-                                        scale=scale, seed=seed, epoch_fills=fills)
+                                        scale=scale, seed=seed, epoch_fills=fills,
+                                        progress=progress)
 
         def head(n: int) -> Tensor:
             return harvest(model, token_iter(), hook, n, True, device, progress=False).mul_(scale)

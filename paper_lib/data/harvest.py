@@ -240,16 +240,16 @@ class StreamingActivations:
     buffer_tokens tokens again, in a new order, as an in-memory set's epochs do (0: never).
     A batch depends only on its step, so any step can be asked for first (a resumed run's):
     the token batches of the fills before it are read and skipped without running the LM,
-    and only the fill that holds the step is harvested."""
+    and only the fill that holds the step is harvested (`progress`: a bar while skipping)."""
 
     def __init__(self, model: Any, make_token_iter: Callable[[], Iterator[Tensor]], hook: str,
                  batch_size: int, buffer_tokens: int, scale: float = 1.0, seed: int = 0,
-                 drop_bos: bool = True, epoch_fills: int = 0) -> None:
+                 drop_bos: bool = True, epoch_fills: int = 0, progress: bool = False) -> None:
         if buffer_tokens < 2 * batch_size:
             raise ValueError("buffer_tokens must hold at least two batches")
         if epoch_fills < 0:
             raise ValueError(f"epoch_fills={epoch_fills}: give 0 (never restart) or more")
-        self.epoch_fills = epoch_fills
+        self.epoch_fills, self.progress = epoch_fills, progress
         self.model, self.make_iter, self.hook = model, make_token_iter, hook
         self.batch_size, self.scale, self.seed, self.drop_bos = batch_size, scale, seed, drop_bos
         self.per_fill = buffer_tokens // batch_size
@@ -259,12 +259,14 @@ class StreamingActivations:
         self.read = 0  # fills read from `tokens` so far
         self.fill, self.buf = -1, None  # the fill held in `buf`
 
-    def _skip(self) -> None:
+    def _skip(self, bar: tqdm) -> None:
         """Consume one fill's token batches as `harvest` would, without the LM."""
         assert self.tokens is not None
         got = 0
         for tokens in self.tokens:
-            got += tokens.shape[0] * (tokens.shape[1] - (1 if self.drop_bos else 0))
+            n = tokens.shape[0] * (tokens.shape[1] - (1 if self.drop_bos else 0))
+            bar.update(min(n, self.buffer_tokens - got))  # a fill's last batch: in part
+            got += n
             if got >= self.buffer_tokens:
                 self.read += 1
                 return
@@ -277,8 +279,11 @@ class StreamingActivations:
         if self.tokens is None or at < self.read:
             self.tokens, self.read = self.make_iter(), 0
         try:
-            while self.read < at:
-                self._skip()
+            with tqdm(total=(at - self.read) * self.buffer_tokens, unit="tok", leave=False,
+                      desc="stream: skip text trained on (no LM)", mininterval=1.0,
+                      disable=not self.progress or at == self.read) as bar:
+                while self.read < at:
+                    self._skip(bar)
             x = harvest(self.model, self.tokens, self.hook, self.buffer_tokens, self.drop_bos,
                         self.device, progress=False).mul_(self.scale)
         except BaseException:
