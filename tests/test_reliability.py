@@ -257,8 +257,8 @@ def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch
 def test_trained_saes_outlive_an_interruption_until_the_record(tmp_path, monkeypatch):
     """A notebook interrupted after `train_on` finished (in its analyses) loses no training:
     the rerun's train_on reads the trained SAEs from the kept checkpoint without reading a
-    batch, unless the training code changed since; the notebook's `Run.finish` then removes
-    the checkpoint."""
+    batch, unless the data or the training code changed since; the notebook's `Run.finish`
+    then removes the checkpoint."""
     from paper_lib.claims import Run
     from paper_lib.config import TopKParams
     from paper_lib.data.activations import load_activations
@@ -289,7 +289,15 @@ def test_trained_saes_outlive_an_interruption_until_the_record(tmp_path, monkeyp
     again = train()
     for a, b in zip(first, again):
         assert torch.equal(a.sae.W_enc, b.sae.W_enc) and a.history == b.history
-    # SAEs that other training code trained are not reused: the rerun trains
+    # Nor SAEs trained on other data (here 64 fewer training tokens) or by other training
+    # code: the rerun trains
+    fewer = load_activations("standin-gpt2", "text", "", n_tokens=960, n_eval_tokens=128,
+                             progress=False, data_dir=tmp_path, batch_rows=4,
+                             data_files=str(data))
+    monkeypatch.setattr(fewer, "batches", lambda batch_size, seed: NoBatches())
+    with pytest.raises(AssertionError, match="read training batches"):
+        common.train_on(fewer, cfgs, steps=12, batch_size=64, lr=1e-3,
+                        device=torch.device("cpu"), progress=False)
     monkeypatch.setattr(common, "training_code_sha", lambda: "edited trainer")
     with pytest.raises(AssertionError, match="read training batches"):
         train()

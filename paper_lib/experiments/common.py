@@ -70,8 +70,7 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
         # code since changed made (a kept finished one would skip training), gets another
         # file, never refused or reused.
         key = hashlib.sha256(json.dumps([configs_key(saes, tc), batch_size, seed, eval_n,
-                                         acts.hook, acts.model_info.get("weights_sha256"),
-                                         acts.corpus_sha256, training_code_sha()],
+                                         acts.identity(), training_code_sha()],
                                         sort_keys=True, default=str)
                              .encode()).hexdigest()[:16]
         tc = replace(tc, checkpoint_seconds=checkpoint_seconds,
