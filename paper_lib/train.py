@@ -106,6 +106,9 @@ class TrainConfig:
     checkpoint_seconds: float = 0.0
     """Also write one whenever this much wall time passed since the last (0: never)."""
     checkpoint_path: str = ""
+    data_key: str = ""
+    """What identifies the training data (the caller's choice: a hash, a description). Part
+    of a checkpoint's key, so a checkpoint is never resumed on other data."""
     keep_finished: bool = False
     """When training ends, keep the checkpoint, marked finished (weights, histories, no
     optimiser state), instead of removing it: a rerun then returns these results without
@@ -382,7 +385,9 @@ def _save_checkpoint(path: Path, key: str, step: int, saes: list[SAE], opts: lis
 def _load_checkpoint(path: Path, key: str, saes: list[SAE], opts: list, since: list[Tensor],
                      results: list[TrainResult]) -> tuple[int, bool]:
     """Restore a checkpoint in place; (its step, whether training had finished)."""
-    state = read_checkpoint(path, key, fix="delete it or choose another checkpoint_path")
+    state = read_checkpoint(path, key, other="a different configuration (SAEs, training "
+                            "settings or data)", fix="delete it or choose another "
+                            "checkpoint_path")
     finished = bool(state.get("finished", False))
     for sae, cnt, res, s_sd, c, h, sec in zip(saes, since, results, state["saes"],
                                               state["since"], state["history"], state["seconds"]):
@@ -539,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         init_x = acts.train_sample(2048, data_seed)
         meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,
                 "input_scale": acts.scale}
+        data_key = json.dumps(acts.identity(), sort_keys=True)
     else:
         if args.acts is not None:
             from safetensors.torch import load_file
@@ -548,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--acts {args.acts}: no tensor named 'acts' (found "
                          f"{', '.join(tensors) or 'none'})")
             x = tensors["acts"].float().to(device)
+            data_key = "acts sha256 " + hashlib.sha256(args.acts.read_bytes()).hexdigest()
         else:
             x = _demo_data(args.d_in, 8192 + 2048, data_seed).to(device)
+            data_key = f"synthetic d_in={args.d_in}"  # + the seed, which configs_key holds
         # The last rows are held out: the reported metrics are never on rows trained on.
         held = min(2048, x.shape[0] // 10)
         if held < 1 or x.shape[0] - held < args.batch:
@@ -565,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep = len(cfgs) > 1
     tc = TrainConfig(steps=args.steps, lr=args.lr, lr_scale_with_n=args.lr_scale_with_n,
                      checkpoint_every=args.checkpoint_every, checkpoint_path=str(ckpt),
-                     progress=not args.quiet, stack=args.stack, compile=args.compile,
+                     data_key=f"{data_key}; batch {args.batch}", progress=not args.quiet,
+                     stack=args.stack, compile=args.compile,
                      desc=f"train {len(cfgs)} SAEs" if sweep else f"train {cfgs[0].short()}")
     results = train_saes([make_sae(c).to(device) for c in cfgs], data, tc, eval_x=eval_x,
                          init_x=init_x)

@@ -145,7 +145,8 @@ CASES = [
      r"no cfg.json in .*not a saved SAE directory"),
     ("unwritable output directory", _unwritable_output, OSError, r"cannot write to"),
     ("checkpoint of another configuration", _stale_checkpoint, ValueError,
-     r"belongs to a different configuration; delete it or choose another"),
+     r"belongs to a different configuration \(SAEs, training settings or data\); delete it "
+     r"or choose another checkpoint_path"),
     ("batch larger than the data", lambda t: lambda: ShuffledBatches(torch.zeros(10, 2), 64),
      ValueError, r"batch_size=64 exceeds the 10 rows available"),
     ("zero training steps", lambda t: lambda: TrainConfig(steps=0), ValueError,

@@ -300,3 +300,35 @@ def test_command_line_holds_out_rows_it_never_trains_or_initialises_on(tmp_path,
     assert seen["eval"] == set(range(180, 200))
     assert seen["train"] <= set(range(180)) and len(seen["train"]) == 180
     assert seen["init"] == set(range(180))  # fewer than 2048 rows: all training rows
+
+
+def test_command_line_refuses_a_checkpoint_of_other_data(tmp_path, monkeypatch):
+    """An interrupted `python -m paper_lib.train --acts A` leaves its checkpoint; rerun on
+    another activation file (or another --batch) the command refuses it, naming the fix,
+    instead of resuming those SAEs on other data; rerun as before, it resumes."""
+    from safetensors.torch import save_file
+
+    for name, seed in (("a", 0), ("b", 1)):
+        save_file({"acts": sparse_data(n=600, seed=seed)}, str(tmp_path / f"{name}.safetensors"))
+
+    def command(acts, batch="64", steps="20"):
+        return train.main(["--acts", str(tmp_path / acts), "--d-sae", "32", "--k", "2",
+                           "--steps", steps, "--batch", batch, "--checkpoint-every", "5",
+                           "--quiet", "--out", str(tmp_path / "o.json")])
+
+    class DiesAtStep8(ShuffledBatches):
+        def batch(self, step):
+            if step == 8:
+                raise Interrupted
+            return super().batch(step)
+    monkeypatch.setattr(train, "ShuffledBatches", DiesAtStep8)
+    with pytest.raises(Interrupted):
+        command("a.safetensors")
+    monkeypatch.setattr(train, "ShuffledBatches", ShuffledBatches)
+    ck = tmp_path / "o.json.ckpt.pt"
+    assert torch.load(ck, weights_only=True)["step"] == 5
+    for other in (dict(acts="b.safetensors"), dict(acts="a.safetensors", batch="32")):
+        with pytest.raises(ValueError, match="belongs to a different configuration .* delete "
+                                             "it or choose another checkpoint_path"):
+            command(**other)
+    assert command("a.safetensors") == 0 and not ck.exists()
