@@ -60,18 +60,20 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
     `heldout_midway`: see TrainConfig (False: held-out metrics only at the end)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
+    # The data as the trainer sees it: the set, its batches' size and order, the rows scored.
+    data_key = json.dumps({"acts": acts.identity(), "batch": batch_size, "order_seed": seed,
+                           "eval_rows": eval_n}, sort_keys=True)
     tc = TrainConfig(steps=steps, lr=lr, lr_scale_with_n=lr_scale_with_n,
                      lr_ref_latents=lr_ref_latents, progress=progress,
                      desc=desc, eval_every=eval_every, heldout_midway=heldout_midway,
-                     sparsity_warmup_steps=warm, compile=compile, stack=stack)
+                     sparsity_warmup_steps=warm, compile=compile, stack=stack,
+                     data_key=data_key)
     if checkpoint_seconds:
-        # The trainer's own key (SAE configs, every TrainConfig field that matters) plus the
-        # data and the training code: a leftover checkpoint of other settings, or one that
-        # code since changed made (a kept finished one would skip training), gets another
-        # file, never refused or reused.
-        key = hashlib.sha256(json.dumps([configs_key(saes, tc), batch_size, seed, eval_n,
-                                         acts.identity(), training_code_sha()],
-                                        sort_keys=True, default=str)
+        # The trainer's own key (SAE configs, every TrainConfig field that matters, the data)
+        # plus the training code names the file: a leftover checkpoint of other settings, or
+        # one that code since changed made (a kept finished one would skip training), gets
+        # another file, never refused or reused.
+        key = hashlib.sha256(json.dumps([configs_key(saes, tc), training_code_sha()])
                              .encode()).hexdigest()[:16]
         tc = replace(tc, checkpoint_seconds=checkpoint_seconds,
                      checkpoint_path=str(CKPT_ROOT / f"{key}.pt"), keep_finished=True)
