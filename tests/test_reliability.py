@@ -305,6 +305,79 @@ def test_trained_saes_outlive_an_interruption_until_the_record(tmp_path, monkeyp
     assert list((tmp_path / "ckpt").iterdir()) == []
 
 
+_CALLS: list[int] = []
+_INTERRUPT_AT: set[int] = set()
+
+
+def _seed_task(params, seed):
+    """A stand-in for one of notebook 02's seed tasks: an SAE, a NumPy grid, NumPy and plain
+    scalars, a trace of tuples."""
+    _CALLS.append(seed)
+    if seed in _INTERRUPT_AT:
+        raise KeyboardInterrupt
+    import numpy as np
+
+    sae = make_sae(SAEConfig("relu", 4, 8, seed=seed, freeze_decoder=True)).eval()
+    return {"sae": sae, "grid": np.arange(3.0) * seed, "mcc": np.float64(seed / 8),
+            "trace": [(0, params.l1), (10, 0.5)]}
+
+
+def test_finished_seed_tasks_outlive_an_interruption(tmp_path, monkeypatch):
+    """Notebook 02's seed tasks (`run_tasks`): those finished before an interruption are read
+    back on the rerun, equal to what they returned, and only the rest run; a task with other
+    arguments or run by edited code runs again; the notebook's record removes them."""
+    import numpy as np
+
+    from paper_lib.claims import Run
+    from paper_lib.config import AmortParams
+    from paper_lib.experiments import amortisation as am
+    from paper_lib.experiments import common
+
+    monkeypatch.setattr(common, "CKPT_ROOT", tmp_path / "ckpt")
+    p = AmortParams.from_profile("smoke")
+    tasks = [(_seed_task, (p, s), {}) for s in range(3)]
+    monkeypatch.setattr(sys.modules[__name__], "_INTERRUPT_AT", {2})
+    _CALLS.clear()
+    with pytest.raises(KeyboardInterrupt):
+        am.run_tasks(tasks, workers=1, progress=False)
+    assert len(list((tmp_path / "ckpt" / "tasks").iterdir())) == 2
+    monkeypatch.setattr(sys.modules[__name__], "_INTERRUPT_AT", set())
+    _CALLS.clear()
+    # workers and progress bars leave results unchanged: a rerun may change them
+    again = am.run_tasks([(f, (p.replace(workers=1, progress=False), s), kw)
+                          for f, (_, s), kw in tasks], workers=1, progress=False)
+    assert _CALLS == [2]
+    for s, got in enumerate(again):
+        want = _seed_task(p, s)
+        assert type(got["sae"]) is type(want["sae"]) and not got["sae"].training
+        assert not got["sae"].W_dec.requires_grad  # the config's frozen decoder
+        for name, w in want["sae"].state_dict().items():
+            assert torch.equal(got["sae"].state_dict()[name], w)
+        assert got["grid"].dtype == np.float64 and np.array_equal(got["grid"], want["grid"])
+        assert got["mcc"] == s / 8 and got["trace"] == [(0, 0.01), (10, 0.5)]
+    _CALLS.clear()
+    am.run_tasks([(_seed_task, (p.replace(l1=0.02), 0), {})], workers=1, progress=False)
+    monkeypatch.setattr(common, "code_sha", lambda *files: "edited")
+    am.run_tasks(tasks[:1], workers=1, progress=False)
+    assert _CALLS == [0, 0]
+    Run("02_amortisation_gap", p, root=tmp_path).finish()
+    assert list((tmp_path / "ckpt" / "tasks").iterdir()) == []
+
+
+def test_seed_tasks_in_worker_processes_are_kept(tmp_path, monkeypatch):
+    """With worker processes the parent keeps each result as it arrives."""
+    from paper_lib.experiments import amortisation as am
+    from paper_lib.experiments import common
+
+    monkeypatch.setattr(common, "CKPT_ROOT", tmp_path / "ckpt")
+    tasks = [(am.mean_std, ([1.0, 3.0],), {}), (am.mean_std, ([2.0],), {})]
+    assert am.run_tasks(tasks, workers=2, progress=False) == [(2.0, 2 ** 0.5), (2.0, 0.0)]
+    assert sorted(am.task_path(t).name for t in tasks) == sorted(
+        f.name for f in (tmp_path / "ckpt" / "tasks").iterdir())
+    monkeypatch.setattr(am, "_run_task", lambda task: pytest.fail("a finished task ran"))
+    assert am.run_tasks(tasks, workers=2, progress=False) == [(2.0, 2 ** 0.5), (2.0, 0.0)]
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files and folders written atomically get the mode a plain write would (mkstemp
     and mkdtemp alone would leave them private to the owner), also when they replace a

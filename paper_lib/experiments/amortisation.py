@@ -8,9 +8,12 @@ coding learns D and codes jointly; scored by latent and dictionary MCC.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -19,11 +22,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from paper_lib import metrics
-from paper_lib.config import AmortParams
+from paper_lib.config import AmortParams, Params
 from paper_lib.data.activations import ActivationSet
 from paper_lib.data.synthetic import SparseData, make_sparse_data
+from paper_lib.experiments import common
 from paper_lib.experiments.common import train_on
 from paper_lib.inference import inference_flops, refine_codes, sparse_coding
+from paper_lib.runtime import has_checkpoint, keep_until_recorded, read_checkpoint, write_checkpoint
 from paper_lib.sae import SAE, SAEConfig, make_sae
 from paper_lib.train import ShuffledBatches, TrainConfig, train_saes
 
@@ -230,26 +235,117 @@ def _run_task(task: tuple[Callable[..., Any], tuple, dict]) -> Any:
         torch.set_num_threads(threads)
 
 
+# What a task's result depends on besides its arguments: the experiments here and the code
+# they call. A checkpoint written by other code is not reused.
+TASK_CODE = ("experiments/amortisation.py", "inference.py", "metrics.py", "data/synthetic.py",
+             "train.py", "sae/*.py")
+# Parameters that by design leave results unchanged: a rerun may change them and resume.
+_NOT_IN_KEY = {"progress", "workers"}
+
+
+def _key_default(obj: Any) -> Any:
+    if isinstance(obj, Params):
+        d = {k: v for k, v in obj.to_dict().items() if k not in _NOT_IN_KEY}
+        return {"params": type(obj).__name__, **d}
+    if isinstance(obj, torch.device):
+        return str(obj)
+    raise TypeError(f"cannot key a task by an argument of type {type(obj).__name__}")
+
+
+def task_path(task: tuple[Callable[..., Any], tuple, dict]) -> Path:
+    """Where run_tasks keeps the result of `task`: data/ckpt/tasks/<hash>.pt, the hash of
+    the function, its arguments (Params without `progress` and `workers`) and TASK_CODE."""
+    fn, args, kwargs = task
+    key = json.dumps([f"{fn.__module__}.{fn.__qualname__}", args, kwargs,
+                      common.code_sha(*TASK_CODE)], default=_key_default, sort_keys=True)
+    return common.CKPT_ROOT / "tasks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _to_state(obj: Any) -> Any:
+    """`obj` in types torch.load(weights_only=True) reads back: an SAE becomes its config
+    and state dict, a NumPy array a tensor."""
+    if isinstance(obj, SAE):
+        return {"__sae__": obj.cfg.to_dict(), "state": obj.state_dict(),
+                "device": str(obj.W_dec.device), "training": obj.training}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(obj)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_state(v) for v in obj)
+    if obj is None or isinstance(obj, (bool, int, float, str, Tensor)):
+        return obj
+    raise TypeError(f"a task returned a {type(obj).__name__}, which run_tasks cannot "
+                    "checkpoint; return tensors, NumPy arrays, SAEs or plain values, or pass "
+                    "checkpoint=False")
+
+
+def _from_state(obj: Any) -> Any:
+    if isinstance(obj, dict) and "__sae__" in obj:
+        sae = make_sae(SAEConfig.from_dict(obj["__sae__"]))
+        sae.load_state_dict(obj["state"])
+        return sae.to(obj["device"]).train(obj["training"])
+    if isinstance(obj, dict) and "__ndarray__" in obj:
+        return obj["__ndarray__"].numpy()
+    if isinstance(obj, dict):
+        return {k: _from_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_state(v) for v in obj)
+    return obj
+
+
+def _restore(path: Path) -> tuple[bool, Any]:
+    if not has_checkpoint(path):
+        return False, None
+    result = _from_state(read_checkpoint(path, path.stem, "task checkpoint")["result"])
+    keep_until_recorded(path)
+    return True, result
+
+
+def _save(path: Path, result: Any) -> None:
+    write_checkpoint(path, {"key": path.stem, "result": _to_state(result)})
+    keep_until_recorded(path)
+
+
 def run_tasks(tasks: list[tuple[Callable[..., Any], tuple, dict]], workers: int = 0,
-              progress: bool = True, desc: str = "seeds") -> list[Any]:
+              progress: bool = True, desc: str = "seeds", checkpoint: bool = True) -> list[Any]:
     """Run independent (fn, args, kwargs) tasks, in `workers` spawned processes when > 1
-    (0: one per CPU core). Each task seeds itself, so results do not depend on workers."""
-    workers = min(workers or (os.cpu_count() or 1), len(tasks))
-    bar = tqdm(total=len(tasks), desc=desc, disable=not progress)
-    if workers <= 1:
-        out = []
-        for t in tasks:
-            out.append(_run_task(t))
-            bar.update()
-        bar.close()
-        return out
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(_run_task, t) for t in tasks]
-        for _ in as_completed(futures):
-            bar.update()
-        bar.close()
-        return [f.result() for f in futures]
+    (0: one per CPU core). Each task seeds itself, so results do not depend on workers.
+    `checkpoint`: each result is saved as its task finishes (`task_path`) and kept until
+    the notebook's record is written (`runtime.keep_until_recorded`), so a rerun after an
+    interruption reads the finished tasks and runs only the others."""
+    paths = [task_path(t) for t in tasks] if checkpoint else [None] * len(tasks)
+    out: list[Any] = [None] * len(tasks)
+    todo = []
+    for i, path in enumerate(paths):
+        found, result = _restore(path) if path else (False, None)
+        if found:
+            out[i] = result
+        else:
+            todo.append(i)
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc,
+               disable=not progress)
+
+    def finished(i: int, result: Any) -> None:
+        out[i] = result
+        if paths[i]:
+            _save(paths[i], result)
+        bar.update()
+
+    workers = min(workers or (os.cpu_count() or 1), len(todo))
+    with bar:
+        if workers <= 1:
+            for i in todo:
+                finished(i, _run_task(tasks[i]))
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = {pool.submit(_run_task, tasks[i]): i for i in todo}
+                for f in as_completed(futures):
+                    finished(futures[f], f.result())
+    return out
 
 
 def summarise(per_seed: list[dict[str, float]]) -> dict[str, tuple[float, float]]:

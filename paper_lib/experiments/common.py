@@ -27,15 +27,24 @@ SAE_ROOT = PROJECT_ROOT / "data" / "saes"
 CKPT_ROOT = PROJECT_ROOT / "data" / "ckpt"
 
 
+LIB = Path(__file__).resolve().parents[1]
+
+
 @functools.cache
-def training_code_sha() -> str:
-    """sha256 (16 hex digits) of the source that decides what training computes: the
-    trainer and the SAE modules (paper_lib/train.py, paper_lib/sae/*.py)."""
-    lib = Path(__file__).resolve().parents[1]
+def code_sha(*files: str) -> str:
+    """sha256 (16 hex digits) of source files named relative to paper_lib/ (globs allowed),
+    with their names: a checkpoint keyed by it is not reused by edited code."""
     h = hashlib.sha256()
-    for f in [lib / "train.py", *sorted((lib / "sae").glob("*.py"))]:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for pattern in files:
+        for f in sorted(LIB.glob(pattern)):
+            h.update(f.relative_to(LIB).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def training_code_sha() -> str:
+    """sha256 of the source that decides what training computes: the trainer and the SAE
+    modules (paper_lib/train.py, paper_lib/sae/*.py)."""
+    return code_sha("train.py", "sae/*.py")
 
 
 def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size: int,
