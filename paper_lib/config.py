@@ -565,8 +565,9 @@ class ExploreParams(LMParams):
     fallback_steps: int = param(200, "training steps when no saved SAEs exist yet", lo=1)
     sae_dirs: tuple[str, ...] = param((), "more SAEs to explore: folders holding cfg.json "
                                       "(saved by paper_lib, or SAELens' standard, topk or "
-                                      "jumprelu SAEs) or folders of them; relative to the "
-                                      "project root")
+                                      "jumprelu SAEs) or folders of them, relative to the "
+                                      "project root, or SAELens releases as "
+                                      "'sae_lens:<release>/<sae_id>' (fetched once)")
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},

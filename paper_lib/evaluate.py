@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     from paper_lib.widgets import ExplorerData
 
     ap = argparse.ArgumentParser(prog="python -m paper_lib.evaluate", description=main.__doc__)
-    ap.add_argument("saes", nargs="+", help="SAE folders (ours or SAELens'), or folders of them")
+    ap.add_argument("saes", nargs="+", help="SAE folders (ours or SAELens'), folders of them, "
+                    "or SAELens releases as sae_lens:<release>/<sae_id> (fetched once)")
     ap.add_argument("--model", default="", help="the LM: embedded-smoke, embedded-gpu or a "
                     "transformer-lens name such as gpt2 (default: the one the SAEs record)")
     ap.add_argument("--dataset", default="stdlib",

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from paper_lib import interp, metrics, plots
+from paper_lib.data.lm import loading_misfits, official_name
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, load_sae
 from paper_lib.sae.base import initial_decoder
@@ -101,22 +102,29 @@ class ExplorerData:
     def load_saes(paths: dict[str, Path], d_in: int, hook: str = "",
                   model: str = "", required: tuple[str, ...] = ()) -> dict[str, SAE]:
         """Load the saved SAEs made for these activations: same d_in and, where both sides
-        record them, the same hook and model. Others are skipped: an SAE trained at
-        another layer (same width) would encode these activations without complaint. One
-        named in `required` (the user listed it) that does not fit raises a ValueError
-        saying why instead."""
+        record them, the same hook and model (by transformer-lens' official name: an SAE
+        for "gpt2-small" reads "gpt2"), loaded as `load_lm` loads it. Others are skipped:
+        an SAE trained at another layer (same width) would encode these activations
+        without complaint. One named in `required` (the user listed it) that does not fit
+        raises a ValueError saying why instead."""
         out = {}
         for name, path in paths.items():
             raw = read_cfg(path)
             meta = raw.get("metadata") or {}
+            have_model = meta.get("model_name")
             misfit = [f"{what} {have!r}, the activations' {want!r}" for what, have, want in (
                 ("d_in", raw["d_in"], d_in), ("hook", meta.get("hook_name"), hook),
-                ("model", meta.get("model_name"), model)) if want and have and have != want]
+                ("model", have_model, model)) if want and have and have != want
+                and not (what == "model" and official_name(have) == official_name(want))]
+            if have_model and not have_model.startswith("embedded-"):
+                misfit += [f"its LM loaded with {m}" for m in
+                           loading_misfits(meta.get("model_from_pretrained_kwargs"))]
             if misfit:
                 if name in required:
                     raise ValueError(f"SAE {name} ({path}) was not made for these "
                                      f"activations: {'; '.join(misfit)}; pick its model and "
-                                     "hook with -p model / -p hook")
+                                     "hook with -p model / -p hook (the LM is loaded with "
+                                     "transformer-lens' defaults)")
                 continue
             out[name] = load_sae(path, expected_d_in=d_in).eval()
         return out

@@ -77,6 +77,64 @@ def test_an_saelens_copy_scores_like_ours(tiny_world, tmp_path):
         assert theirs[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
 
 
+RELEASE = "sae_lens:gpt2-small-res-jb/blocks.6.hook_resid_pre"
+
+
+def test_a_saelens_release_is_fetched_once_and_scored(tiny_world, tmp_path, monkeypatch):
+    """"sae_lens:<release>/<sae_id>" names an SAE of SAELens' directory: SAELens'
+    from_pretrained fetches it once (here a stand-in for the hub returns our SAE as SAELens
+    loads it) into data/sae_lens/, it scores as that SAE does, and a second run reads the
+    saved copy without fetching."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from paper_lib.sae import io
+
+    save_sae(_sae(), tmp_path / "ours")
+    fetched = []
+
+    def from_pretrained(release, sae_id, device="cpu", **kw):
+        fetched.append((release, sae_id))
+        return sae_lens.SAE.load_from_disk(str(tmp_path / "ours"), device=device)
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(io, "SAELENS_ROOT", tmp_path / "sae_lens")
+    out = tmp_path / "eval.json"
+    args = ["--out", str(out), "--n-eval-tokens", "124", "--ce-rows", "2", "--quiet"]
+    evaluate.main([str(tmp_path / "ours"), RELEASE] + args)
+    ours, release = json.loads(out.read_text())["saes"]
+    assert release["name"] == RELEASE and fetched == [("gpt2-small-res-jb",
+                                                       "blocks.6.hook_resid_pre")]
+    assert release["path"] == str(tmp_path / "sae_lens/gpt2-small-res-jb/blocks.6.hook_resid_pre")
+    for key in evaluate.COLUMNS:
+        assert release[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
+    evaluate.main([RELEASE] + args)
+    assert len(fetched) == 1
+
+
+def test_saelens_release_refusals(tmp_path, monkeypatch):
+    """A malformed name, a release or id SAELens does not list (with close names), and a
+    fetch that fails (the hub offline) are refused with what to do; a failed fetch leaves
+    nothing behind."""
+    pytest.importorskip("sae_lens")
+    import huggingface_hub
+
+    from paper_lib.sae.io import listed_saes
+
+    monkeypatch.setattr("paper_lib.sae.io.SAELENS_ROOT", tmp_path)
+    cases = [("sae_lens:gpt2-small-res-jb", r"is not 'sae_lens:<release>/<sae_id>'"),
+             ("sae_lens:gpt2-small-res-j/blocks.6.hook_resid_pre",
+              r"lists no release 'gpt2-small-res-j'; close: gpt2-small-res-jb"),
+             ("sae_lens:gpt2-small-res-jb/blocks.6.hook_resid",
+              r"has no SAE 'blocks.6.hook_resid'; it has 13, e.g. blocks.6.hook_resid_pre")]
+    for spec, message in cases:
+        with pytest.raises(ValueError, match=r"^SAE folder: '.*" + message):
+            listed_saes([spec], what="SAE folder")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"could not be fetched \(.*\): a release SAE needs "
+                                         r"the internet once"):
+        listed_saes([RELEASE])
+    assert list(tmp_path.rglob("cfg.json")) == []
+
+
 def test_refusals(tiny_world, tmp_path, monkeypatch, capsys):
     """A missing folder is refused before any LM is loaded; an SAE of another width is
     named, not skipped."""

@@ -52,6 +52,36 @@ def test_explorer_loads_only_saes_made_for_these_activations(tmp_path):
     assert sorted(got) == ["here", "unrecorded"]
 
 
+def test_saes_match_their_model_by_official_name_and_weight_processing(tmp_path):
+    """An SAE that records a transformer-lens alias of the LM (SAELens' GPT-2 SAEs say
+    "gpt2-small") fits "gpt2"; one whose LM was loaded with other weight processing (here
+    center_writing_weights=False, another residual stream) does not, and a listed one says
+    why."""
+    import json
+
+    from paper_lib.data.lm import PROCESSING_DEFAULTS
+
+    hook = "blocks.1.hook_resid_pre"
+    for name, model, kwargs in (("alias", "gpt2-small", {"center_writing_weights": True}),
+                                ("uncentred", "gpt2", {"center_writing_weights": False}),
+                                ("other", "gpt2-medium", {})):
+        save_sae(make_sae(SAEConfig("topk", 8, 32, k=2, hook_name=hook, model_name=model)),
+                 tmp_path / name)
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        cfg["metadata"]["model_from_pretrained_kwargs"] = kwargs
+        (tmp_path / name / "cfg.json").write_text(json.dumps(cfg))
+    assert sorted(ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2")) == ["alias"]
+    with pytest.raises(ValueError, match=r"uncentred .* its LM loaded with "
+                                         r"center_writing_weights=False \(here True\)"):
+        ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2", required=("uncentred",))
+    # load_lm takes from_pretrained's defaults: the table of them must be transformer-lens'
+    import inspect
+
+    from transformer_lens import HookedTransformer
+    params = inspect.signature(HookedTransformer.from_pretrained).parameters
+    assert {k: params[k].default for k in PROCESSING_DEFAULTS} == PROCESSING_DEFAULTS
+
+
 def test_listed_saes_are_found_named_and_must_fit(tmp_path):
     """`-p sae_dirs`: a folder that is one SAE or holds several, read from the project root
     when relative and named as given; a missing or empty folder is refused by name before

@@ -261,6 +261,33 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
     return model, manifest
 
 
+def official_name(name: str) -> str:
+    """transformer-lens' official name of a hub model ("gpt2-small" -> "gpt2"), so SAEs that
+    record an alias match the LM; embedded and unknown names stay as they are."""
+    if name.startswith("embedded-"):
+        return name
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(name)
+    except ValueError:  # not a transformer-lens name: compared as written
+        return name
+
+
+# HookedTransformer.from_pretrained's weight processing, which load_lm leaves at its
+# defaults; each changes the activations at some hook (centring the writing weights, the
+# residual stream's).
+PROCESSING_DEFAULTS = {"fold_ln": True, "center_writing_weights": True,
+                       "fold_value_biases": True, "refactor_factored_attn_matrices": False}
+
+
+def loading_misfits(kwargs: dict[str, Any] | None) -> list[str]:
+    """The weight processing an SAE's recorded `model_from_pretrained_kwargs` (SAELens'
+    metadata) asks for that `load_lm` does not do, e.g. center_writing_weights=False."""
+    return [f"{k}={v!r} (here {PROCESSING_DEFAULTS[k]!r})" for k, v in (kwargs or {}).items()
+            if k in PROCESSING_DEFAULTS and v != PROCESSING_DEFAULTS[k]]
+
+
 def load_lm(name: str, device: str | torch.device = "cpu", progress: bool = True,
             data_dir: Path = PROJECT_ROOT / "data") -> tuple[Any, dict[str, Any]]:
     """An embedded LM by name, or any transformer-lens model via from_pretrained (needs

@@ -21,6 +21,7 @@ explored and scored like ours. Anything else is refused by name before any weigh
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,66 @@ def saved_saes(root: Path = PROJECT_ROOT / "data" / "saes") -> dict[str, Path]:
     return {str(p.parent.relative_to(root)): p.parent for p in sorted(root.rglob(CFG_FILE))}
 
 
+SAELENS_PREFIX = "sae_lens:"
+SAELENS_ROOT = PROJECT_ROOT / "data" / "sae_lens"
+
+
+def saelens_release(spec: str, root: Path | None = None) -> Path:
+    """The folder of the SAELens release SAE named "sae_lens:<release>/<sae_id>" (the
+    arguments of SAELens' `SAE.from_pretrained`): fetched from the hub the first time and
+    saved with SAELens' `save_model` in <root>/<release>/<sae_id> (root: data/sae_lens/).
+    The names are checked against SAELens' directory of releases (offline) before anything
+    is fetched; a ValueError says what is wrong and what to do."""
+    release, _, sae_id = spec.removeprefix(SAELENS_PREFIX).partition("/")
+    if not release or not sae_id:
+        raise ValueError(f"{spec!r} is not 'sae_lens:<release>/<sae_id>', e.g. "
+                         "'sae_lens:gpt2-small-res-jb/blocks.6.hook_resid_pre'")
+    try:
+        from sae_lens import SAE as LensSAE
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError:
+        raise ValueError(f"{spec!r} needs SAELens to fetch it: pip install 'sae-lens>=6,<7' "
+                         "(in the dev extra), or pass the folder of a saved SAE") from None
+    releases = get_pretrained_saes_directory()
+    if release not in releases:
+        close = difflib.get_close_matches(release, list(releases), n=3, cutoff=0.5)
+        raise ValueError(f"{spec!r}: SAELens lists no release {release!r}"
+                         + (f"; close: {', '.join(close)}" if close else ""))
+    ids = list(releases[release].saes_map)
+    if sae_id not in ids:
+        close = difflib.get_close_matches(sae_id, ids, n=3, cutoff=0.5) or ids[:3]
+        raise ValueError(f"{spec!r}: release {release!r} has no SAE {sae_id!r}; it has "
+                         f"{len(ids)}, e.g. {', '.join(close)}")
+    path = (root or SAELENS_ROOT) / release / sae_id
+    if not (path / CFG_FILE).is_file():
+        try:
+            with atomic_dir(path) as tmp:  # an interrupted fetch leaves no half-saved SAE
+                LensSAE.from_pretrained(release, sae_id, device="cpu").save_model(tmp)
+        except Exception as e:  # offline, hub errors: what to do instead
+            raise ValueError(
+                f"{spec!r} could not be fetched ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0][:200]}): a release SAE needs the internet "
+                "once; elsewhere, save it with SAELens (SAE.from_pretrained(release, sae_id)"
+                ".save_model(folder)) and pass the folder") from None
+    return path
+
+
 def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT,
                 what: str = "parameter 'sae_dirs'") -> dict[str, Path]:
-    """The SAEs in folders a user names (`what`: notebook 05's `-p sae_dirs`, evaluate's
-    arguments), keyed "listed/<folder as given>[/<sub>]": each folder a saved SAE (it holds
-    cfg.json: ours, or SAELens') or a folder of them; a relative path is read from `root`.
-    A ValueError names a folder that is missing or holds none, before any work."""
+    """The SAEs a user names (`what`: notebook 05's `-p sae_dirs`, evaluate's arguments),
+    keyed "listed/<name as given>[/<sub>]": a folder holding a saved SAE (cfg.json: ours,
+    or SAELens'), a folder of them (a relative path is read from `root`), or a SAELens
+    release SAE, "sae_lens:<release>/<sae_id>" (`saelens_release`). A ValueError names a
+    folder that is missing or holds none, or a release SAE that does not exist or cannot
+    be fetched, before any other work."""
     out: dict[str, Path] = {}
     for d in dirs:
+        if d.startswith(SAELENS_PREFIX):
+            try:
+                out[f"listed/{d}"] = saelens_release(d)
+            except ValueError as e:
+                raise ValueError(f"{what}: {e}") from None
+            continue
         path = Path(d).expanduser()
         path = path if path.is_absolute() else root / path
         found = {"": path} if (path / CFG_FILE).is_file() else saved_saes(path)
