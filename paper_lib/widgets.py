@@ -119,12 +119,15 @@ class ExplorerData:
             if have_model and not have_model.startswith("embedded-"):
                 misfit += [f"its LM loaded with {m}" for m in
                            loading_misfits(meta.get("model_from_pretrained_kwargs"))]
+            if meta.get("prepend_bos") is False:  # rows here start with BOS, as in training
+                misfit.append("text read without a BOS token (prepend_bos=False), here "
+                              "every row starts with one")
             if misfit:
                 if name in required:
                     raise ValueError(f"SAE {name} ({path}) was not made for these "
                                      f"activations: {'; '.join(misfit)}; pick its model and "
                                      "hook with -p model / -p hook (the LM is loaded with "
-                                     "transformer-lens' defaults)")
+                                     "transformer-lens' defaults, rows start with BOS)")
                 continue
             out[name] = load_sae(path, expected_d_in=d_in).eval()
         return out

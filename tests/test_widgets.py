@@ -55,25 +55,28 @@ def test_explorer_loads_only_saes_made_for_these_activations(tmp_path):
 def test_saes_match_their_model_by_official_name_and_weight_processing(tmp_path):
     """An SAE that records a transformer-lens alias of the LM (SAELens' GPT-2 SAEs say
     "gpt2-small") fits "gpt2"; one whose LM was loaded with other weight processing (here
-    center_writing_weights=False, another residual stream) does not, and a listed one says
-    why."""
+    center_writing_weights=False, another residual stream) or that read text without BOS
+    does not, and a listed one says why."""
     import json
 
     from paper_lib.data.lm import PROCESSING_DEFAULTS
 
     hook = "blocks.1.hook_resid_pre"
-    for name, model, kwargs in (("alias", "gpt2-small", {"center_writing_weights": True}),
-                                ("uncentred", "gpt2", {"center_writing_weights": False}),
-                                ("other", "gpt2-medium", {})):
+    for name, model, kwargs, bos in (
+            ("alias", "gpt2-small", {"center_writing_weights": True}, True),
+            ("uncentred", "gpt2", {"center_writing_weights": False}, True),
+            ("no_bos", "gpt2", {}, False), ("other", "gpt2-medium", {}, True)):
         save_sae(make_sae(SAEConfig("topk", 8, 32, k=2, hook_name=hook, model_name=model)),
                  tmp_path / name)
         cfg = json.loads((tmp_path / name / "cfg.json").read_text())
-        cfg["metadata"]["model_from_pretrained_kwargs"] = kwargs
+        cfg["metadata"].update(model_from_pretrained_kwargs=kwargs, prepend_bos=bos)
         (tmp_path / name / "cfg.json").write_text(json.dumps(cfg))
     assert sorted(ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2")) == ["alias"]
     with pytest.raises(ValueError, match=r"uncentred .* its LM loaded with "
                                          r"center_writing_weights=False \(here True\)"):
         ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2", required=("uncentred",))
+    with pytest.raises(ValueError, match=r"no_bos .* \(prepend_bos=False\)"):
+        ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2", required=("no_bos",))
     # load_lm takes from_pretrained's defaults: the table of them must be transformer-lens'
     import inspect
 
