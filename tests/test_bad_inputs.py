@@ -260,3 +260,50 @@ def test_activations_too_large_for_memory_are_refused_before_any_work(tmp_path, 
     with pytest.raises(AssertionError, match="the LM was loaded"):  # got past the check
         activations.load_activations("embedded-smoke", "stdlib", n_tokens=1000,
                                      n_eval_tokens=24, data_dir=tmp_path, progress=False)
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_memory_limits_of_control_groups_are_read(tmp_path, monkeypatch):
+    """A container's or a batch job's memory limit (cgroup v1 or v2) bounds what a harvest
+    may take, where the machine's free RAM does not see it: limit - usage + inactive file
+    cache, the tightest of the process's group and the groups above it."""
+    from paper_lib.data import activations
+    from paper_lib.data.activations import cgroup_free_memory
+
+    proc, root = tmp_path / "cgroup", tmp_path / "fs"
+    # v2, a job step with no limit of its own inside a job of 8 GB: 8 - 5 + 1 = 4 GB
+    _write(proc, "0::/job/step\n")
+    _write(root / "job/memory.max", "8000000000\n")
+    _write(root / "job/memory.current", "5000000000\n")
+    _write(root / "job/memory.stat", "anon 3000000000\ninactive_file 1000000000\n")
+    _write(root / "job/step/memory.max", "max\n")
+    _write(root / "job/step/memory.current", "4900000000\n")
+    assert cgroup_free_memory(proc, root) == 4_000_000_000
+    _write(root / "job/step/memory.max", "4950000000\n")  # tighter below: 4.95 - 4.9 GB
+    assert cgroup_free_memory(proc, root) == 50_000_000
+    # v2 in a cgroup namespace: "/" is the container's own group, at the root
+    _write(proc, "0::/\n")
+    _write(root / "memory.max", "3000000000\n")
+    _write(root / "memory.current", "1000000000\n")
+    assert cgroup_free_memory(proc, root) == 2_000_000_000
+    # v1 (SLURM): 2 GB - 1.5 GB used + 0.5 GB reclaimable; "no limit" above it
+    _write(proc, "9:cpu,cpuacct:/slurm\n4:memory:/slurm/job_2\n")
+    _write(root / "memory/slurm/job_2/memory.limit_in_bytes", "2000000000\n")
+    _write(root / "memory/slurm/job_2/memory.usage_in_bytes", "1500000000\n")
+    _write(root / "memory/slurm/job_2/memory.stat", "cache 600000000\n"
+                                                     "total_inactive_file 500000000\n")
+    _write(root / "memory/slurm/memory.limit_in_bytes", "9223372036854771712\n")
+    _write(root / "memory/slurm/memory.usage_in_bytes", "1500000000\n")
+    assert cgroup_free_memory(proc, root) == 1_000_000_000
+    _write(root / "memory/slurm/job_2/memory.limit_in_bytes", "9223372036854771712\n")
+    assert cgroup_free_memory(proc, root) is None  # no limit anywhere
+    assert cgroup_free_memory(tmp_path / "absent", root) is None
+    # the harvest check names the limit when it is the tighter bound
+    monkeypatch.setattr(activations, "cgroup_free_memory", lambda: 400_000)
+    with pytest.raises(ValueError, match=r"take 0\.5 MB held in memory, more than the 0\.4 MB "
+                       r"free RAM under this process's memory limit \(cgroup\)"):
+        activations.check_fits(1000, 24, 128, torch.device("cpu"))

@@ -160,12 +160,61 @@ def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> Tensor
     return torch.cat(parts)
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # absent, unreadable, or "max"
+        return None
+
+
+def cgroup_free_memory(proc: Path = Path("/proc/self/cgroup"),
+                       root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process may still take under the memory limits of its control groups
+    (a container's, a SLURM job's; v1 or v2), the tightest over its group and those above
+    it: limit - usage + inactive file cache (reclaimable). None where no limit is set or
+    none can be read. The machine's free RAM (psutil) does not see such limits."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    free = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2: memory.max, memory.current
+            base, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            base = root / "memory"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        d = base / rel.lstrip("/")
+        if not d.is_dir():  # a namespace shows the group's own files at the base
+            d = base
+        for g in [d, *d.parents]:
+            limit, usage = _read_int(g / files[0]), _read_int(g / files[1])
+            if limit is not None and usage is not None and limit < 2 ** 60:  # v1: no limit
+                stat = dict(ln.split() for ln in _lines(g / "memory.stat"))
+                free.append(limit - usage + int(stat.get(files[2], 0)))
+            if g == base:
+                break
+    return max(0, min(free)) if free else None
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [ln for ln in path.read_text().splitlines() if len(ln.split()) == 2]
+    except OSError:
+        return []
+
+
 def available_memory(device: torch.device) -> list[tuple[str, int]]:
-    """(what, free bytes) of the memories an in-memory harvest on `device` fills: the RAM
-    and a CUDA device's."""
+    """(what, free bytes) of the memories an in-memory harvest on `device` fills: the RAM,
+    within this process's control-group limit if one is tighter, and a CUDA device's."""
     import psutil
 
-    out = [("RAM", int(psutil.virtual_memory().available))]
+    ram, limited = int(psutil.virtual_memory().available), cgroup_free_memory()
+    out = [("RAM", ram) if limited is None or limited >= ram else
+           ("RAM under this process's memory limit (cgroup)", limited)]
     if device.type == "cuda":
         out.append((f"memory of {device}", int(torch.cuda.mem_get_info(device)[0])))
     return out
