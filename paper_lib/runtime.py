@@ -298,6 +298,8 @@ def read_checkpoint(path: str | Path, key: str, what: str = "checkpoint",
     read safely or belongs to `other` (then: `fix`)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickle
+    except FileNotFoundError:  # removed since it was found (a finished run released it)
+        raise
     except Exception as e:
         raise ValueError(f"{what} {path} cannot be read safely ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); delete it to start over") from None

@@ -362,6 +362,11 @@ def test_finished_seed_tasks_outlive_an_interruption(tmp_path, monkeypatch):
     assert _CALLS == [0, 0]
     Run("02_amortisation_gap", p, root=tmp_path).finish()
     assert list((tmp_path / "ckpt" / "tasks").iterdir()) == []
+    # a file found, then released by another run of the same tasks before it was read: run
+    monkeypatch.setattr(am, "has_checkpoint", lambda path: True)
+    _CALLS.clear()
+    am.run_tasks(tasks[:1], workers=1, progress=False)
+    assert _CALLS == [0]
 
 
 def test_seed_tasks_in_worker_processes_are_kept(tmp_path, monkeypatch):

@@ -297,9 +297,14 @@ def _from_state(obj: Any) -> Any:
 
 
 def _restore(path: Path) -> tuple[bool, Any]:
-    if not has_checkpoint(path):
+    try:  # another run of the same tasks may release the file between these two calls
+        state = read_checkpoint(path, path.stem, "task checkpoint") if has_checkpoint(path) \
+            else None
+    except FileNotFoundError:
+        state = None
+    if state is None:
         return False, None
-    result = _from_state(read_checkpoint(path, path.stem, "task checkpoint")["result"])
+    result = _from_state(state["result"])
     keep_until_recorded(path)
     return True, result
 
