@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     al.), ZF under-activation and eps-LBO (Lee et al.). It runs under the notebooks' pinned
     CPU numerics, so the embedded LM it loads is the notebooks' cached one."""
     from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
-    from paper_lib.sae.io import listed_saes
+    from paper_lib.sae.io import SAELENS_PREFIX, listed_saes, saelens_lists
     from paper_lib.widgets import ExplorerData
 
     ap = argparse.ArgumentParser(prog="python -m paper_lib.evaluate", description=main.__doc__)
@@ -121,11 +121,21 @@ def main(argv: list[str] | None = None) -> int:
                 "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
                 **score(sae.to(device), x, splice)}
                for name, sae in saes.items()]
+    for r in records:  # a release SAE: what SAELens lists for it, next to ours
+        if r["name"].startswith(SAELENS_PREFIX):
+            r["saelens_lists"] = saelens_lists(r["name"])
     atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
                                  "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,
                                  "seed": args.seed, "saes": records,
                                  "cpu_numerics": cpu_numerics()})
     print(table(records), file=sys.stderr)
+    for r in records:
+        listed = r.get("saelens_lists") or {}
+        if listed:
+            print(f"{r['name']}: SAELens lists " + ", ".join(
+                f"{k.replace('_', ' ')} {v:g}" for k, v in listed.items())
+                + f" (its authors' data); here L0 {r['l0']:.4g}, explained variance "
+                f"(1 - FVU) {1 - r['fvu']:.4g}", file=sys.stderr)
     return 0
 
 

@@ -80,11 +80,12 @@ def test_an_saelens_copy_scores_like_ours(tiny_world, tmp_path):
 RELEASE = "sae_lens:gpt2-small-res-jb/blocks.6.hook_resid_pre"
 
 
-def test_a_saelens_release_is_fetched_once_and_scored(tiny_world, tmp_path, monkeypatch):
+def test_a_saelens_release_is_fetched_once_and_scored(tiny_world, tmp_path, monkeypatch,
+                                                      capsys):
     """"sae_lens:<release>/<sae_id>" names an SAE of SAELens' directory: SAELens'
     from_pretrained fetches it once (here a stand-in for the hub returns our SAE as SAELens
-    loads it) into data/sae_lens/, it scores as that SAE does, and a second run reads the
-    saved copy without fetching."""
+    loads it) into data/sae_lens/, it scores as that SAE does, with what SAELens lists for
+    it alongside, and a second run reads the saved copy without fetching."""
     sae_lens = pytest.importorskip("sae_lens")
     from paper_lib.sae import io
 
@@ -105,8 +106,13 @@ def test_a_saelens_release_is_fetched_once_and_scored(tiny_world, tmp_path, monk
     assert release["path"] == str(tmp_path / "sae_lens/gpt2-small-res-jb/blocks.6.hook_resid_pre")
     for key in evaluate.COLUMNS:
         assert release[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
+    # next to ours, what SAELens' pretrained_saes.yaml lists for blocks.6 of that release
+    assert release["saelens_lists"] == {"l0": 51.0, "explained_variance": 0.9}
+    assert "saelens_lists" not in ours
     evaluate.main([RELEASE] + args)
     assert len(fetched) == 1
+    assert (f"{RELEASE}: SAELens lists l0 51, explained variance 0.9 (its authors' data); "
+            f"here L0 {release['l0']:.4g}") in capsys.readouterr().err
 
 
 def test_saelens_release_refusals(tmp_path, monkeypatch):

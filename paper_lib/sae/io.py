@@ -135,6 +135,19 @@ def saelens_release(spec: str, root: Path | None = None) -> Path:
     return path
 
 
+def saelens_lists(spec: str) -> dict[str, float]:
+    """What SAELens' directory of releases lists for the release SAE `spec`
+    ("sae_lens:<release>/<sae_id>"), measured by its authors on their data: {"l0": ...,
+    "explained_variance": ...}, each where given."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release, _, sae_id = spec.removeprefix(SAELENS_PREFIX).partition("/")
+    entry = get_pretrained_saes_directory()[release]
+    found = {"l0": (entry.expected_l0 or {}).get(sae_id),
+             "explained_variance": (entry.expected_var_explained or {}).get(sae_id)}
+    return {k: float(v) for k, v in found.items() if v is not None}
+
+
 def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT,
                 what: str = "parameter 'sae_dirs'") -> dict[str, Path]:
     """The SAEs a user names (`what`: notebook 05's `-p sae_dirs`, evaluate's arguments),
