@@ -25,11 +25,11 @@ import torch
 from paper_lib.data.activations import load_activations
 
 
-def recorded(paths: dict[str, Path], key: str) -> str:
-    """The model or hook (`key` of cfg.json's metadata) the SAEs agree on, or ""."""
-    from paper_lib.sae.io import read_cfg
+def agreed(paths: dict[str, Path], key: str) -> str:
+    """The model or hook (`key` of what cfg.json records) the SAEs agree on, or ""."""
+    from paper_lib.sae.io import read_cfg, recorded
 
-    seen = {(read_cfg(p).get("metadata") or {}).get(key) or "" for p in paths.values()}
+    seen = {recorded(read_cfg(p), key) or "" for p in paths.values()}
     seen.discard("")
     return seen.pop() if len(seen) == 1 else ""
 
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
     except ValueError as e:
         ap.error(str(e))
-    model = args.model or recorded(paths, "model_name") or "embedded-smoke"
-    hook = args.hook or recorded(paths, "hook_name")
+    model = args.model or agreed(paths, "model_name") or "embedded-smoke"
+    hook = args.hook or agreed(paths, "hook_name")
     if argv is None:  # a command line: the notebooks' CPU numerics, and so their cached LM
         from paper_lib.kernelspec import exec_pinned
 

@@ -33,7 +33,7 @@ from paper_lib.data.lm import loading_misfits, official_name
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, load_sae
 from paper_lib.sae.base import initial_decoder
-from paper_lib.sae.io import read_cfg, saved_saes
+from paper_lib.sae.io import read_cfg, recorded, saved_saes
 
 
 def profile_saes(root: Path, profile: str) -> dict[str, Path]:
@@ -110,16 +110,15 @@ class ExplorerData:
         out = {}
         for name, path in paths.items():
             raw = read_cfg(path)
-            meta = raw.get("metadata") or {}
-            have_model = meta.get("model_name")
+            have_model = recorded(raw, "model_name")
             misfit = [f"{what} {have!r}, the activations' {want!r}" for what, have, want in (
-                ("d_in", raw["d_in"], d_in), ("hook", meta.get("hook_name"), hook),
+                ("d_in", raw["d_in"], d_in), ("hook", recorded(raw, "hook_name"), hook),
                 ("model", have_model, model)) if want and have and have != want
                 and not (what == "model" and official_name(have) == official_name(want))]
             if have_model and not have_model.startswith("embedded-"):
                 misfit += [f"its LM loaded with {m}" for m in
-                           loading_misfits(meta.get("model_from_pretrained_kwargs"))]
-            if meta.get("prepend_bos") is False:  # rows here start with BOS, as in training
+                           loading_misfits(recorded(raw, "model_from_pretrained_kwargs"))]
+            if recorded(raw, "prepend_bos") is False:  # rows here start with BOS, as in training
                 misfit.append("text read without a BOS token (prepend_bos=False), here "
                               "every row starts with one")
             if misfit:

@@ -71,7 +71,15 @@ def test_saes_match_their_model_by_official_name_and_weight_processing(tmp_path)
         cfg = json.loads((tmp_path / name / "cfg.json").read_text())
         cfg["metadata"].update(model_from_pretrained_kwargs=kwargs, prepend_bos=bos)
         (tmp_path / name / "cfg.json").write_text(json.dumps(cfg))
+    # older SAELens files record model and hook at the top level, not under "metadata"
+    save_sae(make_sae(SAEConfig("topk", 8, 32, k=2)), tmp_path / "old_format")
+    cfg = json.loads((tmp_path / "old_format" / "cfg.json").read_text())
+    del cfg["metadata"]
+    cfg.update(model_name="gpt2", hook_name="blocks.0.hook_resid_pre")
+    (tmp_path / "old_format" / "cfg.json").write_text(json.dumps(cfg))
     assert sorted(ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2")) == ["alias"]
+    with pytest.raises(ValueError, match=r"old_format .* hook 'blocks.0.hook_resid_pre'"):
+        ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2", required=("old_format",))
     with pytest.raises(ValueError, match=r"uncentred .* its LM loaded with "
                                          r"center_writing_weights=False \(here True\)"):
         ExplorerData.load_saes(saved_saes(tmp_path), 8, hook, "gpt2", required=("uncentred",))

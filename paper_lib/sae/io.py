@@ -191,6 +191,13 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def recorded(raw: dict[str, Any], key: str) -> Any:
+    """What a parsed cfg.json records as `key` (model_name, hook_name, prepend_bos, ...):
+    under "metadata" as we and SAELens 6 save it, at the top level in older SAELens files."""
+    meta = raw.get("metadata") or {}
+    return meta[key] if meta.get(key) is not None else raw.get(key)
+
+
 def _saved_by_us(raw: dict[str, Any]) -> bool:
     ours = raw.get("paper_lib")
     return isinstance(ours, dict) and "config" in ours
@@ -208,16 +215,15 @@ def _saelens_config(raw: dict[str, Any], f: Path) -> SAEConfig:
         raise ValueError(f"{f}: normalize_activations={norm!r} has no equivalent here; fold "
                          "the scaling into the weights in SAELens (e.g. "
                          "sae.fold_activation_norm_scaling_factor(factor)) and save it again")
-    if (raw.get("reshape_activations") or "none") != "none" or raw.get("hook_head_index") \
-            is not None or (raw.get("metadata") or {}).get("hook_head_index") is not None:
+    if (raw.get("reshape_activations") or "none") != "none" \
+            or recorded(raw, "hook_head_index") is not None:
         raise ValueError(f"{f}: per-head SAEs (reshape_activations / hook_head_index) are not "
                          "supported: paper_lib reads residual-stream-shaped activations")
-    meta = raw.get("metadata") or {}
     return SAEConfig(FROM_SAELENS[arch], int(raw["d_in"]), int(raw["d_sae"]),
                      k=int(raw.get("k") or 0), standardize_input=norm == "layer_norm",
                      unit_norm_decoder=False,
-                     hook_name=str(meta.get("hook_name") or raw.get("hook_name") or ""),
-                     model_name=str(meta.get("model_name") or raw.get("model_name") or ""))
+                     hook_name=str(recorded(raw, "hook_name") or ""),
+                     model_name=str(recorded(raw, "model_name") or ""))
 
 
 @torch.no_grad()
