@@ -383,6 +383,29 @@ def test_seed_tasks_in_worker_processes_are_kept(tmp_path, monkeypatch):
     assert am.run_tasks(tasks, workers=2, progress=False) == [(2.0, 2 ** 0.5), (2.0, 0.0)]
 
 
+def _fail_first(i):
+    if i == 0:
+        raise RuntimeError("task 0 failed")
+    time.sleep(1.0)
+    return i
+
+
+def test_worker_tasks_running_at_a_failure_are_kept_and_the_rest_dropped(tmp_path, monkeypatch):
+    """When a task fails (or the notebook is interrupted) with tasks in worker processes,
+    those already running finish and are kept for the rerun; those not started are dropped
+    rather than all run first (the process pool's own way out), their results lost."""
+    from paper_lib.experiments import amortisation as am
+    from paper_lib.experiments import common
+
+    monkeypatch.setattr(common, "CKPT_ROOT", tmp_path / "ckpt")
+    tasks = [(_fail_first, (i,), {}) for i in range(8)]
+    with pytest.raises(RuntimeError, match="task 0 failed"):
+        am.run_tasks(tasks, workers=2, progress=False)
+    kept = {f.name for f in (tmp_path / "ckpt" / "tasks").iterdir()}
+    assert am.task_path(tasks[1]).name in kept  # running beside task 0
+    assert am.task_path(tasks[7]).name not in kept  # never started
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files and folders written atomically get the mode a plain write would (mkstemp
     and mkdtemp alone would leave them private to the owner), also when they replace a

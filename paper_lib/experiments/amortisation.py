@@ -333,8 +333,11 @@ def run_tasks(tasks: list[tuple[Callable[..., Any], tuple, dict]], workers: int 
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc,
                disable=not progress)
 
+    done: set[int] = set()
+
     def finished(i: int, result: Any) -> None:
         out[i] = result
+        done.add(i)
         if paths[i]:
             _save(paths[i], result)
         bar.update()
@@ -348,8 +351,19 @@ def run_tasks(tasks: list[tuple[Callable[..., Any], tuple, dict]], workers: int 
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 futures = {pool.submit(_run_task, tasks[i]): i for i in todo}
-                for f in as_completed(futures):
-                    finished(futures[f], f.result())
+                try:
+                    for f in as_completed(futures):
+                        finished(futures[f], f.result())
+                except BaseException:
+                    # Interrupted, or a task failed: the tasks not started are dropped (the
+                    # pool would run them all before letting go), those running are waited
+                    # for and kept (a second interrupt stops the wait).
+                    for f in futures:
+                        f.cancel()
+                    for f, i in futures.items():
+                        if i not in done and not f.cancelled() and f.exception() is None:
+                            finished(i, f.result())
+                    raise
     return out
 
 
