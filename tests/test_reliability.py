@@ -406,6 +406,27 @@ def test_worker_tasks_running_at_a_failure_are_kept_and_the_rest_dropped(tmp_pat
     assert am.task_path(tasks[7]).name not in kept  # never started
 
 
+def _interrupted(i):
+    os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C or a Jupyter interrupt signals the group
+    time.sleep(0.2)
+    return i
+
+
+def test_worker_tasks_leave_interrupts_to_the_notebook(tmp_path, monkeypatch):
+    """An interrupt reaches the worker processes too (it signals the process group): they
+    finish their task, whose result the notebook's process keeps, instead of dying in it."""
+    from paper_lib.experiments import amortisation as am
+    from paper_lib.experiments import common
+
+    monkeypatch.setattr(common, "CKPT_ROOT", tmp_path / "ckpt")
+    tasks = [(_interrupted, (i,), {}) for i in range(2)]
+    try:
+        got = am.run_tasks(tasks, workers=2, progress=False)
+    except KeyboardInterrupt:  # raised in a worker and passed on: not a user's Ctrl-C
+        pytest.fail("the interrupt stopped a worker's task")
+    assert got == [0, 1]
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files and folders written atomically get the mode a plain write would (mkstemp
     and mkdtemp alone would leave them private to the owner), also when they replace a

@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
@@ -225,6 +226,12 @@ def lm_gap(acts: ActivationSet, eval_rows: int, k: int, n_latents: int, steps: i
             "trace": trace}
 
 
+def _leave_interrupts_to_parent() -> None:
+    # Ctrl-C in a terminal, or a Jupyter interrupt, signals the whole process group: the
+    # workers finish their task (which the parent keeps) instead of dying with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_task(task: tuple[Callable[..., Any], tuple, dict]) -> Any:
     fn, args, kwargs = task
     threads = torch.get_num_threads()
@@ -349,7 +356,8 @@ def run_tasks(tasks: list[tuple[Callable[..., Any], tuple, dict]], workers: int 
                 finished(i, _run_task(tasks[i]))
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                     initializer=_leave_interrupts_to_parent) as pool:
                 futures = {pool.submit(_run_task, tasks[i]): i for i in todo}
                 try:
                     for f in as_completed(futures):
