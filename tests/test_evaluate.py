@@ -124,7 +124,7 @@ def test_saelens_release_refusals(tmp_path, monkeypatch):
 
     from paper_lib.sae.io import listed_saes
 
-    monkeypatch.setattr("paper_lib.sae.io.SAELENS_ROOT", tmp_path)
+    monkeypatch.setattr("paper_lib.sae.io.SAELENS_ROOT", tmp_path / "sae_lens")
     cases = [("sae_lens:gpt2-small-res-jb", r"is not 'sae_lens:<release>/<sae_id>'"),
              ("sae_lens:gpt2-small-res-j/blocks.6.hook_resid_pre",
               r"lists no release 'gpt2-small-res-j'; close: gpt2-small-res-jb"),
@@ -138,7 +138,7 @@ def test_saelens_release_refusals(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"could not be fetched \(.*\): a release SAE needs "
                                          r"the internet once"):
         listed_saes([RELEASE])
-    assert list(tmp_path.rglob("cfg.json")) == []
+    assert list((tmp_path / "sae_lens").iterdir()) == []  # no folder, full or empty, left
 
 
 def test_refusals(tiny_world, tmp_path, monkeypatch, capsys):

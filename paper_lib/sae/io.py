@@ -121,12 +121,17 @@ def saelens_release(spec: str, root: Path | None = None) -> Path:
         close = difflib.get_close_matches(sae_id, ids, n=3, cutoff=0.5) or ids[:3]
         raise ValueError(f"{spec!r}: release {release!r} has no SAE {sae_id!r}; it has "
                          f"{len(ids)}, e.g. {', '.join(close)}")
-    path = (root or SAELENS_ROOT) / release / sae_id
+    base = root or SAELENS_ROOT
+    path = base / release / sae_id
     if not (path / CFG_FILE).is_file():
         try:
             with atomic_dir(path) as tmp:  # an interrupted fetch leaves no half-saved SAE
                 LensSAE.from_pretrained(release, sae_id, device="cpu").save_model(tmp)
         except Exception as e:  # offline, hub errors: what to do instead
+            for d in path.parents:  # nor the folders made for it, left empty
+                if d == base or not d.is_dir() or any(d.iterdir()):
+                    break
+                d.rmdir()
             raise ValueError(
                 f"{spec!r} could not be fetched ({type(e).__name__}: "
                 f"{(str(e).splitlines() or [''])[0][:200]}): a release SAE needs the internet "
