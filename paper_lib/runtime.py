@@ -11,9 +11,11 @@ import platform
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -270,6 +272,31 @@ def has_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     clean_stale_tmp(path)
     return path.exists()
+
+
+@contextlib.contextmanager
+def interrupt_between_steps() -> Iterator[Callable[[], bool]]:
+    """Within the block, Ctrl-C (SIGINT: a terminal's, Jupyter's interrupt) only sets a
+    flag, read by the yielded callable: a training loop checks it after each step, writes a
+    checkpoint and stops, so an interrupt loses no steps. A second Ctrl-C interrupts at
+    once. Left as it is where Python's own handler is not installed (another thread, an
+    ignored or custom handler)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    hits: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Checkpoints of finished trainings that a notebook keeps until its record is written.

@@ -32,6 +32,7 @@ from paper_lib import metrics
 from paper_lib.runtime import (
     deterministic_on_cpu,
     has_checkpoint,
+    interrupt_between_steps,
     read_checkpoint,
     write_checkpoint,
 )
@@ -327,27 +328,35 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
     t0 = last_ckpt = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=cfg.desc, disable=not cfg.progress,
                initial=start, total=cfg.steps, mininterval=1.0)
-    for step in bar:
-        x = data.batch(step).to(device, non_blocking=True)
-        f = lr_factor(step, cfg)
-        l1_scale = (step + 1) / cfg.sparsity_warmup_steps \
-            if step < cfg.sparsity_warmup_steps else 1.0
-        for unit, opt, base, cnt, train_step in zip(units, opts, base_lrs, unit_since, steps):
-            for g in opt.param_groups:
-                g["lr"] = base * f
-            fired = train_step(x, cnt >= unit.cfg.dead_tokens, l1_scale)
-            with torch.no_grad():
-                cnt.add_(x.shape[0]).masked_fill_(fired, 0)
-        done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            run_eval(done)
-            if cfg.progress and "fvu" in results[0].history[-1]:
-                bar.set_postfix(fvu=f"{results[0].history[-1]['fvu']:.3f}")
-        due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or \
-            (cfg.checkpoint_seconds and time.perf_counter() - last_ckpt >= cfg.checkpoint_seconds)
-        if ckpt is not None and due and done != cfg.steps:
-            _save_checkpoint(ckpt, key, done, saes, opts, since, results)
-            last_ckpt = time.perf_counter()
+    with interrupt_between_steps() as interrupted:
+        for step in bar:
+            x = data.batch(step).to(device, non_blocking=True)
+            f = lr_factor(step, cfg)
+            l1_scale = (step + 1) / cfg.sparsity_warmup_steps \
+                if step < cfg.sparsity_warmup_steps else 1.0
+            for unit, opt, base, cnt, train_step in zip(units, opts, base_lrs, unit_since, steps):
+                for g in opt.param_groups:
+                    g["lr"] = base * f
+                fired = train_step(x, cnt >= unit.cfg.dead_tokens, l1_scale)
+                with torch.no_grad():
+                    cnt.add_(x.shape[0]).masked_fill_(fired, 0)
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                run_eval(done)
+                if cfg.progress and "fvu" in results[0].history[-1]:
+                    bar.set_postfix(fvu=f"{results[0].history[-1]['fvu']:.3f}")
+            due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (
+                cfg.checkpoint_seconds
+                and time.perf_counter() - last_ckpt >= cfg.checkpoint_seconds)
+            # Ctrl-C: stop after this step, checkpointed. At the last one training just ends
+            # (its results are the caller's to save; a second Ctrl-C stops as usual).
+            stop = interrupted() and done != cfg.steps
+            if ckpt is not None and (due or stop) and done != cfg.steps:
+                _save_checkpoint(ckpt, key, done, saes, opts, since, results)
+                last_ckpt = time.perf_counter()
+            if stop:
+                bar.close()
+                raise KeyboardInterrupt
     bar.close()
     if not finished:  # a finished checkpoint holds the final evaluation already
         run_eval(cfg.steps)

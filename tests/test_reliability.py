@@ -207,6 +207,32 @@ def test_interrupted_lm_training_resumes_to_the_same_weights(tiny_corpus, tmp_pa
         lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
 
 
+def test_ctrl_c_stops_lm_training_after_its_step_with_a_checkpoint(tiny_corpus, tmp_path,
+                                                                   monkeypatch):
+    """Ctrl-C in the embedded LM's training: the step under way ends and is checkpointed
+    (none due at the default minute), and the rerun ends with the uninterrupted weights."""
+    from paper_lib.data import lm
+
+    cfg = lm.LMConfig("tiny-ctrl-c", n_layers=1, d_model=32, n_heads=2, n_ctx=32, steps=8,
+                      batch_rows=8, warmup=2)
+    ref, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False)
+    ck, real, calls = tmp_path / "lm.pt", lm.fused_lm_loss, []
+
+    def ctrl_c_in_step_4(model, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch)
+    monkeypatch.setattr(lm, "fused_lm_loss", ctrl_c_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+    assert torch.load(ck, weights_only=True)["step"] == 4
+    resumed, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+    assert len(calls) == 8
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch):
     """At the paper profile activations stream from the LM, a buffer (here 4 batches) at a
     time. A run that dies at step 9 resumes from its step-8 checkpoint to the weights of an
@@ -425,6 +451,47 @@ def test_worker_tasks_leave_interrupts_to_the_notebook(tmp_path, monkeypatch):
     except KeyboardInterrupt:  # raised in a worker and passed on: not a user's Ctrl-C
         pytest.fail("the interrupt stopped a worker's task")
     assert got == [0, 1]
+
+
+def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT) during training stops it once the step under way is done, with a
+    checkpoint of that step (none due otherwise), so the rerun ends with the weights of an
+    uninterrupted run; a second Ctrl-C stops at once, checkpointing nothing half done; one
+    at the last step lets training end (its results are the caller's to save)."""
+    from paper_lib.train import ShuffledBatches, TrainConfig, train_saes
+
+    class CtrlC(ShuffledBatches):  # presses Ctrl-C `times` times while reading batch `at`
+        def __init__(self, x, at, times=1):
+            super().__init__(x, 128)
+            self.at, self.times = at, times
+
+        def batch(self, step):
+            for _ in range(self.times if step == self.at else 0):
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().batch(step)
+
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
+    cfgs = [SAEConfig("topk", 16, 64, k=4, seed=s) for s in (0, 1)]
+
+    def run(data, path=None, keep=False):
+        tc = TrainConfig(steps=30, lr=1e-3, progress=False, keep_finished=keep,
+                         checkpoint_path=str(path) if path else None,
+                         checkpoint_seconds=3600 if path else 0)
+        return train_saes([make_sae(c) for c in cfgs], data, tc, init_x=x[:256])
+    ref = run(ShuffledBatches(x, 128))
+    with pytest.raises(KeyboardInterrupt):
+        run(CtrlC(x, at=11), tmp_path / "a.pt")
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["step"] == 12
+    for want, got in zip(ref, run(ShuffledBatches(x, 128), tmp_path / "a.pt")):
+        assert torch.equal(want.sae.W_enc, got.sae.W_enc)
+        assert torch.equal(want.sae.W_dec, got.sae.W_dec)
+    with pytest.raises(KeyboardInterrupt):
+        run(CtrlC(x, at=5, times=2), tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+    last = run(CtrlC(x, at=29), tmp_path / "c.pt", keep=True)
+    assert torch.equal(last[0].sae.W_enc, ref[0].sae.W_enc)
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):

@@ -30,8 +30,8 @@ from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
 from paper_lib.runtime import (PROJECT_ROOT, atomic_dir, cpu_numerics, deterministic_on_cpu,
-                               has_checkpoint, load_or_build, read_checkpoint,
-                               write_checkpoint)
+                               has_checkpoint, interrupt_between_steps, load_or_build,
+                               read_checkpoint, write_checkpoint)
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
 
@@ -228,22 +228,26 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
         start, before = _load_checkpoint(checkpoint, key, model, opt, sched, gen)
     t0 = last = time.perf_counter()
     model.train()
-    for step in tqdm(range(start, cfg.steps), desc=f"train {cfg.name}", disable=not progress,
-                     mininterval=2.0, initial=start, total=cfg.steps):
-        idx = torch.randint(0, train.shape[0], (cfg.batch_rows,), generator=gen)
-        batch = train[idx].to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = fused_lm_loss(model, batch) if fused else model(batch, return_type="loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (checkpoint is not None and step + 1 < cfg.steps
-                and time.perf_counter() - last >= checkpoint_seconds):
-            _save_checkpoint(checkpoint, key, step + 1,
-                             before + time.perf_counter() - t0, model, opt, sched, gen)
-            last = time.perf_counter()
+    with interrupt_between_steps() as interrupted:
+        for step in tqdm(range(start, cfg.steps), desc=f"train {cfg.name}",
+                         disable=not progress, mininterval=2.0, initial=start, total=cfg.steps):
+            idx = torch.randint(0, train.shape[0], (cfg.batch_rows,), generator=gen)
+            batch = train[idx].to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = fused_lm_loss(model, batch) if fused else model(batch, return_type="loss")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            stop = interrupted() and step + 1 < cfg.steps  # Ctrl-C: stop after this step
+            if (checkpoint is not None and step + 1 < cfg.steps
+                    and (stop or time.perf_counter() - last >= checkpoint_seconds)):
+                _save_checkpoint(checkpoint, key, step + 1,
+                                 before + time.perf_counter() - t0, model, opt, sched, gen)
+                last = time.perf_counter()
+            if stop:
+                raise KeyboardInterrupt
     seconds = before + time.perf_counter() - t0
     model.eval()
     manifest = {
