@@ -207,8 +207,17 @@ def test_interrupted_lm_training_resumes_to_the_same_weights(tiny_corpus, tmp_pa
         lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
 
 
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled by Python's own handler, as in a terminal or a Jupyter cell: a test
+    run started in the background (make test runs the unit tests so) has it ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def test_ctrl_c_stops_lm_training_after_its_step_with_a_checkpoint(tiny_corpus, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, python_sigint):
     """Ctrl-C in the embedded LM's training: the step under way ends and is checkpointed
     (none due at the default minute), and the rerun ends with the uninterrupted weights."""
     from paper_lib.data import lm
@@ -453,7 +462,7 @@ def test_worker_tasks_leave_interrupts_to_the_notebook(tmp_path, monkeypatch):
     assert got == [0, 1]
 
 
-def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint(tmp_path):
+def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint(tmp_path, python_sigint):
     """Ctrl-C (SIGINT) during training stops it once the step under way is done, with a
     checkpoint of that step (none due otherwise), so the rerun ends with the weights of an
     uninterrupted run; a second Ctrl-C stops at once, checkpointing nothing half done; one
