@@ -299,15 +299,15 @@ def interrupt_between_steps() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# Checkpoints of finished trainings that a notebook keeps until its record is written.
+# Checkpoints of finished work that a notebook keeps until its record is written.
 _KEPT: set[Path] = set()
 
 
 def keep_until_recorded(path: str | Path) -> None:
-    """Keep a finished training's checkpoint (TrainConfig.keep_finished) until this
-    process's notebook writes its record (`release_kept`): a rerun after an interruption
-    in the analyses that follow training then reads the trained SAEs instead of training
-    them again."""
+    """Keep a checkpoint of finished work (a training's, TrainConfig.keep_finished; a
+    seed task's result, `amortisation.run_tasks`) until this process's notebook writes its
+    record (`release_kept`): a rerun after an interruption in the analyses that follow
+    then reads that work instead of doing it again."""
     _KEPT.add(Path(path))
 
 
