@@ -566,8 +566,9 @@ class ExploreParams(LMParams):
     sae_dirs: tuple[str, ...] = param((), "more SAEs to explore: folders holding cfg.json "
                                       "(saved by paper_lib, or SAELens' standard, topk or "
                                       "jumprelu SAEs) or folders of them, relative to the "
-                                      "project root, or SAELens releases as "
-                                      "'sae_lens:<release>/<sae_id>' (fetched once)")
+                                      "project root, or SAELens SAEs as "
+                                      "'sae_lens:<release>/<sae_id>' or "
+                                      "'sae_lens:<owner>/<hf-repo>/<folder>' (fetched once)")
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},

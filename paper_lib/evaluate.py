@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     al.), ZF under-activation and eps-LBO (Lee et al.). It runs under the notebooks' pinned
     CPU numerics, so the embedded LM it loads is the notebooks' cached one."""
     from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
-    from paper_lib.sae.io import SAELENS_PREFIX, listed_saes, saelens_lists
+    from paper_lib.sae.io import SAELENS_PREFIX, listed_saes, read_cfg, recorded, saelens_lists
     from paper_lib.widgets import ExplorerData
 
     ap = argparse.ArgumentParser(prog="python -m paper_lib.evaluate", description=main.__doc__)
     ap.add_argument("saes", nargs="+", help="SAE folders (ours or SAELens'), folders of them, "
-                    "or SAELens releases as sae_lens:<release>/<sae_id> (fetched once)")
+                    "or SAELens SAEs as sae_lens:<release>/<sae_id> or "
+                    "sae_lens:<owner>/<hf-repo>/<folder> (fetched once)")
     ap.add_argument("--model", default="", help="the LM: embedded-smoke, embedded-gpu or a "
                     "transformer-lens name such as gpt2 (default: the one the SAEs record)")
     ap.add_argument("--dataset", default="stdlib",
@@ -121,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                 "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
                 **score(sae.to(device), x, splice)}
                for name, sae in saes.items()]
-    for r in records:  # a release SAE: what SAELens lists for it, next to ours
-        if r["name"].startswith(SAELENS_PREFIX):
-            r["saelens_lists"] = saelens_lists(r["name"])
+    for r in records:  # what SAELens lists for a release SAE, next to ours; its context
+        if r["name"].startswith(SAELENS_PREFIX) and (listed := saelens_lists(r["name"])):
+            r["saelens_lists"] = listed
+        if context := recorded(read_cfg(r["path"]), "context_size"):  # SAELens records it
+            r["context_size"] = int(context)
+    row_tokens = int(acts.eval_tokens.shape[1])
     atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
                                  "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,
+                                 "row_tokens": row_tokens,
                                  "seed": args.seed, "saes": records,
                                  "cpu_numerics": cpu_numerics()})
     print(table(records), file=sys.stderr)
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k.replace('_', ' ')} {v:g}" for k, v in listed.items())
                 + f" (its authors' data); here L0 {r['l0']:.4g}, explained variance "
                 f"(1 - FVU) {1 - r['fvu']:.4g}", file=sys.stderr)
+        if r.get("context_size", row_tokens) < row_tokens:
+            print(f"{r['name']}: trained on contexts of {r['context_size']} tokens, scored on "
+                  f"rows of {row_tokens}: its scores include positions past {r['context_size']}"
+                  ", outside what it was trained on", file=sys.stderr)
     return 0
 
 

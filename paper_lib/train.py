@@ -543,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", {alone} trained alone" if alone else ""), file=sys.stderr)
     data_seed = args.seed[0]
     meta: dict[str, object] = {}
+    saelens_meta: dict[str, object] = {}  # how an LM's activations were read, for SAELens
     if args.model is not None:
         from paper_lib.data.activations import load_activations
 
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         init_x = acts.train_sample(2048, data_seed)
         meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,
                 "input_scale": acts.scale}
+        saelens_meta = acts.saelens_metadata()
         data_key = json.dumps(acts.identity(), sort_keys=True)
     else:
         if args.acts is not None:
@@ -611,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     for res in results:
         if args.save is not None:
             save_sae(res.sae, args.save / sweep_name(res.sae.cfg) if sweep else args.save,
-                     input_scale=scale)
+                     input_scale=scale, metadata=saelens_meta)
         print(f"{sweep_name(res.sae.cfg) if sweep else res.sae.cfg.short()}: "
               + ", ".join(f"{k} {v:.4g}" for k, v in res.final.items() if isinstance(v, float)),
               file=sys.stderr)

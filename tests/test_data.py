@@ -472,6 +472,11 @@ def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     assert not out.with_name("run.json.ckpt.pt").exists()  # removed once training finished
     sae = load_sae(saved).eval()
     assert sae.cfg.hook_name == "blocks.1.hook_resid_pre" and sae.cfg.model_name == "standin-gpt2"
+    # how the data was read, for SAELens' tools: rows of the stand-in's whole context (64;
+    # GPT-2's would be cut to 128) less BOS; a local file, no dataset SAELens could load
+    saved_meta = json.loads((saved / "cfg.json").read_text())["metadata"]
+    assert (saved_meta["context_size"], saved_meta["seqpos_slice"]) == (64, [1, None])
+    assert "dataset_path" not in saved_meta
     acts = load_activations("standin-gpt2", "text", "blocks.1.hook_resid_pre", n_tokens=2000,
                             n_eval_tokens=500, progress=False, data_dir=tmp_path,
                             data_files=str(data))

@@ -77,6 +77,31 @@ def test_an_saelens_copy_scores_like_ours(tiny_world, tmp_path):
         assert theirs[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # SAELens' own code
+def test_saelens_reads_the_activations_our_saes_trained_on(tiny_world, tmp_path):
+    """A saved SAE records how its data was read (SAELens' metadata: context_size, the BOS
+    position left out as seqpos_slice; the dataset only for a hub one), so SAELens'
+    `ActivationsStore.from_sae` on the same token rows yields exactly our activations."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from dataclasses import replace
+
+    from datasets import Dataset
+
+    acts = tiny_world("embedded-tiny", "stdlib", HOOK, 310, 124, progress=False)
+    rows = acts.eval_tokens.shape[0]
+    assert acts.saelens_metadata() == {"context_size": 32, "seqpos_slice": [1, None]}
+    assert replace(acts, source="Skylion007/openwebtext").saelens_metadata()["dataset_path"] \
+        == "Skylion007/openwebtext"
+    save_sae(_sae(), tmp_path / "sae", metadata=acts.saelens_metadata())
+    lens = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
+    store = sae_lens.ActivationsStore.from_sae(
+        acts.model, lens, Dataset.from_dict({"input_ids": acts.eval_tokens.tolist()}),
+        store_batch_size_prompts=rows, train_batch_size_tokens=124, n_batches_in_buffer=2,
+        total_tokens=rows)  # which SAELens compares with the rows, to warn of repeats
+    theirs = store.get_activations(store.get_batch_tokens()).reshape(-1, acts.d)
+    assert torch.allclose(theirs, acts.eval / acts.scale, rtol=1e-5, atol=1e-6)
+
+
 RELEASE = "sae_lens:gpt2-small-res-jb/blocks.6.hook_resid_pre"
 
 
@@ -115,6 +140,54 @@ def test_a_saelens_release_is_fetched_once_and_scored(tiny_world, tmp_path, monk
             f"here L0 {release['l0']:.4g}") in capsys.readouterr().err
 
 
+def test_an_saelens_sae_of_a_hub_repo_is_fetched_and_scored(tiny_world, tmp_path,
+                                                           monkeypatch, capsys):
+    """"sae_lens:<owner>/<repo>/<folder>" names an SAE SAELens saved into a Hugging Face
+    repo that its directory does not list (say, one a researcher uploaded): SAELens' own
+    `from_pretrained` reads it (a stand-in serves the repo's files) into
+    data/sae_lens/<owner>/<repo>/<folder>, and it scores as the SAE does, with nothing
+    listed beside it. Trained on shorter contexts than the rows scored (its recorded
+    context_size), it is flagged: positions past them are outside its training."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from huggingface_hub.utils import EntryNotFoundError
+    from sae_lens.loading import pretrained_sae_loaders
+
+    from paper_lib.sae import io
+
+    save_sae(_sae(), tmp_path / "ours")
+    hub = tmp_path / "hub"  # the repo someone/my-saes: its SAE in layer1/topk, SAELens-saved
+    lens_sae = sae_lens.SAE.load_from_disk(str(tmp_path / "ours"))
+    lens_sae.save_model(hub / "someone/my-saes/layer1/topk")
+    cfg_file = hub / "someone/my-saes/layer1/topk/cfg.json"  # trained on 16-token contexts
+    cfg = json.loads(cfg_file.read_text())
+    cfg["metadata"]["context_size"] = 16
+    cfg_file.write_text(json.dumps(cfg))
+    asked = []
+
+    def hf_hub_download(repo_id, filename, force_download=False, **kw):
+        asked.append((repo_id, filename))
+        if not (hub / repo_id / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(hub / repo_id / filename)
+    monkeypatch.setattr(pretrained_sae_loaders, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(io, "SAELENS_ROOT", tmp_path / "sae_lens")
+    out = tmp_path / "eval.json"
+    spec = "sae_lens:someone/my-saes/layer1/topk"
+    evaluate.main([str(tmp_path / "ours"), spec, "--out", str(out), "--n-eval-tokens", "124",
+                   "--ce-rows", "2", "--quiet"])
+    ours, theirs = json.loads(out.read_text())["saes"]
+    assert ("someone/my-saes", "layer1/topk/cfg.json") in asked
+    assert theirs["name"] == spec
+    assert theirs["path"] == str(tmp_path / "sae_lens/someone/my-saes/layer1/topk")
+    for key in evaluate.COLUMNS:
+        assert theirs[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
+    assert "saelens_lists" not in theirs
+    rows = json.loads(out.read_text())["row_tokens"]
+    assert theirs["context_size"] == 16 < rows and "context_size" not in ours
+    assert (f"{spec}: trained on contexts of 16 tokens, scored on rows of {rows}: its scores "
+            "include positions past 16") in capsys.readouterr().err
+
+
 def test_saelens_release_refusals(tmp_path, monkeypatch):
     """A malformed name, a release or id SAELens does not list (with close names), and a
     fetch that fails (the hub offline) are refused with what to do; a failed fetch leaves
@@ -126,18 +199,30 @@ def test_saelens_release_refusals(tmp_path, monkeypatch):
 
     monkeypatch.setattr("paper_lib.sae.io.SAELENS_ROOT", tmp_path / "sae_lens")
     cases = [("sae_lens:gpt2-small-res-jb", r"is not 'sae_lens:<release>/<sae_id>'"),
+             ("sae_lens:someone/repo/../../x", r"is not 'sae_lens:<release>/<sae_id>' .* or "
+              r"'sae_lens:<owner>/<repo>/<folder>' \(a Hugging Face repo\)"),
              ("sae_lens:gpt2-small-res-j/blocks.6.hook_resid_pre",
-              r"lists no release 'gpt2-small-res-j'; close: gpt2-small-res-jb"),
+              r"lists no release 'gpt2-small-res-j'; close: gpt2-small-res-jb.*; a Hugging Face "
+              r"repo is named with the folder that holds the SAE: "
+              r"'sae_lens:gpt2-small-res-j/blocks.6.hook_resid_pre/<folder>'"),
              ("sae_lens:gpt2-small-res-jb/blocks.6.hook_resid",
-              r"has no SAE 'blocks.6.hook_resid'; it has 13, e.g. blocks.6.hook_resid_pre")]
+              r"has no SAE 'blocks.6.hook_resid'; it has 13, e.g. blocks.6.hook_resid_pre"),
+             # a repo SAELens lists is named by its release, whose settings SAELens applies
+             ("sae_lens:jbloom/GPT2-Small-SAEs-Reformatted/blocks.6.hook_resid_pre",
+              r"jbloom/GPT2-Small-SAEs-Reformatted is SAELens release 'gpt2-small-res-jb': "
+              r"name it 'sae_lens:gpt2-small-res-jb/blocks.6.hook_resid_pre'$")]
     for spec, message in cases:
         with pytest.raises(ValueError, match=r"^SAE folder: '.*" + message):
             listed_saes([spec], what="SAE folder")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(ValueError, match=r"could not be fetched \(.*\): a release SAE needs "
-                                         r"the internet once"):
+    with pytest.raises(ValueError, match=r"could not be fetched \(.*\): an SAE of SAELens "
+                                         r"needs the internet once"):
         listed_saes([RELEASE])
+    # three names, the first no release: a repo's folder, unless a release was misspelt
+    with pytest.raises(ValueError, match=r"could not be fetched \(.*\): if release "
+                                         r"'gemma-scope-2b-pt-res' was meant, name it; "):
+        listed_saes(["sae_lens:gemma-scope-2b-pt-re/layer_12/width_16k/average_l0_82"])
     assert list((tmp_path / "sae_lens").iterdir()) == []  # no folder, full or empty, left
 
 

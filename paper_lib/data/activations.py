@@ -29,6 +29,9 @@ from paper_lib.train import BatchSource, ShuffledBatches, first_rows
 
 CACHE_LIMIT_BYTES = 1.5e9  # larger harvests stay in memory (or stream)
 STREAM_FILL_TOKENS = 1 << 21  # a streamed run's shuffling buffer, at most (6.4 GB at d=768)
+# Token sources that are not a hub dataset: the embedded corpus, `datasets`' builders of
+# local files (`--dataset text --data-files ...`).
+LOCAL_SOURCES = ("stdlib", "text", "json", "csv", "parquet", "arrow")
 
 
 @dataclass
@@ -127,6 +130,19 @@ class ActivationSet:
                 "source": self.source, "corpus": self.corpus_sha256,
                 "train": self.stream_tokens if self.train is None else self.train.shape[0],
                 "eval": self.eval.shape[0], "scale": f"{self.scale:.4g}"}
+
+    def saelens_metadata(self) -> dict[str, Any]:
+        """How an SAE trained here read its data, in SAELens' metadata fields, so SAELens'
+        own tools (`ActivationsStore.from_sae`, its evals) read activations as we did: rows
+        of `context_size` tokens that start with BOS, whose position is left out
+        (`seqpos_slice`), from the hub dataset `dataset_path` (not for the embedded corpus
+        or local files, which SAELens cannot load by name)."""
+        meta: dict[str, Any] = {"context_size": int(self.eval_tokens.shape[1])}
+        if self.drop_bos:
+            meta["seqpos_slice"] = [1, None]
+        if self.source not in LOCAL_SOURCES:
+            meta["dataset_path"] = self.source
+        return meta
 
     def describe(self) -> str:
         n = f"{self.stream_tokens:,} streamed" if self.train is None else f"{self.train.shape[0]:,}"

@@ -158,5 +158,5 @@ def save_trained(results: dict[str, TrainResult], acts: ActivationSet, folder: s
     for name, res in results.items():
         extra = {k: float(v) for k, v in res.final.items() if isinstance(v, (int, float))}
         out[name] = save_sae(res.sae, root / folder / name, input_scale=acts.scale,
-                             extra={"final_metrics": extra})
+                             extra={"final_metrics": extra}, metadata=acts.saelens_metadata())
     return out

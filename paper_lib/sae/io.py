@@ -59,9 +59,11 @@ def _state(sae: SAE, input_scale: float) -> dict[str, torch.Tensor]:
 
 
 def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0,
-             extra: dict[str, Any] | None = None) -> Path:
+             extra: dict[str, Any] | None = None,
+             metadata: dict[str, Any] | None = None) -> Path:
     """Write `path/cfg.json` and `path/sae_weights.safetensors` atomically (a crash leaves
-    any previous SAE at `path` intact)."""
+    any previous SAE at `path` intact). `metadata`: more of SAELens' metadata fields, such
+    as how the training data was read (`ActivationSet.saelens_metadata`)."""
     cfg = sae.cfg
     saelens: dict[str, Any] = {
         "architecture": SAELENS_NAMES[cfg.architecture],
@@ -74,7 +76,7 @@ def save_sae(sae: SAE, path: str | Path, input_scale: float = 1.0,
         "reshape_activations": "none",
         "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name,
                      "hook_head_index": None, "prepend_bos": True,
-                     "sae_lens_version": "6.0.0"},
+                     "sae_lens_version": "6.0.0", **(metadata or {})},
     }
     if cfg.architecture == "topk":
         saelens.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
@@ -95,32 +97,59 @@ SAELENS_PREFIX = "sae_lens:"
 SAELENS_ROOT = PROJECT_ROOT / "data" / "sae_lens"
 
 
-def saelens_release(spec: str, root: Path | None = None) -> Path:
-    """The folder of the SAELens release SAE named "sae_lens:<release>/<sae_id>" (the
-    arguments of SAELens' `SAE.from_pretrained`): fetched from the hub the first time and
-    saved with SAELens' `save_model` in <root>/<release>/<sae_id> (root: data/sae_lens/).
-    The names are checked against SAELens' directory of releases (offline) before anything
-    is fetched; a ValueError says what is wrong and what to do."""
-    release, _, sae_id = spec.removeprefix(SAELENS_PREFIX).partition("/")
-    if not release or not sae_id:
-        raise ValueError(f"{spec!r} is not 'sae_lens:<release>/<sae_id>', e.g. "
-                         "'sae_lens:gpt2-small-res-jb/blocks.6.hook_resid_pre'")
+def _saelens_names(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """(release, sae_id, SAELens' directory of releases) of "sae_lens:<release>/<sae_id>",
+    as SAELens' `SAE.from_pretrained` takes them: a release its directory lists (whose ids
+    may hold "/", as Gemma Scope's do), else a Hugging Face repo "<owner>/<repo>" and the
+    folder in it that holds the SAE (SAELens' cfg.json and weights, as its
+    `upload_saes_to_huggingface` leaves them). Checked offline; a ValueError says what is
+    wrong and what to do."""
     try:
-        from sae_lens import SAE as LensSAE
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError:
         raise ValueError(f"{spec!r} needs SAELens to fetch it: pip install 'sae-lens>=6,<7' "
                          "(in the dev extra), or pass the folder of a saved SAE") from None
+    parts = spec.removeprefix(SAELENS_PREFIX).split("/")
+    if len(parts) < 2 or not all(parts) or {".", ".."} & set(parts):  # kept in data/sae_lens
+        raise ValueError(f"{spec!r} is not 'sae_lens:<release>/<sae_id>' (e.g. "
+                         "'sae_lens:gpt2-small-res-jb/blocks.6.hook_resid_pre') or "
+                         "'sae_lens:<owner>/<repo>/<folder>' (a Hugging Face repo)")
     releases = get_pretrained_saes_directory()
-    if release not in releases:
+    cut = 1 if parts[0] in releases or len(parts) == 2 else 2  # a listed release, else a repo
+    release, sae_id = "/".join(parts[:cut]), "/".join(parts[cut:])
+    if cut == 1 and release not in releases:
         close = difflib.get_close_matches(release, list(releases), n=3, cutoff=0.5)
         raise ValueError(f"{spec!r}: SAELens lists no release {release!r}"
-                         + (f"; close: {', '.join(close)}" if close else ""))
-    ids = list(releases[release].saes_map)
-    if sae_id not in ids:
+                         + (f"; close: {', '.join(close)}" if close else "")
+                         + (f"; a Hugging Face repo is named with the folder that holds "
+                            f"the SAE: 'sae_lens:{spec.removeprefix(SAELENS_PREFIX)}/<folder>'"
+                            if len(parts) == 2 else ""))
+    if cut == 1 and sae_id not in releases[release].saes_map:
+        ids = list(releases[release].saes_map)
         close = difflib.get_close_matches(sae_id, ids, n=3, cutoff=0.5) or ids[:3]
         raise ValueError(f"{spec!r}: release {release!r} has no SAE {sae_id!r}; it has "
                          f"{len(ids)}, e.g. {', '.join(close)}")
+    # A repo SAELens lists is read through its release: SAELens then applies the release's
+    # conversions and settings (the LM's loading options, say), which the repo alone lacks.
+    listed = [(r, [i for i, folder in e.saes_map.items() if folder == sae_id])
+              for r, e in releases.items() if cut == 2 and e.repo_id == release]
+    if listed:
+        r, ids = max(listed, key=lambda found: bool(found[1]))  # the first holding the folder
+        raise ValueError(f"{spec!r}: {release} is SAELens release {r!r}: name it "
+                         f"'sae_lens:{r}/{ids[0] if ids else '<sae_id>'}'")
+    return release, sae_id, releases
+
+
+def saelens_release(spec: str, root: Path | None = None) -> Path:
+    """The folder of the SAELens SAE named "sae_lens:<release>/<sae_id>" (the arguments of
+    SAELens' `SAE.from_pretrained`: a release of its directory, or "<owner>/<repo>" and a
+    folder of a Hugging Face repo): fetched from the hub the first time and saved with
+    SAELens' `save_model` in <root>/<release>/<sae_id> (root: data/sae_lens/). The names are
+    checked (`_saelens_names`) before anything is fetched; a ValueError says what is wrong
+    and what to do."""
+    release, sae_id, releases = _saelens_names(spec)
+    from sae_lens import SAE as LensSAE
+
     base = root or SAELENS_ROOT
     path = base / release / sae_id
     if not (path / CFG_FILE).is_file():
@@ -132,22 +161,28 @@ def saelens_release(spec: str, root: Path | None = None) -> Path:
                 if d == base or not d.is_dir() or any(d.iterdir()):
                     break
                 d.rmdir()
+            # a repo name whose owner looks like a release may be a misspelt release
+            meant = difflib.get_close_matches(release.split("/")[0], list(releases), n=1,
+                                              cutoff=0.8) if "/" in release else []
             raise ValueError(
                 f"{spec!r} could not be fetched ({type(e).__name__}: "
-                f"{(str(e).splitlines() or [''])[0][:200]}): a release SAE needs the internet "
-                "once; elsewhere, save it with SAELens (SAE.from_pretrained(release, sae_id)"
-                ".save_model(folder)) and pass the folder") from None
+                f"{(str(e).splitlines() or [''])[0][:200]}): "
+                + (f"if release {meant[0]!r} was meant, name it; " if meant else "")
+                + "an SAE of SAELens needs the internet once; elsewhere, save it with SAELens"
+                " (SAE.from_pretrained(release, sae_id).save_model(folder)) and pass the "
+                "folder") from None
     return path
 
 
 def saelens_lists(spec: str) -> dict[str, float]:
-    """What SAELens' directory of releases lists for the release SAE `spec`
+    """What SAELens' directory of releases lists for the SAE `spec`
     ("sae_lens:<release>/<sae_id>"), measured by its authors on their data: {"l0": ...,
-    "explained_variance": ...}, each where given."""
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    release, _, sae_id = spec.removeprefix(SAELENS_PREFIX).partition("/")
-    entry = get_pretrained_saes_directory()[release]
+    "explained_variance": ...}, each where given (nothing for an SAE of a repo it does not
+    list)."""
+    release, sae_id, releases = _saelens_names(spec)
+    entry = releases.get(release)
+    if entry is None:
+        return {}
     found = {"l0": (entry.expected_l0 or {}).get(sae_id),
              "explained_variance": (entry.expected_var_explained or {}).get(sae_id)}
     return {k: float(v) for k, v in found.items() if v is not None}
