@@ -477,6 +477,10 @@ def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     saved_meta = json.loads((saved / "cfg.json").read_text())["metadata"]
     assert (saved_meta["context_size"], saved_meta["seqpos_slice"]) == (64, [1, None])
     assert "dataset_path" not in saved_meta
+    # the LM's loading, said outright (SAELens trains with center_writing_weights=False)
+    assert saved_meta["model_from_pretrained_kwargs"] == {
+        "fold_ln": True, "center_writing_weights": True, "fold_value_biases": True,
+        "refactor_factored_attn_matrices": False}
     acts = load_activations("standin-gpt2", "text", "blocks.1.hook_resid_pre", n_tokens=2000,
                             n_eval_tokens=500, progress=False, data_dir=tmp_path,
                             data_files=str(data))

@@ -22,7 +22,7 @@ from paper_lib.data.corpus import (BYTES, Vocab, byte_tokens, hf_token_batches,
                                    load_stdlib_corpus)
 from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
                                     row_batches, stop_layer)
-from paper_lib.data.lm import EMBEDDED_LMS, load_lm
+from paper_lib.data.lm import EMBEDDED_LMS, PROCESSING_DEFAULTS, load_lm
 from paper_lib.metrics import SpliceEval
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.train import BatchSource, ShuffledBatches, first_rows
@@ -136,8 +136,12 @@ class ActivationSet:
         own tools (`ActivationsStore.from_sae`, its evals) read activations as we did: rows
         of `context_size` tokens that start with BOS, whose position is left out
         (`seqpos_slice`), from the hub dataset `dataset_path` (not for the embedded corpus
-        or local files, which SAELens cannot load by name)."""
+        or local files, which SAELens cannot load by name), of a hub LM loaded with
+        `model_from_pretrained_kwargs` (transformer-lens' defaults, said outright: SAELens
+        trains with center_writing_weights=False, another residual stream)."""
         meta: dict[str, Any] = {"context_size": int(self.eval_tokens.shape[1])}
+        if self.model_info.get("pretrained"):
+            meta["model_from_pretrained_kwargs"] = dict(PROCESSING_DEFAULTS)
         if self.drop_bos:
             meta["seqpos_slice"] = [1, None]
         if self.source not in LOCAL_SOURCES:
