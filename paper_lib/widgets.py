@@ -35,6 +35,8 @@ from paper_lib.sae import SAE, load_sae
 from paper_lib.sae.base import initial_decoder
 from paper_lib.sae.io import read_cfg, recorded, saved_saes
 
+NEURONPEDIA = "https://www.neuronpedia.org"  # a latent's page: <id>/<latent>
+
 
 def profile_saes(root: Path, profile: str) -> dict[str, Path]:
     """The SAEs the notebooks saved for `profile`: those of its reference runs (under
@@ -72,16 +74,21 @@ class ExplorerData:
     drop_bos: bool = True
     hook: str = ""
     """Where the activations were read (needed to re-run the model with a latent removed)."""
+    neuronpedia: dict[str, str] = field(default_factory=dict)
+    """SAE name -> its Neuronpedia id, where its file records one (SAELens' release SAEs):
+    the latent explorer links each latent to its page there."""
     _codes: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_activations(cls, acts_set: Any, saes: dict[str, SAE],
-                         n: int | None = None) -> "ExplorerData":
+    def from_activations(cls, acts_set: Any, saes: dict[str, SAE], n: int | None = None,
+                         paths: dict[str, Path] | None = None) -> "ExplorerData":
         """From an ActivationSet's first n held-out tokens; `saes` must take raw activations
-        (as saved files do)."""
+        (as saved files do); `paths`: their folders, to read what else they record."""
+        ids = {name: recorded(read_cfg(paths[name]), "neuronpedia_id")
+               for name in saes if paths and name in paths}
         return cls((acts_set.eval[:n] / acts_set.scale).cpu(), acts_set.eval_tokens, acts_set.model,
                    acts_set.token_str, acts_set.encode_text, saes, acts_set.drop_bos,
-                   acts_set.hook)
+                   acts_set.hook, {name: i for name, i in ids.items() if i})
 
     def find(self, text: str) -> Tensor:
         """Activation indices at which `text` has just been read (its last token)."""
@@ -273,7 +280,10 @@ class LatentExplorer:
         freq = float((a > 0).float().mean())
         rows = [f"<div>{a[i]:.3f}&nbsp;&nbsp;{self.data.context_html(i, a, vmax=vmax)}</div>"
                 for i in top]
-        self.contexts.value = (f"<b>latent {j}</b> fires on {freq:.2%} of tokens<br>"
+        page = self.data.neuronpedia.get(self.sae_dropdown.value)
+        link = (f' (<a href="{NEURONPEDIA}/{html.escape(page)}/{j}" target="_blank" '
+                'rel="noopener">its Neuronpedia page</a>)') if page else ""
+        self.contexts.value = (f"<b>latent {j}</b>{link} fires on {freq:.2%} of tokens<br>"
                                + ("".join(rows) or "<i>never fires on the held-out text</i>"))
         fig, ax = plt.subplots(figsize=(4, 2.6))
         live = a[a > 0].numpy()

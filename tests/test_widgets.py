@@ -1,5 +1,7 @@
 """Widget explorers without a browser: set values, check the outputs change."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -183,6 +185,34 @@ def test_latent_explorer_effect_and_neighbours(data):
     assert "<tr><td>b</td><td>7</td><td>1.00</td><td>n/a</td></tr>" in ex3.neighbours.value
     no_hook = LatentExplorer(dataclasses.replace(data, hook="", _codes={}))
     assert no_hook.effect.value == ""  # nothing to re-run without knowing the hook
+
+
+def test_latent_explorer_links_latents_of_neuronpedia_saes(data, tmp_path):
+    """An SAE whose file records a Neuronpedia id (SAELens' release SAEs do) gets a link to
+    the shown latent's page there, following the slider; one without gets none."""
+    import json
+    from dataclasses import replace
+
+    from paper_lib.widgets import NEURONPEDIA
+
+    for name in ("smoke/topk", "smoke/matryoshka"):
+        save_sae(data.saes[name], tmp_path / name)
+    cfg_file = tmp_path / "smoke/topk/cfg.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["metadata"]["neuronpedia_id"] = "gpt2-small/6-res-jb"
+    cfg_file.write_text(json.dumps(cfg))
+    acts_set = SimpleNamespace(eval=data.acts, scale=1.0, eval_tokens=data.tokens,
+                               model=data.model, token_str=data.token_str,
+                               encode_text=data.encode_text, drop_bos=True, hook=data.hook)
+    linked = ExplorerData.from_activations(acts_set, data.saes, paths=saved_saes(tmp_path))
+    assert linked.neuronpedia == {"smoke/topk": "gpt2-small/6-res-jb"}
+    ex = LatentExplorer(replace(linked, _codes=data._codes))
+    ex.sae_dropdown.value, ex.latent_slider.value = "smoke/topk", 7
+    assert f'href="{NEURONPEDIA}/gpt2-small/6-res-jb/7"' in ex.contexts.value
+    ex.latent_slider.value = 9
+    assert f'href="{NEURONPEDIA}/gpt2-small/6-res-jb/9"' in ex.contexts.value
+    ex.sae_dropdown.value = "smoke/matryoshka"
+    assert "neuronpedia" not in ex.contexts.value
 
 
 def test_latent_search_picks_a_firing_latent(data):
