@@ -348,29 +348,32 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
             due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (
                 cfg.checkpoint_seconds
                 and time.perf_counter() - last_ckpt >= cfg.checkpoint_seconds)
-            # Ctrl-C: stop after this step, checkpointed. At the last one training just ends
-            # (its results are the caller's to save; a second Ctrl-C stops as usual).
-            stop = interrupted() and done != cfg.steps
-            if ckpt is not None and (due or stop) and done != cfg.steps:
+            # Ctrl-C: stop after this step, checkpointed (after the last, only once the
+            # final evaluation is done: see below; a second Ctrl-C stops at once).
+            stop = interrupted()
+            if ckpt is not None and ((due and done != cfg.steps) or stop):
                 _save_checkpoint(ckpt, key, done, saes, opts, since, results)
                 last_ckpt = time.perf_counter()
-            if stop:
+            if stop and done != cfg.steps:
                 bar.close()
                 raise KeyboardInterrupt
-    bar.close()
-    if not finished:  # a finished checkpoint holds the final evaluation already
-        run_eval(cfg.steps)
-    elapsed = time.perf_counter() - t0
-    for st in stacks:
-        st.unstack_()  # each SAE its own weights again
-    for res, cnt in zip(results, since):
-        res.tokens_since_fired = cnt
-        res.seconds += elapsed
-    if ckpt is not None and cfg.keep_finished:
-        if not finished:
-            _save_checkpoint(ckpt, key, cfg.steps, saes, [], since, results, finished=True)
-    elif ckpt is not None and ckpt.exists():
-        ckpt.unlink()  # finished: the checkpoint has served its purpose
+        bar.close()
+        if not finished:  # a finished checkpoint holds the final evaluation already
+            run_eval(cfg.steps)
+        elapsed = time.perf_counter() - t0
+        for st in stacks:
+            st.unstack_()  # each SAE its own weights again
+        for res, cnt in zip(results, since):
+            res.tokens_since_fired = cnt
+            res.seconds += elapsed
+        if ckpt is not None and cfg.keep_finished:
+            if not finished:
+                _save_checkpoint(ckpt, key, cfg.steps, saes, [], since, results, finished=True)
+            if interrupted():  # at the last step or in the final evaluation: kept, now stop
+                raise KeyboardInterrupt
+        elif ckpt is not None and ckpt.exists():
+            ckpt.unlink()  # finished: the checkpoint has served its purpose (and a Ctrl-C
+            # this late lets the caller save the results instead)
     return results
 
 

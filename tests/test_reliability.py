@@ -465,8 +465,10 @@ def test_worker_tasks_leave_interrupts_to_the_notebook(tmp_path, monkeypatch):
 def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint(tmp_path, python_sigint):
     """Ctrl-C (SIGINT) during training stops it once the step under way is done, with a
     checkpoint of that step (none due otherwise), so the rerun ends with the weights of an
-    uninterrupted run; a second Ctrl-C stops at once, checkpointing nothing half done; one
-    at the last step lets training end (its results are the caller's to save)."""
+    uninterrupted run; a second Ctrl-C stops at once, checkpointing nothing half done. One
+    at the last step or during the final evaluation stops once that evaluation is done and
+    the finished training is kept (a notebook's), which the rerun reads; where finished
+    training is not kept (the command line saves its results), training just ends."""
     from paper_lib.train import ShuffledBatches, TrainConfig, train_saes
 
     class CtrlC(ShuffledBatches):  # presses Ctrl-C `times` times while reading batch `at`
@@ -482,11 +484,12 @@ def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint(tmp_path, python
     x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
     cfgs = [SAEConfig("topk", 16, 64, k=4, seed=s) for s in (0, 1)]
 
-    def run(data, path=None, keep=False):
+    def run(data, path=None, keep=False, eval_fn=None):
         tc = TrainConfig(steps=30, lr=1e-3, progress=False, keep_finished=keep,
                          checkpoint_path=str(path) if path else None,
                          checkpoint_seconds=3600 if path else 0)
-        return train_saes([make_sae(c) for c in cfgs], data, tc, init_x=x[:256])
+        return train_saes([make_sae(c) for c in cfgs], data, tc, init_x=x[:256],
+                          eval_fn=eval_fn)
     ref = run(ShuffledBatches(x, 128))
     with pytest.raises(KeyboardInterrupt):
         run(CtrlC(x, at=11), tmp_path / "a.pt")
@@ -497,9 +500,24 @@ def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint(tmp_path, python
     with pytest.raises(KeyboardInterrupt):
         run(CtrlC(x, at=5, times=2), tmp_path / "b.pt")
     assert not (tmp_path / "b.pt").exists()
-    last = run(CtrlC(x, at=29), tmp_path / "c.pt", keep=True)
-    assert torch.equal(last[0].sae.W_enc, ref[0].sae.W_enc)
+    with pytest.raises(KeyboardInterrupt):
+        run(CtrlC(x, at=29), tmp_path / "c.pt", keep=True)
     assert torch.load(tmp_path / "c.pt", weights_only=True)["finished"]
+    last = run(ShuffledBatches(x, 128), tmp_path / "c.pt", keep=True)
+    assert torch.equal(last[0].sae.W_enc, ref[0].sae.W_enc)
+    pressed = []
+
+    def ctrl_c_in_final_eval(sae):
+        if not pressed:
+            pressed.append(os.kill(os.getpid(), signal.SIGINT))
+        return {"evaluated": 1.0}
+    with pytest.raises(KeyboardInterrupt):
+        run(ShuffledBatches(x, 128), tmp_path / "d.pt", keep=True, eval_fn=ctrl_c_in_final_eval)
+    kept = torch.load(tmp_path / "d.pt", weights_only=True)
+    assert kept["finished"] and [h[-1]["evaluated"] for h in kept["history"]] == [1.0, 1.0]
+    absorbed = run(CtrlC(x, at=29), tmp_path / "e.pt")
+    assert torch.equal(absorbed[0].sae.W_enc, ref[0].sae.W_enc)
+    assert not (tmp_path / "e.pt").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
