@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from paper_lib.data.activations import load_activations
+from paper_lib.data.activations import HUB_CONTEXT, check_context_size, load_activations
 
 
 def agreed(paths: dict[str, Path], key: str) -> str:
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hook", default="", help="hook name (default: the one the SAEs record, "
                     "else the middle layer's resid_pre)")
     ap.add_argument("--n-eval-tokens", type=int, default=16_384, help="held-out tokens")
+    ap.add_argument("--context-size", type=int, default=0, help="tokens per held-out row, BOS "
+                    "included, for a hub LM (default: the shortest training context the SAEs "
+                    f"record, at most {HUB_CONTEXT}; an embedded LM's rows are its context)")
     ap.add_argument("--ce-rows", type=int, default=32, help="held-out token rows for CE")
     ap.add_argument("--seed", type=int, default=0, help="which draw of the data is held out")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
@@ -105,13 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     model = args.model or agreed(paths, "model_name") or "embedded-smoke"
     hook = args.hook or agreed(paths, "hook_name")
+    # on a hub LM, rows no longer than any SAE's training context: positions past it would
+    # score the SAE outside what it was trained on
+    trained = [int(c) for p in paths.values() if (c := recorded(read_cfg(p), "context_size"))]
+    context = args.context_size or (None if model.startswith("embedded-")
+                                    else min([HUB_CONTEXT, *trained]))
+    try:
+        check_context_size(model, context)
+    except ValueError as e:
+        ap.error(str(e))
     if argv is None:  # a command line: the notebooks' CPU numerics, and so their cached LM
         from paper_lib.kernelspec import exec_pinned
 
         exec_pinned("paper_lib.evaluate")
     acts = load_activations(model, args.dataset, hook, 1, args.n_eval_tokens, device,
                             args.seed, progress=not args.quiet, stream=True,
-                            data_files=args.data_files)
+                            data_files=args.data_files, context_size=context)
     try:
         saes = ExplorerData.load_saes(paths, acts.d, acts.hook, model, required=tuple(paths))
     except ValueError as e:

@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-tokens", type=int, default=200_000, help="with --model: training tokens")
     ap.add_argument("--n-eval-tokens", type=int, default=16_384,
                     help="with --model: held-out tokens (FVU, dead latents, CE)")
+    ap.add_argument("--context-size", type=int, help="with a hub --model: tokens per row, BOS "
+                    "included (default 128, at most the LM's n_ctx); an embedded LM's rows "
+                    "are its whole context")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     ap.add_argument("--checkpoint", type=Path,
                     help="checkpoint file (default: beside --out, as <out>.ckpt.pt)")
@@ -507,6 +510,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --acts or --model, not both")
     if args.data_files and (args.model is None or args.dataset == "stdlib"):
         ap.error("--data-files needs --model and a --dataset loader such as text")
+    if args.context_size is not None:
+        from paper_lib.data.activations import check_context_size
+
+        if args.model is None:
+            ap.error("--context-size needs --model: it is the length of the LM's token rows")
+        try:
+            check_context_size(args.model, args.context_size)
+        except ValueError as e:
+            ap.error(str(e))
     for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every"):
         vals = getattr(args, name)
         for v in vals if isinstance(vals, list) else [vals]:
@@ -552,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
 
         acts = load_activations(args.model, args.dataset, args.hook, args.n_tokens,
                                 args.n_eval_tokens, device, data_seed,
-                                progress=not args.quiet, data_files=args.data_files)
+                                progress=not args.quiet, data_files=args.data_files,
+                                context_size=args.context_size)
         d_in, data, eval_x = acts.d, acts.batches(args.batch, data_seed), acts.eval[:8192]
         init_x = acts.train_sample(2048, data_seed)
         meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,

@@ -216,6 +216,10 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
     (["--stack"], "--stack: no two of these SAEs can train as one stack"),
     (["--stack", "--arch", "relu", "--l1-coeff", "1,3"], "--stack: no two of these SAEs"),
     (["--stack", "--k", "8,64"], "--stack: no two of these SAEs"),  # k=64 of 256: dense path
+    (["--context-size", "64"], "context_size = 64: embedded-smoke reads rows of its whole "
+                               "context, 128 tokens"),
+    (["--context-size", "1"], "context_size = 1: a row needs BOS and a token"),
+    (["--acts", "{short}", "--context-size", "64"], "--context-size needs --model"),
 ])
 def test_train_command_line_refuses_bad_settings_before_any_work(args, message, tmp_path,
                                                                   monkeypatch, capsys):

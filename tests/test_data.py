@@ -501,6 +501,36 @@ def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     assert ev["saes"][0]["ce_spliced"] == pytest.approx(rec["ce_spliced"], rel=1e-4)
 
 
+def test_evaluate_reads_rows_no_longer_than_the_saes_trained_on(tmp_path, monkeypatch, capsys):
+    """On a hub LM `python -m paper_lib.evaluate` holds out rows of the shortest training
+    context its SAEs record (here 16 tokens, BOS included; 128 at most by default), so no
+    position past it is scored; --context-size reads longer ones, and a line says that the
+    SAE is then scored past its context. An embedded LM reads rows of its own context only:
+    another length is refused before it is loaded."""
+    from paper_lib.evaluate import main as evaluate_main
+    from paper_lib.sae import SAEConfig, make_sae, save_sae
+
+    data, _ = _standin_hub(tmp_path, monkeypatch)
+    hook = "blocks.1.hook_resid_pre"
+    sae = make_sae(SAEConfig("topk", 32, 64, k=4, hook_name=hook, model_name="standin-gpt2"))
+    save_sae(sae, tmp_path / "short", metadata={"context_size": 16})
+    args = [str(tmp_path / "short"), "--dataset", "text", "--data-files", str(data),
+            "--n-eval-tokens", "300", "--quiet"]
+    assert evaluate_main(args + ["--out", str(tmp_path / "a.json")]) == 0
+    scored = json.loads((tmp_path / "a.json").read_text())
+    assert scored["row_tokens"] == 16 and scored["n_eval_tokens"] == 300
+    assert "scored on rows of" not in capsys.readouterr().err
+    assert evaluate_main(args + ["--out", str(tmp_path / "b.json"), "--context-size", "64"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["row_tokens"] == 64
+    assert ("trained on contexts of 16 tokens, scored on rows of 64: its scores include "
+            "positions past 16") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(args[:1] + ["--model", "embedded-smoke", "--context-size", "64",
+                                  "--out", str(tmp_path / "c.json")])
+    assert ("context_size = 64: embedded-smoke reads rows of its whole context, 128 tokens"
+            in capsys.readouterr().err)
+
+
 def test_paper_path_offline_says_what_to_do_instead(tmp_path):
     """Without the internet (and no local copy), GPT-2 and OpenWebText fail with the
     upstream reason plus the offline alternative, not a bare hub error."""

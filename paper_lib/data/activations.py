@@ -29,6 +29,7 @@ from paper_lib.train import BatchSource, ShuffledBatches, first_rows
 
 CACHE_LIMIT_BYTES = 1.5e9  # larger harvests stay in memory (or stream)
 STREAM_FILL_TOKENS = 1 << 21  # a streamed run's shuffling buffer, at most (6.4 GB at d=768)
+HUB_CONTEXT = 128  # tokens per row (BOS included) read from a hub LM, by default
 # Token sources that are not a hub dataset: the embedded corpus, `datasets`' builders of
 # local files (`--dataset text --data-files ...`).
 LOCAL_SOURCES = ("stdlib", "text", "json", "csv", "parquet", "arrow")
@@ -263,19 +264,37 @@ def check_fits(n_tokens: int, n_eval_tokens: int, d: int, device: torch.device,
                          f"activations of width {d} {short}: {fix}")
 
 
+def check_context_size(model_name: str, context_size: int | None) -> None:
+    """A ValueError, before any work, if rows of `context_size` tokens (None: the default)
+    cannot be read from `model_name`."""
+    if context_size is None:
+        return
+    if context_size < 2:
+        raise ValueError(f"context_size = {context_size}: a row needs BOS and a token")
+    if model_name in EMBEDDED_LMS and context_size != EMBEDDED_LMS[model_name].n_ctx:
+        raise ValueError(f"context_size = {context_size}: {model_name} reads rows of its whole "
+                         f"context, {EMBEDDED_LMS[model_name].n_ctx} tokens; other lengths are "
+                         "for hub LMs")
+
+
 def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib",
                      hook: str = "", n_tokens: int = 200_000, n_eval_tokens: int = 16_384,
                      device: str | torch.device = "cpu", seed: int = 0, progress: bool = True,
                      data_dir: Path = PROJECT_ROOT / "data", stream: bool | None = None,
-                     batch_rows: int = 64, data_files: Any = None) -> ActivationSet:
-    """Harvest (or load from cache) normalised activations for training and evaluation."""
+                     batch_rows: int = 64, data_files: Any = None,
+                     context_size: int | None = None) -> ActivationSet:
+    """Harvest (or load from cache) normalised activations for training and evaluation.
+    Token rows start with BOS and hold an embedded LM's whole context, or on the hub path
+    `context_size` tokens (default HUB_CONTEXT; at most the LM's n_ctx)."""
     device = torch.device(device)
+    check_context_size(model_name, context_size)
     if dataset == "stdlib" and model_name in EMBEDDED_LMS:  # before the LM is even trained
         check_fits(n_tokens, n_eval_tokens, EMBEDDED_LMS[model_name].d_model, device)
     model, info = load_lm(model_name, device, progress, data_dir)
     hook = hook or default_hook(model)
     stop_layer(model, hook)  # validate before any compute
-    n_ctx = model.cfg.n_ctx if model_name.startswith("embedded-") else min(model.cfg.n_ctx, 128)
+    n_ctx = model.cfg.n_ctx if model_name.startswith("embedded-") else \
+        min(model.cfg.n_ctx, context_size or HUB_CONTEXT)
     per_row = n_ctx - 1
     d = model.cfg.d_model
     if dataset == "stdlib":
