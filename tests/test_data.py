@@ -655,13 +655,16 @@ def test_embedded_path_scales_its_own_copy_and_leaves_the_cache_raw(tiny_corpus,
 
 def test_activation_set_identity_ignores_last_bits_of_the_scale():
     """A redone GPU harvest may move the scale in its last bits (0.82781234 -> 0.82781299):
-    the same identity, so a checkpoint still resumes; another draw's scale (0.8290), or
-    another token count, is another identity."""
+    the same identity, so a checkpoint still resumes; another draw's scale (0.8290),
+    another token count or rows of another length (a hub LM's --context-size) is another
+    identity."""
     from paper_lib.data.activations import ActivationSet
 
-    def aset(scale, rows=100):
+    def aset(scale, rows=100, context=2):
         return ActivationSet(None, {"config": {"name": "m"}}, "h", torch.zeros(rows, 4),
-                             torch.zeros(10, 4), scale, None, torch.zeros(1, 2, dtype=torch.long))
+                             torch.zeros(10, 4), scale, None,
+                             torch.zeros(1, context, dtype=torch.long))
     assert aset(0.82781234).identity() == aset(0.82781299).identity()
     assert aset(0.82781234).identity() != aset(0.8290).identity()
     assert aset(0.82781234).identity() != aset(0.82781234, rows=101).identity()
+    assert aset(0.82781234).identity() != aset(0.82781234, context=3).identity()

@@ -123,12 +123,14 @@ class ActivationSet:
 
     def identity(self) -> dict[str, Any]:
         """What tells this set's data from another's, for keys of work done on it (a
-        training checkpoint): the LM (name, weights), hook, source and corpus, the number
-        of training and held-out tokens, and the scale, a statistic of the draw itself (to
-        4 digits: a GPU harvest redone may differ in the last bits, and must still match)."""
+        training checkpoint): the LM (name, weights), hook, source and corpus, the token
+        rows' length, the number of training and held-out tokens, and the scale, a statistic
+        of the draw itself (to 4 digits: a GPU harvest redone may differ in the last bits,
+        and must still match)."""
         return {"model": self.model_info.get("config", {}).get("name"),
                 "weights": self.model_info.get("weights_sha256"), "hook": self.hook,
                 "source": self.source, "corpus": self.corpus_sha256,
+                "context": int(self.eval_tokens.shape[1]),
                 "train": self.stream_tokens if self.train is None else self.train.shape[0],
                 "eval": self.eval.shape[0], "scale": f"{self.scale:.4g}"}
 
