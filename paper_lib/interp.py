@@ -345,7 +345,8 @@ def latent_ablation(model: Any, hook: str, tokens: Tensor, acts: Tensor, codes: 
     and compare next-token log-probabilities with the clean run.
 
     acts [N, d] are the held-out activations at `hook` in raw model units, codes [N, n]
-    the SAE's codes of them, laid out as `tokens` [rows, T] minus the BOS column when
+    the SAE's codes of them (a tensor, or anything indexed as one by codes[:, j] and
+    codes[token indices]), laid out as `tokens` [rows, T] minus the BOS column when
     drop_bos. The contribution is decode(codes) - decode(codes with the latent zeroed),
     subtracted from the activation itself, not from the SAE's reconstruction: the rest of
     the residual (and the SAE's error) stays, so only this latent's part is tested.
@@ -360,7 +361,9 @@ def latent_ablation(model: Any, hook: str, tokens: Tensor, acts: Tensor, codes: 
     picked = list(dict.fromkeys(fired.tolist()))[:rows]  # each row once, strongest first
     pick = torch.tensor(picked)
     x = by_token_row(acts, per_row)[pick]                          # [R, P, d]
-    c = by_token_row(codes, per_row)[pick]                         # [R, P, n]
+    # the picked rows' codes alone (codes may be the explorer's SparseCodes: no view)
+    c = codes[(pick[:, None] * per_row + torch.arange(per_row)).flatten()].view(
+        len(pick), per_row, -1)                                    # [R, P, n]
     dev_sae = sae.W_dec.device
     flat_x = x.reshape(-1, x.shape[-1]).to(dev_sae)
     flat_c = c.reshape(-1, c.shape[-1]).to(dev_sae)

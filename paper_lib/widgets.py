@@ -57,6 +57,77 @@ def sae_source(path: Path, root: Path = PROJECT_ROOT / "data" / "saes") -> str:
     return str(path.relative_to(root) if path.is_relative_to(root) else project_relative(path))
 
 
+class SparseCodes:
+    """An SAE's codes of N tokens, [N, n], kept as their nonzero entries in row order: the
+    explorers read one latent's column, a few tokens' rows and per-token norms, and an SAE
+    codes each token with a few dozen latents, while a dense matrix of a wide SAE's codes
+    would not fit (65,536 tokens x 131,072 latents: 34 GB of float32). `codes[:, j]` and
+    `codes[rows]` give dense tensors, as indexing a dense matrix would."""
+
+    def __init__(self, rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]):
+        self.rows, self.cols, self.vals, self.shape = rows, cols, vals, shape
+        # entries of token i: [starts[i], starts[i + 1])
+        self.starts = torch.zeros(shape[0] + 1, dtype=torch.long)
+        self.starts[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, sae: SAE, x: Tensor, entries: int = 1 << 25) -> "SparseCodes":
+        """sae.encode(x) for x [N, d], in blocks of at most `entries` dense codes (128 MB)."""
+        step = max(1, entries // sae.cfg.d_sae)
+        parts = []
+        for i in range(0, len(x), step):
+            c = sae.encode(x[i:i + step].to(sae.W_enc.device)).float().cpu()
+            r, k = c.nonzero(as_tuple=True)
+            parts.append((r + i, k, c[r, k]))
+        rows, cols, vals = (torch.cat(t) for t in zip(*parts)) if parts else \
+            (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0),)
+        return cls(rows, cols, vals, (len(x), sae.cfg.d_sae))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _entries(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(position in idx, entry) of every stored entry of the tokens idx."""
+        lo, hi = self.starts[idx], self.starts[idx + 1]
+        owner = torch.repeat_interleave(torch.arange(len(idx)), hi - lo)
+        first = torch.repeat_interleave(lo - (hi - lo).cumsum(0) + (hi - lo), hi - lo)
+        return owner, first + torch.arange(len(owner))
+
+    def __getitem__(self, key: Any) -> Tensor:
+        if isinstance(key, tuple):  # codes[:, j]: one latent over all tokens
+            if len(key) != 2 or key[0] != slice(None):
+                raise TypeError("SparseCodes takes codes[:, latent] or codes[token rows]")
+            out = torch.zeros(self.shape[0])
+            hit = self.cols == int(key[1])
+            out[self.rows[hit]] = self.vals[hit]
+            return out
+        idx = torch.as_tensor(key, dtype=torch.long)
+        one = idx.dim() == 0
+        idx = idx.reshape(-1)
+        owner, entry = self._entries(idx)
+        out = torch.zeros(len(idx), self.shape[1])
+        out[owner, self.cols[entry]] = self.vals[entry]
+        return out[0] if one else out
+
+    def mean_rows(self, idx: Tensor) -> Tensor:
+        """[n] the tokens idx's mean code, without their dense rows."""
+        _, entry = self._entries(torch.as_tensor(idx, dtype=torch.long).reshape(-1))
+        return torch.zeros(self.shape[1]).index_add_(0, self.cols[entry],
+                                                     self.vals[entry]) / max(1, len(idx))
+
+    def firing_rates(self) -> Tensor:
+        """[n] the fraction of tokens on which each latent is active."""
+        fired = self.cols[self.vals > 0]
+        return torch.bincount(fired, minlength=self.shape[1]).float() / max(1, self.shape[0])
+
+    def norms(self, scale: Tensor | None = None) -> Tensor:
+        """[N] each token's code norm, each latent's entry times scale[latent] if given
+        (a decoder row's norm: ||f~||, Lee et al.)."""
+        v = self.vals if scale is None else self.vals * scale[self.cols]
+        return torch.zeros(self.shape[0]).index_add_(0, self.rows, v * v).sqrt()
+
+
 @dataclass
 class ExplorerData:
     """What the explorers read: raw held-out activations, their token rows, the LM, SAEs."""
@@ -77,7 +148,7 @@ class ExplorerData:
     neuronpedia: dict[str, str] = field(default_factory=dict)
     """SAE name -> its Neuronpedia id, where its file records one (SAELens' release SAEs):
     the latent explorer links each latent to its page there."""
-    _codes: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _codes: dict[str, SparseCodes] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_activations(cls, acts_set: Any, saes: dict[str, SAE], n: int | None = None,
@@ -138,12 +209,10 @@ class ExplorerData:
             out[name] = load_sae(path, expected_d_in=d_in).eval()
         return out
 
-    def codes(self, name: str) -> Tensor:
+    def codes(self, name: str) -> SparseCodes:
+        """SAE `name`'s codes of the held-out tokens, computed once."""
         if name not in self._codes:
-            sae = self.saes[name]
-            with torch.no_grad():
-                self._codes[name] = torch.cat([sae.encode(self.acts[i:i + 8192].to(
-                    sae.W_enc.device)).cpu() for i in range(0, len(self.acts), 8192)])
+            self._codes[name] = SparseCodes.encode(self.saes[name], self.acts)
         return self._codes[name]
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -246,7 +315,7 @@ class LatentExplorer:
         if len(hits) == 0:
             self.status.value = f"<i>'{html.escape(text)}' does not occur in the held-out text</i>"
             return
-        best = int(codes[hits].mean(0).argmax())
+        best = int(codes.mean_rows(hits).argmax())
         self.status.value = (f"best latent for '{html.escape(text)}': {best} "
                              f"({len(hits)} occurrences)")
         self.latent_slider.value = best
@@ -391,7 +460,7 @@ class ZFExplorer:
         with torch.no_grad():
             x_in, _, _ = sae.prepare(self.data.acts.to(sae.W_enc.device))
             z = (x_in - sae.b_dec).norm(dim=-1).cpu().numpy()
-            f = metrics.scaled_codes(codes, sae.W_dec.cpu()).norm(dim=-1).numpy()
+            f = codes.norms(sae.W_dec.detach().float().norm(dim=-1).cpu()).numpy()
         return z, f
 
     def render(self) -> None:
