@@ -167,17 +167,25 @@ class TrainResult:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def encode_all(sae: SAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """(codes, reconstruction) of rows x in eval mode, chunked to bound memory."""
+    """(codes, reconstruction) of rows x in eval mode, chunked to bound memory: each
+    chunk is written into the outputs (a list of chunks joined at the end would hold the
+    codes twice: 2 x 34 GB for 65,536 tokens of a 131,072-latent SAE)."""
     was = sae.training
     sae.eval()
-    codes, recon = [], []
+    codes = recon = None
     for i in range(0, x.shape[0], chunk):
         out = sae(x[i:i + chunk].float())
-        codes.append(out.codes.float())
-        recon.append(out.recon.float())
+        if codes is None:
+            codes = out.codes.new_empty((x.shape[0], out.codes.shape[1]), dtype=torch.float32)
+            recon = out.recon.new_empty((x.shape[0], out.recon.shape[1]), dtype=torch.float32)
+        codes[i:i + chunk] = out.codes
+        recon[i:i + chunk] = out.recon
     sae.train(was)
-    return torch.cat(codes), torch.cat(recon)
+    if codes is None:  # no rows
+        return torch.zeros(0, sae.cfg.d_sae, device=x.device), x.float()[:0]
+    return codes, recon
 
 
 def evaluate(sae: SAE, x: Tensor, chunk: int = 8192,
