@@ -418,6 +418,23 @@ def seed_runs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def leftover_checkpoints(root: Path = PROJECT_ROOT / "data" / "ckpt") -> str | None:
+    """A line on the checkpoints under `root` once a run is over: those its notebooks
+    finished are gone, so these belong to runs interrupted or with other parameters,
+    resumed only by rerunning them, and at the `paper` scale take gigabytes. None if none."""
+    files = [f for f in root.rglob("*.pt") if f.is_file()] if root.is_dir() else []
+    if not files:
+        return None
+    size = sum(f.stat().st_size for f in files)
+    shown = next(f"{size / unit:.1f} {name}" for unit, name in
+                 ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes")) if size >= unit or unit == 1)
+    newest = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime
+                                                                   for f in files)))
+    return (f"{project_relative(root)} holds {len(files)} checkpoint(s) of interrupted runs or "
+            f"runs with other parameters ({shown}, newest {newest}): rerunning such a run "
+            f"resumes it; delete {project_relative(root)} to free the space")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the notebooks with Papermill.")
     ap.add_argument("--profile", default="smoke", choices=PROFILES)
@@ -519,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - total:.1f} s for {len(nbs)} notebook(s)")
     if not args.nbval and not args.no_scoreboard:  # a worker's parent reports for it
         report_against_committed(args.profile, [nb.stem for nb in nbs], started)
+        if note := leftover_checkpoints():
+            print(note)
     if failures:
         print("\n".join(["FAILED:"] + failures), file=sys.stderr)
         return 1

@@ -521,6 +521,29 @@ def test_ctrl_c_stops_training_after_its_step_with_a_checkpoint(tmp_path, python
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_run_ends_naming_the_checkpoints_left_behind(tmp_path):
+    """After a run, the checkpoints still under data/ckpt (interrupted runs', runs' with
+    other parameters: a finished notebook removes its own) are counted with their size and
+    the newest one's time, saying how to resume or free them; none, no line."""
+    import time
+
+    from paper_lib.reproduce import leftover_checkpoints
+
+    root = tmp_path / "ckpt"
+    assert leftover_checkpoints(root) is None
+    (root / "tasks").mkdir(parents=True)
+    assert leftover_checkpoints(root) is None
+    (root / "a.pt").write_bytes(b"x" * 1_500_000)
+    (root / "tasks" / "b.pt").write_bytes(b"x" * 500_000)
+    (root / "notes.txt").write_text("not a checkpoint")
+    stamp = time.mktime((2026, 12, 7, 14, 50, 0, 0, 0, -1))
+    os.utime(root / "tasks" / "b.pt", (stamp, stamp))
+    os.utime(root / "a.pt", (stamp - 3600, stamp - 3600))
+    line = leftover_checkpoints(root)
+    assert "holds 2 checkpoint(s) of interrupted runs or runs with other parameters (2.0 MB, "\
+        "newest 2026-12-07 14:50): rerunning such a run resumes it; delete " in line
+
+
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files and folders written atomically get the mode a plain write would (mkstemp
     and mkdtemp alone would leave them private to the owner), also when they replace a
