@@ -153,11 +153,15 @@ def best_single_latent_probe(codes: Tensor, y: Tensor, candidates: int = 64,
     y_fit, y_test = y[:n].double(), y[n:].double()
     live = (codes[:n] > 0).any(0).nonzero().flatten()
     if len(live) > candidates:
-        f = codes[:n, live].double()
-        f = (f - f.mean(0)) / f.std(0).clamp_min(1e-12)
         yc = y_fit - y_fit.mean()
-        corr = (f.T @ yc).abs()
-        live = live[corr.topk(candidates).indices]
+        corr = []
+        # a block of latents at a time: all of a 131,072-latent SAE's in float64 would take
+        # 34 GB per 32,768 rows, twice (each column is standardised on its own)
+        for i in range(0, len(live), 8192):
+            f = codes[:n, live[i:i + 8192]].double()
+            f = (f - f.mean(0)) / f.std(0).clamp_min(1e-12)
+            corr.append((f.T @ yc).abs())
+        live = live[torch.cat(corr).topk(candidates).indices]
     p0 = float(y_fit.mean())
     prior = float(_bce(torch.full((len(y_test), 1), p0, dtype=torch.float64), y_test[:, None]))
     # The constant predictor competes too: a latent must fit better than it to be chosen.
