@@ -341,6 +341,30 @@ def _standin_hub(tmp_path, monkeypatch, lines=400):
     return standin_hub.patch(tmp_path, monkeypatch.setattr, lines)
 
 
+def test_hub_text_is_packed_into_rows_in_order_whatever_the_tokenizer_batch(tmp_path,
+                                                                            monkeypatch):
+    """Streamed documents (one per line; an empty one skipped) are tokenised a batch of
+    documents at a time and packed in order into rows [BOS, 2 tokens]; a last partial row
+    or batch is not yielded. By hand: a b c | d e | f g h i j -> [a b] [c d] [e f] [g h]
+    [i j], batches of two rows: the first four rows, for one document per tokenizer call
+    as for three."""
+    class Chars:  # a tokenizer of one id per character, called on lists of documents
+        bos_token_id = 0
+
+        def __call__(self, texts):
+            assert isinstance(texts, list)
+            return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+    data = tmp_path / "docs.txt"
+    data.write_text("abc\n\nde\nfghij\n")
+    want = [[[0, 97, 98], [0, 99, 100]], [[0, 101, 102], [0, 103, 104]]]
+    for per_call in (1, 3):
+        monkeypatch.setattr(corp, "DOC_BATCH", per_call)
+        got = [b.tolist() for b in corp.hf_token_batches("text", Chars(), 3, 2,
+                                                           data_files=str(data))]
+        assert got == want, per_call
+
+
 def test_paper_path_with_local_standins(tmp_path, monkeypatch):
     """The hub path end to end with no network: a local text dataset streamed through
     `datasets`, a locally built HookedTransformer with a real tokenizer standing in for

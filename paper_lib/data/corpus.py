@@ -13,6 +13,7 @@ context length with a BOS at the start of every row.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -156,6 +157,9 @@ def unigram_bits_per_byte(train: torch.Tensor, val: torch.Tensor) -> float:
     return float(-logp[val[:, 1:].flatten()].mean())
 
 
+DOC_BATCH = 256  # documents per tokenizer call in `hf_token_batches`
+
+
 def hf_token_batches(dataset: str, tokenizer: Any, n_ctx: int, batch_size: int,
                      split: str = "train", text_column: str = "text", streaming: bool = True,
                      data_files: Any = None, bos_id: int | None = None,
@@ -179,14 +183,17 @@ def hf_token_batches(dataset: str, tokenizer: Any, n_ctx: int, batch_size: int,
     if bos is None:
         raise ValueError("the tokenizer has no BOS token; pass bos_id")
     per_row, buf, rows = n_ctx - 1, [], []
-    for ex in ds:
-        text = ex.get(text_column)
-        if not text:
-            continue
-        buf.extend(tokenizer(text)["input_ids"])
-        while len(buf) >= per_row:
-            rows.append([bos] + buf[:per_row])
-            del buf[:per_row]
-            if len(rows) == batch_size:
-                yield torch.tensor(rows, dtype=torch.long)
-                rows = []
+    texts = (t for t in (ex.get(text_column) for ex in ds) if t)
+    # Documents are tokenised DOC_BATCH at a time: a fast tokenizer encodes a batch on all
+    # cores (the same ids as one by one), and streaming runs read the text once per epoch.
+    while group := list(itertools.islice(texts, DOC_BATCH)):
+        for ids in tokenizer(group)["input_ids"]:
+            buf.extend(ids)
+            start = 0
+            while len(buf) - start >= per_row:
+                rows.append([bos] + buf[start:start + per_row])
+                start += per_row
+                if len(rows) == batch_size:
+                    yield torch.tensor(rows, dtype=torch.long)
+                    rows = []
+            del buf[:start]
