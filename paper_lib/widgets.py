@@ -77,9 +77,9 @@ class SparseCodes:
         step = max(1, entries // sae.cfg.d_sae)
         parts = []
         for i in range(0, len(x), step):
-            c = sae.encode(x[i:i + step].to(sae.W_enc.device)).float().cpu()
-            r, k = c.nonzero(as_tuple=True)
-            parts.append((r + i, k, c[r, k]))
+            c = sae.encode(x[i:i + step].to(sae.W_enc.device))
+            r, k = c.nonzero(as_tuple=True)  # on the SAE's device: only entries move
+            parts.append((r.cpu() + i, k.cpu(), c[r, k].float().cpu()))
         rows, cols, vals = (torch.cat(t) for t in zip(*parts)) if parts else \
             (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0),)
         return cls(rows, cols, vals, (len(x), sae.cfg.d_sae))
