@@ -219,7 +219,8 @@ def python_sigint():
 def test_ctrl_c_stops_lm_training_after_its_step_with_a_checkpoint(tiny_corpus, tmp_path,
                                                                    monkeypatch, python_sigint):
     """Ctrl-C in the embedded LM's training: the step under way ends and is checkpointed
-    (none due at the default minute), and the rerun ends with the uninterrupted weights."""
+    (none due at the default minute), and the rerun ends with the uninterrupted weights; at
+    the last step too (the rerun then trains no step)."""
     from paper_lib.data import lm
 
     cfg = lm.LMConfig("tiny-ctrl-c", n_layers=1, d_model=32, n_heads=2, n_ctx=32, steps=8,
@@ -239,6 +240,21 @@ def test_ctrl_c_stops_lm_training_after_its_step_with_a_checkpoint(tiny_corpus, 
     resumed, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
     assert len(calls) == 8
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    calls.clear()
+
+    def ctrl_c_in_the_last_step(model, batch):
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch)
+    monkeypatch.setattr(lm, "fused_lm_loss", ctrl_c_in_the_last_step)
+    with pytest.raises(KeyboardInterrupt):
+        lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+    assert torch.load(ck, weights_only=True)["step"] == 8
+    last, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+    assert len(calls) == 8 and not ck.exists()
+    for (name, a), b in zip(ref.state_dict().items(), last.state_dict().values()):
         assert torch.equal(a, b), name
 
 

@@ -240,9 +240,11 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            stop = interrupted() and step + 1 < cfg.steps  # Ctrl-C: stop after this step
-            if (checkpoint is not None and step + 1 < cfg.steps
-                    and (stop or time.perf_counter() - last >= checkpoint_seconds)):
+            # Ctrl-C: stop after this step, checkpointed (at the last one too: the rerun then
+            # only evaluates; without a checkpoint to resume, the last step just ends)
+            stop = interrupted() and (step + 1 < cfg.steps or checkpoint is not None)
+            if checkpoint is not None and (stop or (
+                    step + 1 < cfg.steps and time.perf_counter() - last >= checkpoint_seconds)):
                 _save_checkpoint(checkpoint, key, step + 1,
                                  before + time.perf_counter() - t0, model, opt, sched, gen)
                 last = time.perf_counter()
