@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:  # what SAELens lists for a release SAE, next to ours; its context
         if r["name"].startswith(SAELENS_PREFIX) and (listed := saelens_lists(r["name"])):
             r["saelens_lists"] = listed
-        if context := recorded(read_cfg(r["path"]), "context_size"):  # SAELens records it
-            r["context_size"] = int(context)
+        if trained_on := recorded(read_cfg(r["path"]), "context_size"):  # SAELens records it
+            r["context_size"] = int(trained_on)
     row_tokens = int(acts.eval_tokens.shape[1])
     atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
                                  "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,
