@@ -227,35 +227,22 @@ def test_ctrl_c_stops_lm_training_after_its_step_with_a_checkpoint(tiny_corpus, 
                       batch_rows=8, warmup=2)
     ref, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False)
     ck, real, calls = tmp_path / "lm.pt", lm.fused_lm_loss, []
+    for at in (4, 8):  # a middle step, the last
+        calls.clear()
 
-    def ctrl_c_in_step_4(model, batch):
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(model, batch)
-    monkeypatch.setattr(lm, "fused_lm_loss", ctrl_c_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
-    assert torch.load(ck, weights_only=True)["step"] == 4
-    resumed, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
-    assert len(calls) == 8
-    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    calls.clear()
-
-    def ctrl_c_in_the_last_step(model, batch):
-        calls.append(1)
-        if len(calls) == 8:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(model, batch)
-    monkeypatch.setattr(lm, "fused_lm_loss", ctrl_c_in_the_last_step)
-    with pytest.raises(KeyboardInterrupt):
-        lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
-    assert torch.load(ck, weights_only=True)["step"] == 8
-    last, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
-    assert len(calls) == 8 and not ck.exists()
-    for (name, a), b in zip(ref.state_dict().items(), last.state_dict().values()):
-        assert torch.equal(a, b), name
+        def ctrl_c_in_a_step(model, batch, at=at):
+            calls.append(1)
+            if len(calls) == at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(model, batch)
+        monkeypatch.setattr(lm, "fused_lm_loss", ctrl_c_in_a_step)
+        with pytest.raises(KeyboardInterrupt):
+            lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+        assert torch.load(ck, weights_only=True)["step"] == at
+        resumed, _ = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+        assert len(calls) == 8 and not ck.exists()
+        for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), name
 
 
 def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch):
