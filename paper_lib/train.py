@@ -167,7 +167,6 @@ class TrainResult:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def encode_all(sae: SAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     """(codes, reconstruction) of rows x in eval mode, chunked to bound memory: each
     chunk is written into the outputs (a list of chunks joined at the end would hold the
