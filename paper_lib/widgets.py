@@ -438,6 +438,7 @@ class ZFExplorer:
 
     def __init__(self, data: ExplorerData, max_points: int = 3000) -> None:
         self.data, self.max_points = data, max_points
+        self._zf: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         names = list(data.saes)
         self.sae_dropdown = W.Dropdown(options=names, value=names[0], description="SAE")
         self.band = W.FloatSlider(0.5, min=0.05, max=2.0, step=0.05, description="eps(h-1)",
@@ -455,13 +456,18 @@ class ZFExplorer:
         self.render()
 
     def _norms(self) -> tuple[np.ndarray, np.ndarray]:
-        sae = self.data.saes[self.sae_dropdown.value]
-        codes = self.data.codes(self.sae_dropdown.value)
-        with torch.no_grad():
-            x_in, _, _ = sae.prepare(self.data.acts.to(sae.W_enc.device))
-            z = (x_in - sae.b_dec).norm(dim=-1).cpu().numpy()
-            f = codes.norms(sae.W_dec.detach().float().norm(dim=-1).cpu()).numpy()
-        return z, f
+        """(||z||, ||f~||) per token of the chosen SAE, computed once per SAE (the plot, the
+        band and the ratio selection all read them)."""
+        name = self.sae_dropdown.value
+        if name not in self._zf:
+            sae = self.data.saes[name]
+            with torch.no_grad():
+                x_in, _, _ = sae.prepare(self.data.acts.to(sae.W_enc.device))
+                z = (x_in - sae.b_dec).norm(dim=-1).cpu().numpy()
+                f = self.data.codes(name).norms(
+                    sae.W_dec.detach().float().norm(dim=-1).cpu()).numpy()
+            self._zf[name] = z, f
+        return self._zf[name]
 
     def render(self) -> None:
         z, f = self._norms()
