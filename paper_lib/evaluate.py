@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     hook = args.hook or agreed(paths, "hook_name")
     # on a hub LM, rows no longer than any SAE's training context: positions past it would
     # score the SAE outside what it was trained on
-    trained = [int(c) for p in paths.values() if (c := recorded(read_cfg(p), "context_size"))]
+    trained = {name: int(c) for name, p in paths.items()
+               if (c := recorded(read_cfg(p), "context_size"))}
     context = args.context_size or (None if model.startswith("embedded-")
-                                    else min([HUB_CONTEXT, *trained]))
+                                    else min([HUB_CONTEXT, *trained.values()]))
     try:
         check_context_size(model, context)
     except ValueError as e:
@@ -132,13 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     splice = acts.splice_eval(args.ce_rows)
     records = [{"name": name.removeprefix("listed/"), "path": str(paths[name]),
                 "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
-                **score(sae.to(device), x, splice)}
+                **score(sae.to(device), x, splice),
+                **({"context_size": trained[name]} if name in trained else {})}
                for name, sae in saes.items()]
-    for r in records:  # what SAELens lists for a release SAE, next to ours; its context
+    for r in records:  # what SAELens lists for a release SAE, next to ours
         if r["name"].startswith(SAELENS_PREFIX) and (listed := saelens_lists(r["name"])):
             r["saelens_lists"] = listed
-        if trained_on := recorded(read_cfg(r["path"]), "context_size"):  # SAELens records it
-            r["context_size"] = int(trained_on)
     row_tokens = int(acts.eval_tokens.shape[1])
     atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
                                  "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,
