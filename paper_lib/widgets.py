@@ -89,10 +89,11 @@ class SparseCodes:
 
     def _entries(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """(position in idx, entry) of every stored entry of the tokens idx."""
-        lo, hi = self.starts[idx], self.starts[idx + 1]
-        owner = torch.repeat_interleave(torch.arange(len(idx)), hi - lo)
-        first = torch.repeat_interleave(lo - (hi - lo).cumsum(0) + (hi - lo), hi - lo)
-        return owner, first + torch.arange(len(owner))
+        lo, counts = self.starts[idx], self.starts[idx + 1] - self.starts[idx]
+        owner = torch.repeat_interleave(torch.arange(len(idx)), counts)
+        # entry m of the output (counted over all tokens) is lo[owner] + m - (entries before)
+        before = counts.cumsum(0) - counts
+        return owner, torch.repeat_interleave(lo - before, counts) + torch.arange(len(owner))
 
     def __getitem__(self, key: Any) -> Tensor:
         if isinstance(key, tuple):  # codes[:, j]: one latent over all tokens
