@@ -151,7 +151,7 @@ def best_single_latent_probe(codes: Tensor, y: Tensor, candidates: int = 64,
     that correlation up to the link's nonlinearity)."""
     n = codes.shape[0] // 2
     y_fit, y_test = y[:n].double(), y[n:].double()
-    live = (codes[:n] > 0).any(0).nonzero().flatten()
+    live = (metrics.firing_count(codes[:n]) > 0).nonzero().flatten()
     if len(live) > candidates:
         yc = y_fit - y_fit.mean()
         corr = []

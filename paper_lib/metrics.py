@@ -36,24 +36,46 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return 1.0 - fvu(x, x_hat)
 
 
+# codes of a wide SAE over many tokens are tens of GB (131,072 latents x 65,536 tokens: 34 GB):
+# per-latent reductions read them a block of rows at a time, so a temporary (a bool mask, a
+# float copy) is never the codes' size
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _row_blocks(codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return codes.split(max(1, CHUNK_ELEMENTS // max(1, codes.shape[-1])))
+
+
 def l0(codes: torch.Tensor) -> float:
     """Mean number of nonzero latents per row."""
-    return float((codes != 0).sum(-1).float().mean())
+    nonzero = sum(int((b != 0).sum()) for b in _row_blocks(codes))
+    return nonzero / codes.shape[0] if codes.shape[0] else float("nan")
+
+
+def firing_count(codes: torch.Tensor) -> torch.Tensor:
+    """[n] int64 number of rows on which each latent is active (a > 0)."""
+    count = torch.zeros(codes.shape[-1], dtype=torch.int64, device=codes.device)
+    for b in _row_blocks(codes):
+        count += (b > 0).sum(0)
+    return count
 
 
 def dead_fraction(codes: torch.Tensor) -> float:
     """Fraction of latents that never activate (> 0) in this window of rows."""
-    return float(((codes > 0).sum(0) == 0).float().mean())
+    return float((firing_count(codes) == 0).float().mean())
 
 
 def firing_frequency(codes: torch.Tensor) -> torch.Tensor:
     """[n] fraction of rows on which each latent is active, E[1{a > 0}]."""
-    return (codes > 0).float().mean(0)
+    return firing_count(codes).float() / codes.shape[0]
 
 
 def mean_sq_activation(codes: torch.Tensor) -> torch.Tensor:
     """[n] E[a^2] per latent (Peter & Sogaard's importance ordering)."""
-    return codes.float().pow(2).mean(0)
+    total = torch.zeros(codes.shape[-1], dtype=torch.float32, device=codes.device)
+    for b in _row_blocks(codes):
+        total += b.float().pow(2).sum(0)
+    return total / codes.shape[0]
 
 
 def prefix_fvu(x: torch.Tensor, codes: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor,

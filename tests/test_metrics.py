@@ -23,11 +23,15 @@ def test_fvu_rejects_constant_input():
         metrics.fvu(torch.ones(3, 2), torch.zeros(3, 2))
 
 
-def test_l0_dead_and_frequency():
-    """Two rows: L0 (2 + 1) / 2; latent 2 never fires; frequencies by hand."""
+@pytest.mark.parametrize("block_elements", [1 << 26, 1, 4])
+def test_l0_dead_and_frequency(monkeypatch, block_elements):
+    """Two rows: L0 (2 + 1) / 2; latent 2 never fires; frequencies by hand. The same read a
+    row at a time (1, 4 elements per block: each row its own block), as wide codes are."""
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", block_elements)
     c = torch.tensor([[1.0, 2.0, 0.0], [0.0, 3.0, 0.0]])
     assert metrics.l0(c) == 1.5
     assert metrics.dead_fraction(c) == pytest.approx(1 / 3)
+    assert metrics.firing_count(c).tolist() == [1, 2, 0]
     assert metrics.firing_frequency(c).tolist() == [0.5, 1.0, 0.0]
     assert metrics.mean_sq_activation(c).tolist() == [0.5, 6.5, 0.0]
 

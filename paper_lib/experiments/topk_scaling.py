@@ -105,7 +105,7 @@ def fvu_at_k(sae: SAE, x: Tensor, k_values: list[int]) -> dict[int, float]:
 
 
 def sample_live_latents(codes: Tensor, n: int, seed: int) -> list[int]:
-    live = (codes > 0).any(0).nonzero().flatten()
+    live = (metrics.firing_count(codes) > 0).nonzero().flatten().cpu()
     gen = torch.Generator().manual_seed(seed)
     pick = live[torch.randperm(len(live), generator=gen)[:n]]
     return sorted(pick.tolist())
