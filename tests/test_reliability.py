@@ -220,7 +220,7 @@ def test_ctrl_c_stops_lm_training_after_its_step_with_a_checkpoint(tiny_corpus, 
                                                                    monkeypatch, python_sigint):
     """Ctrl-C in the embedded LM's training: the step under way ends and is checkpointed
     (none due at the default minute), and the rerun ends with the uninterrupted weights; at
-    the last step too (the rerun then trains no step)."""
+    the last step and in the final evaluation too (the rerun then trains no step)."""
     from paper_lib.data import lm
 
     cfg = lm.LMConfig("tiny-ctrl-c", n_layers=1, d_model=32, n_heads=2, n_ctx=32, steps=8,
@@ -243,6 +243,25 @@ def test_ctrl_c_stops_lm_training_after_its_step_with_a_checkpoint(tiny_corpus, 
         assert len(calls) == 8 and not ck.exists()
         for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), name
+    # in the final evaluation (bits per byte, after the last step): the evaluation ends,
+    # the trained weights are checkpointed, then it stops; the rerun trains no step
+    real_bpb = lm.bits_per_byte
+
+    def ctrl_c_in_evaluation(model, tokens):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_bpb(model, tokens)
+    monkeypatch.setattr(lm, "fused_lm_loss", lambda model, batch: calls.append(1)
+                        or real(model, batch))
+    monkeypatch.setattr(lm, "bits_per_byte", ctrl_c_in_evaluation)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+    assert len(calls) == 8 and torch.load(ck, weights_only=True)["step"] == 8
+    monkeypatch.setattr(lm, "bits_per_byte", real_bpb)
+    resumed, manifest = lm.train_lm(cfg, tiny_corpus, "cpu", progress=False, checkpoint=ck)
+    assert len(calls) == 8 and not ck.exists() and manifest["val_bits_per_byte"] > 0
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_interrupted_streamed_training_resumes_on_one_fill(tmp_path, monkeypatch):

@@ -250,18 +250,23 @@ def train_lm(cfg: LMConfig, corpus: Corpus, device: str | torch.device = "cpu",
                 last = time.perf_counter()
             if stop:
                 raise KeyboardInterrupt
-    seconds = before + time.perf_counter() - t0
-    model.eval()
-    manifest = {
-        "config": asdict(cfg),
-        "corpus_sha256": corpus.sha256,
-        "train_tokens": cfg.steps * cfg.batch_rows * cfg.n_ctx,
-        "train_seconds": round(seconds, 1),
-        "device": str(device),
-        "numerics": training_numerics(device),  # CPU: {"device": "cpu"} outside the pinned env
-        "val_bits_per_byte": round(bits_per_byte(model, val), 4),
-        "unigram_bits_per_byte": round(unigram_bits_per_byte(train, val), 4),
-    }
+        seconds = before + time.perf_counter() - t0
+        model.eval()
+        manifest = {
+            "config": asdict(cfg),
+            "corpus_sha256": corpus.sha256,
+            "train_tokens": cfg.steps * cfg.batch_rows * cfg.n_ctx,
+            "train_seconds": round(seconds, 1),
+            "device": str(device),
+            "numerics": training_numerics(device),  # CPU: {"device": "cpu"} outside pinned env
+            "val_bits_per_byte": round(bits_per_byte(model, val), 4),
+            "unigram_bits_per_byte": round(unigram_bits_per_byte(train, val), 4),
+        }
+        # Ctrl-C in this final evaluation: the trained weights are checkpointed, then it
+        # stops (the rerun trains no step and only evaluates)
+        if interrupted() and checkpoint is not None:
+            _save_checkpoint(checkpoint, key, cfg.steps, seconds, model, opt, sched, gen)
+            raise KeyboardInterrupt
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # finished: the cache entry replaces it
     return model, manifest
