@@ -286,6 +286,8 @@ class LMParams(Params):
     batch_size: int = param(1024, "SAE training batch size (tokens)", lo=1)
     analysis_tokens: int = param(16_384, "held-out tokens for the heavier analyses (probes, "
                                  "explanations, ZF plots, explorers)", lo=256)
+    context_size: int = param(0, "tokens per row read from a hub LM, BOS included (0: 128); "
+                              "embedded LMs read their whole context: leave 0", lo=0)
 
     def validate(self) -> None:
         if self.analysis_tokens > self.n_eval_tokens:
@@ -298,10 +300,22 @@ class LMParams(Params):
         if embedded != (self.dataset == "stdlib"):
             raise ValueError("parameters 'model' and 'dataset' disagree: the embedded LMs read "
                              "dataset='stdlib'; a hub model needs a hub dataset")
+        if embedded and self.context_size:
+            raise ValueError(f"parameter 'context_size' = {self.context_size} is for hub LMs: "
+                             f"{self.model} reads rows of its whole context; leave it 0")
+        if self.context_size == 1:
+            raise ValueError("parameter 'context_size' = 1: a row needs BOS and a token; "
+                             "use at least 2 (0: the default, 128)")
+
+    @property
+    def row_tokens(self) -> int | None:
+        """`context_size` as `load_activations` takes it (None: the default)."""
+        return self.context_size or None
 
 
 _LM_SMOKE = {"model": "embedded-smoke", "dataset": "stdlib", "hook": "", "n_tokens": 200_000,
-             "n_eval_tokens": 16_384, "batch_size": 1024, "analysis_tokens": 16_384}
+             "n_eval_tokens": 16_384, "batch_size": 1024, "analysis_tokens": 16_384,
+             "context_size": 0}
 _LM_GPU = {"model": "embedded-gpu", "n_tokens": 8_000_000, "n_eval_tokens": 131_072,
            "batch_size": 4096, "analysis_tokens": 32_768}
 _LM_PAPER = {"model": "gpt2", "dataset": "Skylion007/openwebtext", "hook": "",

@@ -105,6 +105,13 @@ CASES = [
     ("too few SAEs for the joint law", lambda t: lambda: TopKParams.from_profile(
         "smoke", n_values=[256, 512], k_values=[4, 8], frontier_n=512, dead_n=512, dead_k=4,
         multi_k=4), ValueError, r"give 4 \(n, k\) SAEs; the joint scaling law has 6 parameters"),
+    ("row length for an embedded LM", lambda t: lambda: TopKParams.from_profile(
+        "smoke", context_size=64), ValueError,
+     r"'context_size' = 64 is for hub LMs: embedded-smoke reads rows of its whole context; "
+     r"leave it 0"),
+    ("row of one token", lambda t: lambda: MatryoshkaParams.from_profile(
+        "smoke", model="gpt2", dataset="Skylion007/openwebtext", context_size=1), ValueError,
+     r"'context_size' = 1: a row needs BOS and a token"),
     ("k > n", lambda t: lambda: SAEConfig("topk", 8, 16, k=17),
      ValueError, r"k=17 exceeds d_sae=16"),
     ("k <= 0", lambda t: lambda: SAEConfig("batchtopk", 8, 16, k=0),

@@ -217,6 +217,20 @@ def test_lm_preset_is_complete():
         assert {"model", "dataset", "n_tokens", "batch_size"} <= set(lm_preset(prof))
 
 
+def test_context_size_default_is_the_hub_rows_length():
+    """0 passes None to load_activations, which reads HUB_CONTEXT tokens; the help says
+    how many (config cannot import that module's constant without the LM stack)."""
+    from dataclasses import fields
+
+    from paper_lib.config import LMParams
+    from paper_lib.data.activations import HUB_CONTEXT
+
+    help_ = next(f for f in fields(LMParams) if f.name == "context_size").metadata["help"]
+    assert f"(0: {HUB_CONTEXT})" in help_
+    assert TopKParams.from_profile("paper").row_tokens is None
+    assert TopKParams.from_profile("paper", context_size=64).row_tokens == 64
+
+
 def test_base_params_describe_lists_every_field():
     text = Params.from_profile("smoke").describe()
     assert "profile = 'smoke'" in text and "device = 'auto'" in text

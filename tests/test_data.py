@@ -403,6 +403,22 @@ def test_hub_activations_stream_when_memory_is_short(tmp_path, monkeypatch):
     assert activations.load_activations("standin-gpt2", "text", "", **kw).train is not None
 
 
+def test_hub_rows_take_the_context_size_and_refuse_one_past_the_lm(tmp_path, monkeypatch):
+    """`context_size` sets the hub rows' length (BOS and 15 tokens: 15 activations a row);
+    one longer than the LM's context (the stand-in's 64) is refused, not cut to 64."""
+    from paper_lib.data.activations import load_activations
+
+    data, _ = _standin_hub(tmp_path, monkeypatch)
+    kw = dict(n_tokens=600, n_eval_tokens=300, progress=False, data_dir=tmp_path, batch_rows=4,
+              data_files=str(data))
+    acts = load_activations("standin-gpt2", "text", "", context_size=16, **kw)
+    assert acts.eval_tokens.shape[1] == 16 and acts.saelens_metadata()["context_size"] == 16
+    assert len(acts.eval) == 300 and acts.eval_tokens.shape[0] == 20  # ceil(300 / 15)
+    with pytest.raises(ValueError, match="context_size = 65 exceeds standin-gpt2's context "
+                                         "of 64 tokens; use at most 64"):
+        load_activations("standin-gpt2", "text", "", context_size=65, **kw)
+
+
 def test_hub_seed_draws_another_sample(tmp_path, monkeypatch):
     """On the hub path the seed draws the documents' order, as it draws the embedded
     corpus's rows: the same seed reads the same held-out and training rows, another seed

@@ -30,7 +30,7 @@ SMALL = {
                                 "n_explain": 8, "cost_sizes": [128, 256], "cost_ks": [8, 16],
                                 "cost_batch": 256, "cost_rounds": 3, "syn_features": 64,
                                 "syn_dim": 16, "syn_steps": 20, "extra_sizes": [128],
-                                "extra_ks": [8]},
+                                "extra_ks": [8], "context_size": 64},  # the others: 128
     "05_explore": {**LM, "fallback_steps": 20},  # after 01, 03, 04: explores their SAEs
 }
 
@@ -75,4 +75,10 @@ def test_every_notebook_runs_on_the_paper_path(tmp_path, monkeypatch):
     found = records["05_explore"]["metrics"]["saes"]
     assert {name.split("/")[1] for name in found} == {"01_afa_bound", "03_topk_scaling",
                                                       "04_matryoshka_tradeoffs"}
-    assert any((tmp_path / "data" / "saes" / "paper-custom" / "03_topk_scaling").iterdir())
+    saved = tmp_path / "data" / "saes" / "paper-custom"
+    contexts: dict[str, set[int]] = {}  # the token rows' length each saved SAE records
+    for cfg in saved.glob("*/*/cfg.json"):
+        contexts.setdefault(cfg.parts[-3], set()).add(
+            json.loads(cfg.read_text())["metadata"]["context_size"])
+    assert contexts == {"01_afa_bound": {128}, "03_topk_scaling": {128},
+                        "04_matryoshka_tradeoffs": {64}}

@@ -287,7 +287,8 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
                      context_size: int | None = None) -> ActivationSet:
     """Harvest (or load from cache) normalised activations for training and evaluation.
     Token rows start with BOS and hold an embedded LM's whole context, or on the hub path
-    `context_size` tokens (default HUB_CONTEXT; at most the LM's n_ctx)."""
+    `context_size` tokens (default HUB_CONTEXT, or the LM's n_ctx if shorter; a longer
+    `context_size` than n_ctx is refused)."""
     device = torch.device(device)
     check_context_size(model_name, context_size)
     if dataset == "stdlib" and model_name in EMBEDDED_LMS:  # before the LM is even trained
@@ -295,6 +296,9 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     model, info = load_lm(model_name, device, progress, data_dir)
     hook = hook or default_hook(model)
     stop_layer(model, hook)  # validate before any compute
+    if context_size and context_size > model.cfg.n_ctx:
+        raise ValueError(f"context_size = {context_size} exceeds {model_name}'s context of "
+                         f"{model.cfg.n_ctx} tokens; use at most {model.cfg.n_ctx}")
     n_ctx = model.cfg.n_ctx if model_name.startswith("embedded-") else \
         min(model.cfg.n_ctx, context_size or HUB_CONTEXT)
     per_row = n_ctx - 1

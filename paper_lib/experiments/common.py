@@ -119,7 +119,7 @@ def replicate_runs(p: LMParams, hook: str, cfgs: dict[str, SAEConfig], runs: int
     out = []
     for i in range(1, runs):
         acts = load_activations(p.model, p.dataset, hook, p.n_tokens, p.n_eval_tokens,
-                                device, p.seed + i, p.progress)
+                                device, p.seed + i, p.progress, context_size=p.row_tokens)
         trained = train_on(acts, list(reseeded_configs(cfgs, i).values()), p.steps,
                            p.batch_size, p.lr, device, p.progress,
                            desc=f"{desc}: run {i + 1} of {runs}", seed=p.seed + i, **train_kw)
