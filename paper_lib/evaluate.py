@@ -74,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     al.), ZF under-activation and eps-LBO (Lee et al.). It runs under the notebooks' pinned
     CPU numerics, so the embedded LM it loads is the notebooks' cached one."""
     from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
-    from paper_lib.sae.io import SAELENS_PREFIX, listed_saes, read_cfg, recorded, saelens_lists
+    from paper_lib.sae.io import (
+        SAELENS_PREFIX,
+        listed_saes,
+        read_cfg,
+        recorded,
+        saelens_lists,
+        short_context_notes,
+    )
     from paper_lib.widgets import ExplorerData
 
     ap = argparse.ArgumentParser(prog="python -m paper_lib.evaluate", description=main.__doc__)
@@ -153,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k.replace('_', ' ')} {v:g}" for k, v in listed.items())
                 + f" (its authors' data); here L0 {r['l0']:.4g}, explained variance "
                 f"(1 - FVU) {1 - r['fvu']:.4g}", file=sys.stderr)
-        if r.get("context_size", row_tokens) < row_tokens:
-            print(f"{r['name']}: trained on contexts of {r['context_size']} tokens, scored on "
-                  f"rows of {row_tokens}: its scores include positions past {r['context_size']}"
-                  ", outside what it was trained on", file=sys.stderr)
+    for line in short_context_notes({r["name"]: r["context_size"] for r in records
+                                     if "context_size" in r}, row_tokens, "scored",
+                                    None if model.startswith("embedded-") else "--context-size"):
+        print(line, file=sys.stderr)
     return 0
 
 

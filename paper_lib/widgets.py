@@ -33,7 +33,7 @@ from paper_lib.data.lm import loading_misfits, official_name
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, load_sae
 from paper_lib.sae.base import initial_decoder
-from paper_lib.sae.io import read_cfg, recorded, saved_saes
+from paper_lib.sae.io import read_cfg, recorded, saved_saes, short_context_notes
 
 NEURONPEDIA = "https://www.neuronpedia.org"  # a latent's page: <id>/<latent>
 
@@ -149,6 +149,9 @@ class ExplorerData:
     neuronpedia: dict[str, str] = field(default_factory=dict)
     """SAE name -> its Neuronpedia id, where its file records one (SAELens' release SAEs):
     the latent explorer links each latent to its page there."""
+    contexts: dict[str, int] = field(default_factory=dict)
+    """SAE name -> the token rows' length it was trained on (SAELens' context_size), where
+    its file records one."""
     _codes: dict[str, SparseCodes] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -156,11 +159,18 @@ class ExplorerData:
                          paths: dict[str, Path] | None = None) -> "ExplorerData":
         """From an ActivationSet's first n held-out tokens; `saes` must take raw activations
         (as saved files do); `paths`: their folders, to read what else they record."""
-        ids = {name: recorded(read_cfg(paths[name]), "neuronpedia_id")
-               for name in saes if paths and name in paths}
+        cfgs = {name: read_cfg(paths[name]) for name in saes if paths and name in paths}
+        ids = {name: recorded(raw, "neuronpedia_id") for name, raw in cfgs.items()}
+        contexts = {name: recorded(raw, "context_size") for name, raw in cfgs.items()}
         return cls((acts_set.eval[:n] / acts_set.scale).cpu(), acts_set.eval_tokens, acts_set.model,
                    acts_set.token_str, acts_set.encode_text, saes, acts_set.drop_bos,
-                   acts_set.hook, {name: i for name, i in ids.items() if i})
+                   acts_set.hook, {name: i for name, i in ids.items() if i},
+                   {name: int(c) for name, c in contexts.items() if c})
+
+    def context_notes(self) -> list[str]:
+        """A line for each SAE trained on rows shorter than these (`short_context_notes`)."""
+        return short_context_notes(self.contexts, self.tokens.shape[1], "explored",
+                                   "-p context_size")
 
     def find(self, text: str) -> Tensor:
         """Activation indices at which `text` has just been read (its last token)."""

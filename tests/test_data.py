@@ -562,8 +562,9 @@ def test_evaluate_reads_rows_no_longer_than_the_saes_trained_on(tmp_path, monkey
     assert "scored on rows of" not in capsys.readouterr().err
     assert evaluate_main(args + ["--out", str(tmp_path / "b.json"), "--context-size", "64"]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["row_tokens"] == 64
-    assert ("trained on contexts of 16 tokens, scored on rows of 64: its scores include "
-            "positions past 16") in capsys.readouterr().err
+    assert ("trained on contexts of 16 tokens, scored on rows of 64: its codes past position "
+            "16 are outside what it was trained on (--context-size 16 reads rows of its "
+            "length)") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate_main(args[:1] + ["--model", "embedded-smoke", "--context-size", "64",
                                   "--out", str(tmp_path / "c.json")])

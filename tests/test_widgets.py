@@ -246,6 +246,27 @@ def test_latent_explorer_links_latents_of_neuronpedia_saes(data, tmp_path):
     assert "neuronpedia" not in ex.contexts.value
 
 
+def test_explorer_notes_saes_trained_on_shorter_rows(data, tmp_path):
+    """An SAE whose file records a training context shorter than the explored rows gets a
+    line saying its codes past that position are outside its training; one trained on rows
+    as long, or recording none, gets none."""
+    import json
+
+    rows = data.tokens.shape[1]
+    for name, context in (("smoke/topk", rows), ("smoke/matryoshka", 16)):
+        save_sae(data.saes[name], tmp_path / name, metadata={"context_size": context})
+    acts_set = SimpleNamespace(eval=data.acts, scale=1.0, eval_tokens=data.tokens,
+                               model=data.model, token_str=data.token_str,
+                               encode_text=data.encode_text, drop_bos=True, hook=data.hook)
+    explored = ExplorerData.from_activations(acts_set, data.saes, paths=saved_saes(tmp_path))
+    assert explored.contexts == {"smoke/topk": rows, "smoke/matryoshka": 16}
+    assert explored.context_notes() == [
+        f"smoke/matryoshka: trained on contexts of 16 tokens, explored on rows of {rows}: its "
+        "codes past position 16 are outside what it was trained on (-p context_size 16 reads "
+        "rows of its length)"]
+    assert ExplorerData.from_activations(acts_set, data.saes).context_notes() == []
+
+
 def test_latent_search_picks_a_firing_latent(data):
     ex = LatentExplorer(data)
     ex.search.value = "def "

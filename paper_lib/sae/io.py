@@ -238,6 +238,18 @@ def recorded(raw: dict[str, Any], key: str) -> Any:
     return meta[key] if meta.get(key) is not None else raw.get(key)
 
 
+def short_context_notes(contexts: dict[str, int], rows: int, doing: str,
+                        option: str | None = None) -> list[str]:
+    """A line for each SAE whose recorded training context (`contexts`: name -> SAELens'
+    `context_size`, BOS included) is shorter than the `rows` tokens it is `doing` on
+    ("scored", "explored"): its codes past that position are outside its training.
+    `option`: the setting that reads shorter rows ("--context-size"), where there is one."""
+    return [f"{name}: trained on contexts of {c} tokens, {doing} on rows of {rows}: its codes "
+            f"past position {c} are outside what it was trained on"
+            + (f" ({option} {c} reads rows of its length)" if option else "")
+            for name, c in contexts.items() if c < rows]
+
+
 def _saved_by_us(raw: dict[str, Any]) -> bool:
     ours = raw.get("paper_lib")
     return isinstance(ours, dict) and "config" in ours
