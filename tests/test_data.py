@@ -694,6 +694,35 @@ def test_embedded_path_scales_its_own_copy_and_leaves_the_cache_raw(tiny_corpus,
     assert torch.equal(raw["eval"] * first.scale, first.eval)
 
 
+def test_embedded_path_streams_when_asked(tiny_corpus, tiny_lm, tmp_path, monkeypatch):
+    """stream=True on the embedded path (evaluate asks for it: it reads held-out rows only)
+    harvests and caches the held-out set alone; training batches are harvested as read from
+    the token rows an in-memory set holds, scaled by the held-out set (as on the hub)."""
+    from paper_lib.data import activations as act
+
+    monkeypatch.setattr(act, "load_lm", lambda *a, **k: (tiny_lm[0], {}))
+    monkeypatch.setattr(act, "load_stdlib_corpus", lambda data_dir: tiny_corpus)
+
+    def load(stream):
+        return act.load_activations("embedded-tiny", "stdlib", "blocks.1.hook_resid_pre",
+                                    n_tokens=620, n_eval_tokens=124, progress=False,
+                                    data_dir=tmp_path, stream=stream)
+    streamed = load(True)
+    cached = [json.loads(m.read_text())["spec"]["split"]
+              for m in (tmp_path / "acts").glob("*/manifest.json")]
+    assert cached == ["eval"] and streamed.train is None and streamed.stream_tokens == 620
+    held = load(False)
+    raw_eval = held.eval / held.scale
+    assert streamed.scale == pytest.approx(act.unit_scale(raw_eval), rel=1e-6)
+    assert torch.allclose(streamed.eval / streamed.scale, raw_eval, rtol=1e-5, atol=1e-6)
+    raw_train = held.train / held.scale
+    assert torch.allclose(streamed.train_sample(100) / streamed.scale, raw_train[:100],
+                          rtol=1e-5, atol=1e-6)
+    batch = streamed.batches(62, seed=3).batch(0) / streamed.scale
+    exact = torch.cdist(batch, raw_train, compute_mode="donot_use_mm_for_euclid_dist")
+    assert exact.min(1).values.max() < 1e-4  # every row of it a training row
+
+
 def test_activation_set_identity_ignores_last_bits_of_the_scale():
     """A redone GPU harvest may move the scale in its last bits (0.82781234 -> 0.82781299):
     the same identity, so a checkpoint still resumes; another draw's scale (0.8290),

@@ -250,7 +250,6 @@ def test_explorer_notes_saes_trained_on_shorter_rows(data, tmp_path):
     """An SAE whose file records a training context shorter than the explored rows gets a
     line saying its codes past that position are outside its training; one trained on rows
     as long, or recording none, gets none."""
-    import json
 
     rows = data.tokens.shape[1]
     for name, context in (("smoke/topk", rows), ("smoke/matryoshka", 16)):

@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -279,6 +279,31 @@ def check_context_size(model_name: str, context_size: int | None) -> None:
                          "for hub LMs")
 
 
+def _streamed_set(model: Any, info: dict[str, Any], hook: str, ev: Tensor, eval_tok: Tensor,
+                  source: str, sha: str | None, token_iter: Callable[[], Iterator[Tensor]],
+                  n_tokens: int, device: torch.device, progress: bool) -> ActivationSet:
+    """An ActivationSet whose `n_tokens` training activations are harvested from the token
+    batches of `token_iter()` as training reads them, never all held; the scale comes from
+    the held-out activations `ev` (raw, scaled here in place)."""
+    scale = unit_scale(ev)
+
+    def make_stream(batch_size: int, seed: int) -> StreamingActivations:
+        # n_tokens means what it does in memory: the distinct tokens trained on, seen again
+        # in a new order once used up. They come in fills of at most STREAM_FILL_TOKENS
+        # (n_tokens split evenly, so the last is not short; whole batches, so up to a batch
+        # less per fill).
+        fills = math.ceil(n_tokens / STREAM_FILL_TOKENS)
+        return StreamingActivations(model, token_iter, hook, batch_size,
+                                    buffer_tokens=max(2 * batch_size, n_tokens // fills),
+                                    scale=scale, seed=seed, epoch_fills=fills,
+                                    progress=progress)
+
+    def head(n: int) -> Tensor:
+        return harvest(model, token_iter(), hook, n, True, device, progress=False).mul_(scale)
+    return ActivationSet(model, info, hook, None, ev.mul_(scale), scale, None, eval_tok, True,
+                         source, sha, False, make_stream, head, n_tokens)
+
+
 def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib",
                      hook: str = "", n_tokens: int = 200_000, n_eval_tokens: int = 16_384,
                      device: str | torch.device = "cpu", seed: int = 0, progress: bool = True,
@@ -288,11 +313,14 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     """Harvest (or load from cache) normalised activations for training and evaluation.
     Token rows start with BOS and hold an embedded LM's whole context, or on the hub path
     `context_size` tokens (default HUB_CONTEXT, or the LM's n_ctx if shorter; a longer
-    `context_size` than n_ctx is refused)."""
+    `context_size` than n_ctx is refused). `stream`: True harvests the training activations
+    as training reads them (`ActivationSet.batches`), never all held, and scales by the
+    held-out set; None streams a hub dataset's when they are large or would not fit."""
     device = torch.device(device)
     check_context_size(model_name, context_size)
     if dataset == "stdlib" and model_name in EMBEDDED_LMS:  # before the LM is even trained
-        check_fits(n_tokens, n_eval_tokens, EMBEDDED_LMS[model_name].d_model, device)
+        check_fits(0 if stream else n_tokens, n_eval_tokens, EMBEDDED_LMS[model_name].d_model,
+                   device)
     model, info = load_lm(model_name, device, progress, data_dir)
     hook = hook or default_hook(model)
     stop_layer(model, hook)  # validate before any compute
@@ -305,7 +333,7 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     d = model.cfg.d_model
     if dataset == "stdlib":
         if model_name not in EMBEDDED_LMS:
-            check_fits(n_tokens, n_eval_tokens, d, device)
+            check_fits(0 if stream else n_tokens, n_eval_tokens, d, device)
         corpus = load_stdlib_corpus(data_dir)
         train_tok = _embedded_rows(corpus.train["text"], n_ctx, math.ceil(n_tokens / per_row),
                                    seed)
@@ -325,8 +353,12 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
             x, hit = cache.get_or_build(build)
             return x.to(device), hit
 
-        train, hit_t = get("train", train_tok, n_tokens)
         ev, hit_e = get("eval", eval_tok, n_eval_tokens)
+        if stream:  # asked for: training activations harvested as read, never held
+            return _streamed_set(model, info, hook, ev, eval_tok, "stdlib", sha,
+                                 lambda: row_batches(train_tok, batch_rows), n_tokens,
+                                 device, progress)
+        train, hit_t = get("train", train_tok, n_tokens)
         scale = unit_scale(train)
         # In place: every harvest here is this call's own copy (a cache hit is copied out of
         # its memory map), and a gpu-profile one is 16 GB that a scaled copy would double.
@@ -356,24 +388,8 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     if not stream:
         check_fits(n_tokens, n_eval_tokens, d, device, "lower n_tokens, or stream them")
     if stream:
-        # The scale comes from the held-out sample: the training stream is never all in memory.
-        scale = unit_scale(ev)
-
-        def make_stream(batch_size: int, seed: int) -> StreamingActivations:
-            # n_tokens means what it does in memory: the distinct tokens trained on, seen
-            # again in a new order once used up. They come in fills of at most
-            # STREAM_FILL_TOKENS (n_tokens split evenly, so the last is not short; whole
-            # batches, so up to a batch less per fill).
-            fills = math.ceil(n_tokens / STREAM_FILL_TOKENS)
-            return StreamingActivations(model, token_iter, hook, batch_size,
-                                        buffer_tokens=max(2 * batch_size, n_tokens // fills),
-                                        scale=scale, seed=seed, epoch_fills=fills,
-                                        progress=progress)
-
-        def head(n: int) -> Tensor:
-            return harvest(model, token_iter(), hook, n, True, device, progress=False).mul_(scale)
-        return ActivationSet(model, info, hook, None, ev.mul_(scale), scale, None, eval_tok, True,
-                             dataset, None, False, make_stream, head, n_tokens)
+        return _streamed_set(model, info, hook, ev, eval_tok, dataset, None, token_iter,
+                             n_tokens, device, progress)
     train = harvest(model, token_iter(), hook, n_tokens, True, device, progress=progress)
     scale = unit_scale(train)
     return ActivationSet(model, info, hook, train.mul_(scale), ev.mul_(scale), scale, None,
