@@ -30,6 +30,7 @@ from torch import Tensor
 
 from paper_lib import interp, metrics, plots
 from paper_lib.data.lm import loading_misfits, official_name
+from paper_lib.experiments.matryoshka import matryoshka_prefix_recon
 from paper_lib.runtime import PROJECT_ROOT
 from paper_lib.sae import SAE, load_sae
 from paper_lib.sae.base import initial_decoder
@@ -527,15 +528,10 @@ class PrefixExplorer:
         self.curve = self._fvu_curve(list(ends))  # held-out FVU per size in `prefix.options`
         self.render()
 
-    def _recon(self, g: int) -> Tensor:
-        with torch.no_grad():
-            x = self.x.to(self.sae.W_enc.device)
-            codes = self.sae.encode(x)
-            codes[:, g:] = 0
-            return self.sae.decode_like(x, codes).cpu()
-
     def _fvu_curve(self, sizes: list[int]) -> list[float]:
-        return [metrics.fvu(self.x, self._recon(g)) for g in sizes]
+        x = self.x.to(self.sae.W_enc.device)
+        return [metrics.fvu(self.x, matryoshka_prefix_recon(self.sae, x, g).cpu())
+                for g in sizes]
 
     def render(self) -> None:
         g = self.prefix.value
