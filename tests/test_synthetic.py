@@ -129,7 +129,7 @@ def test_probe_replicates_draw_data_initialisation_and_batch_order(monkeypatch):
         return [SimpleNamespace(sae=(c.seed, seed, acts.draw)) for c in cfgs]
 
     monkeypatch.setattr(common, "load_activations",
-                        lambda *a: SimpleNamespace(draw=a[6]))  # (..., device, seed, progress)
+                        lambda *a, context_size: SimpleNamespace(draw=a[6]))  # a[6]: seed
     monkeypatch.setattr(common, "train_on", fake_train_on)
     monkeypatch.setattr(ts, "probe_inputs", lambda acts, n: (("held-out", acts.draw, n), None))
     monkeypatch.setattr(ts, "encode_all", lambda sae, x: ((sae, x), None))
@@ -160,7 +160,7 @@ def test_l0_replicates_train_top_afa_at_every_lambda_per_draw(monkeypatch):
         return [SimpleNamespace(final={"l0": 1000 * c.afa_lambda + c.seed}) for c in cfgs]
 
     monkeypatch.setattr(common, "load_activations",
-                        lambda *a: SimpleNamespace(draw=(a[2], a[6])))  # (hook, seed)
+                        lambda *a, context_size: SimpleNamespace(draw=(a[2], a[6])))  # hook, seed
     monkeypatch.setattr(common, "train_on", fake_train_on)
     p = AFAParams(seed=5, lambda_seeds=2, afa_lambdas=(0.25, 0.5))
     out = afa.l0_replicates(p, "blocks.0.hook_resid_pre", 16, "cpu")
