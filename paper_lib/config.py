@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -21,6 +22,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
 PROFILES = ("smoke", "gpu", "paper")
+# Token rows' length, BOS included: a hub LM's by default (data.activations reads it here)
+# and the embedded LMs' (their whole context, data.lm.EMBEDDED_LMS' n_ctx; a test keeps
+# them equal), for checks made before an LM is loaded.
+HUB_CONTEXT = 128
+EMBEDDED_CONTEXT = {"embedded-smoke": 128, "embedded-gpu": 256}
 Profile = Literal["smoke", "gpu", "paper"]
 P = TypeVar("P", bound="Params")
 
@@ -286,8 +292,9 @@ class LMParams(Params):
     batch_size: int = param(1024, "SAE training batch size (tokens)", lo=1)
     analysis_tokens: int = param(16_384, "held-out tokens for the heavier analyses (probes, "
                                  "explanations, ZF plots, explorers)", lo=256)
-    context_size: int = param(0, "tokens per row read from a hub LM, BOS included (0: 128); "
-                              "embedded LMs read their whole context: leave 0", lo=0)
+    context_size: int = param(0, "tokens per row read from a hub LM, BOS included (0: "
+                              f"{HUB_CONTEXT}); embedded LMs read their whole context: leave 0",
+                              lo=0)
 
     def validate(self) -> None:
         if self.analysis_tokens > self.n_eval_tokens:
@@ -305,7 +312,19 @@ class LMParams(Params):
                              f"{self.model} reads rows of its whole context; leave it 0")
         if self.context_size == 1:
             raise ValueError("parameter 'context_size' = 1: a row needs BOS and a token; "
-                             "use at least 2 (0: the default, 128)")
+                             f"use at least 2 (0: the default, {HUB_CONTEXT})")
+
+    def check_rows(self, name: str) -> None:
+        """Refuse parameter `name`, a number of held-out token rows, above the rows that
+        n_eval_tokens fill (a hub LM with a shorter context than the rows asked for has
+        more, shorter rows: never fewer)."""
+        context = EMBEDDED_CONTEXT.get(self.model) or self.context_size or HUB_CONTEXT
+        held = math.ceil(self.n_eval_tokens / (context - 1))  # BOS gives no activation
+        if getattr(self, name) > held:
+            raise ValueError(f"parameter '{name}' = {getattr(self, name)} exceeds the {held} "
+                             f"held-out token rows (n_eval_tokens = {self.n_eval_tokens:,} "
+                             f"in rows of {context} tokens); lower {name} or raise "
+                             "n_eval_tokens")
 
     @property
     def row_tokens(self) -> int | None:
@@ -431,6 +450,7 @@ class AFAParams(LMParams):
 
     def validate(self) -> None:
         super().validate()
+        self.check_rows("ce_rows")
         if self.k > self.d_sae:
             raise ValueError(f"parameter 'k' = {self.k} exceeds 'd_sae' = {self.d_sae}")
         if len(self.topk_ks) < 2 or max(self.topk_ks) > self.d_sae:  # repeats refused first
@@ -489,6 +509,7 @@ class TopKParams(LMParams):
 
     def validate(self) -> None:
         super().validate()
+        self.check_rows("ce_rows")
         for name, value, pool in (("frontier_n", self.frontier_n, self.n_values),
                                   ("dead_n", self.dead_n, self.n_values),
                                   ("dead_k", self.dead_k, self.k_values),
@@ -550,6 +571,7 @@ class MatryoshkaParams(LMParams):
 
     def validate(self) -> None:
         super().validate()
+        self.check_rows("ce_rows")
         if self.min_granularity & (self.min_granularity - 1):
             raise ValueError(f"parameter 'min_granularity' = {self.min_granularity} must be a "
                              "power of two")

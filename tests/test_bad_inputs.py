@@ -112,6 +112,10 @@ CASES = [
     ("row of one token", lambda t: lambda: MatryoshkaParams.from_profile(
         "smoke", model="gpt2", dataset="Skylion007/openwebtext", context_size=1), ValueError,
      r"'context_size' = 1: a row needs BOS and a token"),
+    ("more CE rows than held-out rows", lambda t: lambda: TopKParams.from_profile(
+        "paper", context_size=1024), ValueError,
+     r"'ce_rows' = 512 exceeds the 257 held-out token rows \(n_eval_tokens = 262,144 in rows "
+     r"of 1024 tokens\); lower ce_rows or raise n_eval_tokens"),
     ("k > n", lambda t: lambda: SAEConfig("topk", 8, 16, k=17),
      ValueError, r"k=17 exceeds d_sae=16"),
     ("k <= 0", lambda t: lambda: SAEConfig("batchtopk", 8, 16, k=0),

@@ -217,18 +217,29 @@ def test_lm_preset_is_complete():
         assert {"model", "dataset", "n_tokens", "batch_size"} <= set(lm_preset(prof))
 
 
-def test_context_size_default_is_the_hub_rows_length():
-    """0 passes None to load_activations, which reads HUB_CONTEXT tokens; the help says
-    how many (config cannot import that module's constant without the LM stack)."""
-    from dataclasses import fields
+def test_row_lengths_known_before_the_lm_are_the_lms():
+    """config's row lengths, used before an LM is loaded, are the embedded LMs' contexts;
+    context_size 0 passes None to load_activations (the hub default)."""
+    from paper_lib.config import EMBEDDED_CONTEXT
+    from paper_lib.data.lm import EMBEDDED_LMS
 
-    from paper_lib.config import LMParams
-    from paper_lib.data.activations import HUB_CONTEXT
-
-    help_ = next(f for f in fields(LMParams) if f.name == "context_size").metadata["help"]
-    assert f"(0: {HUB_CONTEXT})" in help_
+    assert EMBEDDED_CONTEXT == {name: cfg.n_ctx for name, cfg in EMBEDDED_LMS.items()}
     assert TopKParams.from_profile("paper").row_tokens is None
     assert TopKParams.from_profile("paper", context_size=64).row_tokens == 64
+
+
+def test_ce_rows_at_most_the_held_out_rows():
+    """At smoke, rows of 128 tokens hold 127 activations (BOS gives none): 16,384 held-out
+    tokens fill 130 rows (127 x 129 = 16,383, one short), so ce_rows 130 is allowed and 131
+    refused; at the paper preset with rows of 1024, 262,144 tokens fill 257 rows (1023 x 256
+    = 261,888)."""
+    assert TopKParams.from_profile("smoke", ce_rows=130).ce_rows == 130
+    with pytest.raises(ValueError, match=r"'ce_rows' = 131 exceeds the 130 held-out token "
+                                         r"rows \(n_eval_tokens = 16,384 in rows of 128"):
+        TopKParams.from_profile("smoke", ce_rows=131)
+    assert MatryoshkaParams.from_profile("paper", context_size=1024, ce_rows=257).ce_rows == 257
+    with pytest.raises(ValueError, match="exceeds the 257 held-out token rows"):
+        AFAParams.from_profile("paper", context_size=1024, ce_rows=258)
 
 
 def test_base_params_describe_lists_every_field():

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from paper_lib.config import HUB_CONTEXT
 from paper_lib.data.corpus import (BYTES, Vocab, byte_tokens, hf_token_batches,
                                    load_stdlib_corpus)
 from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
@@ -29,7 +30,6 @@ from paper_lib.train import BatchSource, ShuffledBatches, first_rows
 
 CACHE_LIMIT_BYTES = 1.5e9  # larger harvests stay in memory (or stream)
 STREAM_FILL_TOKENS = 1 << 21  # a streamed run's shuffling buffer, at most (6.4 GB at d=768)
-HUB_CONTEXT = 128  # tokens per row (BOS included) read from a hub LM, by default
 # Token sources that are not a hub dataset: the embedded corpus, `datasets`' builders of
 # local files (`--dataset text --data-files ...`).
 LOCAL_SOURCES = ("stdlib", "text", "json", "csv", "parquet", "arrow")
