@@ -150,6 +150,24 @@ def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> None:
             raise ValueError(f"parameter {name!r} = {value!r} is out of range: must be {allowed}")
 
 
+def heldout_rows(n_eval_tokens: int, context: int) -> int:
+    """The token rows that `n_eval_tokens` held-out activations come from, in rows of
+    `context` tokens (BOS gives none). A hub stream reads whole batches of rows, so its
+    held-out text may run on past them; those rows are not counted."""
+    return math.ceil(n_eval_tokens / (context - 1))
+
+
+def check_rows(what: str, rows: int, tokens_name: str, n_eval_tokens: int,
+               context: int) -> None:
+    """Refuse `rows` held-out token rows (`what`: how the user named them) above the
+    `heldout_rows` of `n_eval_tokens` (`tokens_name`) in rows of `context` tokens."""
+    held = heldout_rows(n_eval_tokens, context)
+    if rows > held:
+        raise ValueError(f"{what} = {rows} exceeds the {held} held-out token rows "
+                         f"({tokens_name} = {n_eval_tokens:,} in rows of {context} tokens); "
+                         f"ask for fewer rows or raise {tokens_name}")
+
+
 def check_device(profile: str, device: str) -> Any:
     """The torch device `device` names, or a ValueError saying why it cannot be had: the
     gpu and paper profiles refuse a CPU-only machine unless device='cpu' asks for a (slow)
@@ -319,12 +337,8 @@ class LMParams(Params):
         n_eval_tokens fill (a hub LM with a shorter context than the rows asked for has
         more, shorter rows: never fewer)."""
         context = EMBEDDED_CONTEXT.get(self.model) or self.context_size or HUB_CONTEXT
-        held = math.ceil(self.n_eval_tokens / (context - 1))  # BOS gives no activation
-        if getattr(self, name) > held:
-            raise ValueError(f"parameter '{name}' = {getattr(self, name)} exceeds the {held} "
-                             f"held-out token rows (n_eval_tokens = {self.n_eval_tokens:,} "
-                             f"in rows of {context} tokens); lower {name} or raise "
-                             "n_eval_tokens")
+        check_rows(f"parameter '{name}'", getattr(self, name), "n_eval_tokens",
+                   self.n_eval_tokens, context)
 
     @property
     def row_tokens(self) -> int | None:

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from paper_lib.data.activations import HUB_CONTEXT, check_context_size, load_activations
+from paper_lib.config import HUB_CONTEXT, check_rows
+from paper_lib.data.activations import check_context_size, load_activations
 
 
 def agreed(paths: dict[str, Path], key: str) -> str:
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                             args.seed, progress=not args.quiet, stream=True,
                             data_files=args.data_files, context_size=context)
     try:
+        # the rows' length is known once the LM is: a hub LM's context may be the shorter
+        check_rows("--ce-rows", args.ce_rows, "--n-eval-tokens", args.n_eval_tokens,
+                   int(acts.eval_tokens.shape[1]))
         saes = ExplorerData.load_saes(paths, acts.d, acts.hook, model, required=tuple(paths))
     except ValueError as e:
         ap.error(str(e))

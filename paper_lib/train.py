@@ -612,14 +612,19 @@ def main(argv: list[str] | None = None) -> int:
                      desc=f"train {len(cfgs)} SAEs" if sweep else f"train {cfgs[0].short()}")
     results = train_saes([make_sae(c).to(device) for c in cfgs], data, tc, eval_x=eval_x,
                          init_x=init_x)
+    from paper_lib.config import heldout_rows
     from paper_lib.experiments.common import lm_loss
 
+    # CE on up to 32 of the rows the held-out activations come from
+    ce_rows = 0 if args.model is None else \
+        min(32, heldout_rows(len(acts.eval), int(acts.eval_tokens.shape[1])))
     records = []
     for res in results:
         rec: dict[str, object] = {"final": res.final}
         if args.model is not None:  # the downstream check: CE with the reconstruction spliced in
-            ce = lm_loss(acts, res.sae, rows=32)
-            rec.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_recovered=ce.recovered)
+            ce = lm_loss(acts, res.sae, rows=ce_rows)
+            rec.update(ce_clean=ce.clean, ce_spliced=ce.spliced, ce_recovered=ce.recovered,
+                       ce_rows=ce_rows)
         weights = b"".join(v.detach().cpu().numpy().tobytes()
                            for _, v in sorted(res.sae.state_dict().items()))
         rec["weights_sha256"] = hashlib.sha256(weights).hexdigest()

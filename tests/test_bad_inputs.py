@@ -115,7 +115,7 @@ CASES = [
     ("more CE rows than held-out rows", lambda t: lambda: TopKParams.from_profile(
         "paper", context_size=1024), ValueError,
      r"'ce_rows' = 512 exceeds the 257 held-out token rows \(n_eval_tokens = 262,144 in rows "
-     r"of 1024 tokens\); lower ce_rows or raise n_eval_tokens"),
+     r"of 1024 tokens\); ask for fewer rows or raise n_eval_tokens"),
     ("k > n", lambda t: lambda: SAEConfig("topk", 8, 16, k=17),
      ValueError, r"k=17 exceeds d_sae=16"),
     ("k <= 0", lambda t: lambda: SAEConfig("batchtopk", 8, 16, k=0),

@@ -533,8 +533,10 @@ def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     from paper_lib.evaluate import main as evaluate_main
 
     scored = tmp_path / "eval.json"
+    assert rec["ce_rows"] == 8  # 500 held-out activations, 63 a row (rows of 64 tokens)
     assert evaluate_main([str(saved), "--dataset", "text", "--data-files", str(data),
-                          "--n-eval-tokens", "500", "--out", str(scored), "--quiet"]) == 0
+                          "--n-eval-tokens", "500", "--ce-rows", "8", "--out", str(scored),
+                          "--quiet"]) == 0
     ev = json.loads(scored.read_text())
     assert (ev["model"], ev["hook"]) == ("standin-gpt2", "blocks.1.hook_resid_pre")
     assert ev["saes"][0]["fvu"] == pytest.approx(rec["final"]["fvu"], rel=1e-4)
@@ -555,7 +557,7 @@ def test_evaluate_reads_rows_no_longer_than_the_saes_trained_on(tmp_path, monkey
     sae = make_sae(SAEConfig("topk", 32, 64, k=4, hook_name=hook, model_name="standin-gpt2"))
     save_sae(sae, tmp_path / "short", metadata={"context_size": 16})
     args = [str(tmp_path / "short"), "--dataset", "text", "--data-files", str(data),
-            "--n-eval-tokens", "300", "--quiet"]
+            "--n-eval-tokens", "300", "--ce-rows", "4", "--quiet"]
     assert evaluate_main(args + ["--out", str(tmp_path / "a.json")]) == 0
     scored = json.loads((tmp_path / "a.json").read_text())
     assert scored["row_tokens"] == 16 and scored["n_eval_tokens"] == 300

@@ -228,8 +228,9 @@ def test_saelens_release_refusals(tmp_path, monkeypatch):
 
 
 def test_refusals(tiny_world, tmp_path, monkeypatch, capsys):
-    """A missing folder is refused before any LM is loaded; an SAE of another width is
-    named, not skipped."""
+    """A missing folder is refused before any LM is loaded; more CE rows than the held-out
+    tokens fill (124 tokens of the tiny LM's 32-token rows, 31 activations a row: 4 rows)
+    before any SAE is scored; an SAE of another width is named, not skipped."""
     save_sae(_sae(d_in=16), tmp_path / "narrow")
 
     def no_lm(*a, **k):
@@ -239,9 +240,15 @@ def test_refusals(tiny_world, tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             evaluate.main([str(tmp_path / "nope"), "--out", str(tmp_path / "e.json")])
     assert "is not a folder" in capsys.readouterr().err
+    save_sae(_sae(), tmp_path / "fits")
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / "fits"), "--out", str(tmp_path / "e.json"),
+                       "--n-eval-tokens", "124", "--ce-rows", "5", "--quiet"])
+    assert ("--ce-rows = 5 exceeds the 4 held-out token rows (--n-eval-tokens = 124 in rows of "
+            "32 tokens); ask for fewer rows or raise --n-eval-tokens" in capsys.readouterr().err)
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path / "narrow"), "--out", str(tmp_path / "e.json"),
-                       "--n-eval-tokens", "124", "--quiet"])
+                       "--n-eval-tokens", "124", "--ce-rows", "2", "--quiet"])
     assert ("narrow (" in (err := capsys.readouterr().err)
             and "not made for these activations: d_in 16, the activations' 32" in err)
     assert not (tmp_path / "e.json").exists()
