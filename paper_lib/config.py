@@ -157,6 +157,11 @@ def heldout_rows(n_eval_tokens: int, context: int) -> int:
     return math.ceil(n_eval_tokens / (context - 1))
 
 
+def default_ce_rows(n_eval_tokens: int, context: int) -> int:
+    """The command lines' CE rows unless asked: 32, or every held-out row where fewer."""
+    return min(32, heldout_rows(n_eval_tokens, context))
+
+
 def check_rows(what: str, rows: int, tokens_name: str, n_eval_tokens: int,
                context: int) -> None:
     """Refuse `rows` held-out token rows (`what`: how the user named them) above the

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from paper_lib.config import HUB_CONTEXT, check_rows
+from paper_lib.config import HUB_CONTEXT, check_rows, default_ce_rows
 from paper_lib.data.activations import check_context_size, load_activations
 
 
@@ -100,14 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-size", type=int, default=0, help="tokens per held-out row, BOS "
                     "included, for a hub LM (default: the shortest training context the SAEs "
                     f"record, at most {HUB_CONTEXT}; an embedded LM's rows are its context)")
-    ap.add_argument("--ce-rows", type=int, default=32, help="held-out token rows for CE")
+    ap.add_argument("--ce-rows", type=int, help="held-out token rows for CE (default: 32, or "
+                    "all the held-out activations' rows where they are fewer)")
     ap.add_argument("--seed", type=int, default=0, help="which draw of the data is held out")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     ap.add_argument("--out", type=Path, required=True, help="metrics JSON")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     for name in ("n_eval_tokens", "ce_rows"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     try:  # every folder and setting checked before an LM is loaded
         paths = listed_saes(args.saes, root=Path.cwd(), what="SAE folder")
@@ -135,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                             data_files=args.data_files, context_size=context)
     try:
         # the rows' length is known once the LM is: a hub LM's context may be the shorter
-        check_rows("--ce-rows", args.ce_rows, "--n-eval-tokens", args.n_eval_tokens,
-                   int(acts.eval_tokens.shape[1]))
+        row_tokens = int(acts.eval_tokens.shape[1])
+        if args.ce_rows is None:
+            args.ce_rows = default_ce_rows(args.n_eval_tokens, row_tokens)
+        check_rows("--ce-rows", args.ce_rows, "--n-eval-tokens", args.n_eval_tokens, row_tokens)
         saes = ExplorerData.load_saes(paths, acts.d, acts.hook, model, required=tuple(paths))
     except ValueError as e:
         ap.error(str(e))
@@ -150,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:  # what SAELens lists for a release SAE, next to ours
         if r["name"].startswith(SAELENS_PREFIX) and (listed := saelens_lists(r["name"])):
             r["saelens_lists"] = listed
-    row_tokens = int(acts.eval_tokens.shape[1])
     atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
                                  "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,
                                  "row_tokens": row_tokens,

@@ -612,12 +612,11 @@ def main(argv: list[str] | None = None) -> int:
                      desc=f"train {len(cfgs)} SAEs" if sweep else f"train {cfgs[0].short()}")
     results = train_saes([make_sae(c).to(device) for c in cfgs], data, tc, eval_x=eval_x,
                          init_x=init_x)
-    from paper_lib.config import heldout_rows
+    from paper_lib.config import default_ce_rows
     from paper_lib.experiments.common import lm_loss
 
-    # CE on up to 32 of the rows the held-out activations come from
     ce_rows = 0 if args.model is None else \
-        min(32, heldout_rows(len(acts.eval), int(acts.eval_tokens.shape[1])))
+        default_ce_rows(len(acts.eval), int(acts.eval_tokens.shape[1]))
     records = []
     for res in results:
         rec: dict[str, object] = {"final": res.final}

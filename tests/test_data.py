@@ -533,11 +533,11 @@ def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     from paper_lib.evaluate import main as evaluate_main
 
     scored = tmp_path / "eval.json"
-    assert rec["ce_rows"] == 8  # 500 held-out activations, 63 a row (rows of 64 tokens)
     assert evaluate_main([str(saved), "--dataset", "text", "--data-files", str(data),
-                          "--n-eval-tokens", "500", "--ce-rows", "8", "--out", str(scored),
-                          "--quiet"]) == 0
+                          "--n-eval-tokens", "500", "--out", str(scored), "--quiet"]) == 0
     ev = json.loads(scored.read_text())
+    # CE on every row of the held-out activations, fewer than 32: 500 of them, 63 a row
+    assert rec["ce_rows"] == ev["ce_rows"] == 8
     assert (ev["model"], ev["hook"]) == ("standin-gpt2", "blocks.1.hook_resid_pre")
     assert ev["saes"][0]["fvu"] == pytest.approx(rec["final"]["fvu"], rel=1e-4)
     assert ev["saes"][0]["ce_spliced"] == pytest.approx(rec["ce_spliced"], rel=1e-4)
