@@ -535,6 +535,11 @@ class TopKParams(LMParams):
                                   ("multi_k", self.multi_k, self.k_values)):
             if value not in pool:
                 raise ValueError(f"parameter {name!r} = {value} must be one of {pool}")
+        if self.dead_window >= self.steps * self.batch_size:
+            raise ValueError(f"parameter 'dead_window' = {self.dead_window:,} is not below the "
+                             f"{self.steps * self.batch_size:,} tokens trained on (steps x "
+                             "batch_size): no latent could count as dead; lower it or train "
+                             "longer")
         if max(self.k_values) > min(self.n_values):
             raise ValueError(f"largest k ({max(self.k_values)}) exceeds smallest n "
                              f"({min(self.n_values)})")
@@ -591,6 +596,10 @@ class MatryoshkaParams(LMParams):
     def validate(self) -> None:
         super().validate()
         self.check_rows("ce_rows")
+        if self.rsa_samples > self.analysis_tokens:  # drawn from the analysis tokens
+            raise ValueError(f"parameter 'rsa_samples' = {self.rsa_samples} exceeds "
+                             f"'analysis_tokens' = {self.analysis_tokens}, the rows it is "
+                             "drawn from; lower it or raise analysis_tokens")
         if self.min_granularity & (self.min_granularity - 1):
             raise ValueError(f"parameter 'min_granularity' = {self.min_granularity} must be a "
                              "power of two")

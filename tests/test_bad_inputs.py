@@ -116,6 +116,13 @@ CASES = [
         "paper", context_size=1024), ValueError,
      r"'ce_rows' = 512 exceeds the 257 held-out token rows \(n_eval_tokens = 262,144 in rows "
      r"of 1024 tokens\); ask for fewer rows or raise n_eval_tokens"),
+    ("more RSA samples than analysis tokens", lambda t: lambda: MatryoshkaParams.from_profile(
+        "smoke", rsa_samples=20_000), ValueError,
+     r"'rsa_samples' = 20000 exceeds 'analysis_tokens' = 16384, the rows it is drawn from"),
+    ("dead-latent window past the training", lambda t: lambda: TopKParams.from_profile(
+        "smoke", dead_window=256_000), ValueError,
+     r"'dead_window' = 256,000 is not below the 256,000 tokens trained on \(steps x "
+     r"batch_size\): no latent could count as dead"),
     ("k > n", lambda t: lambda: SAEConfig("topk", 8, 16, k=17),
      ValueError, r"k=17 exceeds d_sae=16"),
     ("k <= 0", lambda t: lambda: SAEConfig("batchtopk", 8, 16, k=0),
