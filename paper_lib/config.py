@@ -411,6 +411,13 @@ class AmortParams(Params):
             if not self.k < m < n:
                 raise ValueError(f"sweep pair (M={m}, N={n}) must satisfy K < M < N "
                                  f"with K={self.k}")
+        hub_data = lm_preset(self.profile)["dataset"] != "stdlib"
+        if self.lm_gap and hub_data == self.lm_model.startswith("embedded-"):
+            raise ValueError(f"parameter 'lm_model' = {self.lm_model!r} does not fit profile "
+                             f"{self.profile!r}, which reads "
+                             + ("a hub dataset: name a hub model such as 'gpt2'" if hub_data
+                                else "the embedded corpus: use 'embedded-smoke' or "
+                                "'embedded-gpu'"))
         if not {32, 256} <= set(self.mlp_widths) or max(self.mlp_widths) != 256:
             raise ValueError(f"parameter 'mlp_widths' = {list(self.mlp_widths)} must include "
                              "32 and 256, the paper's MLP encoders its claims are about, with "
@@ -479,6 +486,9 @@ class AFAParams(LMParams):
         if len(self.afa_lambdas) < 2:
             raise ValueError(f"'afa_lambdas' = {list(self.afa_lambdas)} must hold at least two "
                              "values: top-AFA's L0 trend in lambda is read over them")
+        if max(self.h_values) > self.n_atoms:
+            raise ValueError(f"'h_values' = {list(self.h_values)}: a synthetic code cannot "
+                             f"have more active atoms than 'n_atoms' = {self.n_atoms}")
         if self.atom_dim >= self.n_atoms:
             raise ValueError(f"'atom_dim' = {self.atom_dim} must be < 'n_atoms' = "
                              f"{self.n_atoms}: superposition needs more atoms than dimensions")

@@ -8,8 +8,8 @@ activations of the LM it was made for, in raw model units:
   hook, against the clean and zero-ablated model: CE recovered and delta LM loss;
 - under-activation (Lee et al. 2025): the ZF plot's ||f~|| / ||z|| per token (median, and
   the fraction below 1) and the median eps-LBO.
-The LM and hook default to the ones the SAEs record, so scoring the notebooks' own SAEs
-needs only their folder. Results go to a JSON file, one record per SAE, and a table.
+The LM, hook and (on a hub LM) dataset default to the ones the SAEs record, so scoring the
+notebooks' own SAEs needs only their folder. Results go to a JSON file, one record per SAE, and a table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from paper_lib.config import HUB_CONTEXT, check_rows, default_ce_rows
-from paper_lib.data.activations import check_context_size, load_activations
+from paper_lib.data.activations import check_context_size, check_source, load_activations
 
 
 def agreed(paths: dict[str, Path], key: str) -> str:
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                     "sae_lens:<owner>/<hf-repo>/<folder> (fetched once)")
     ap.add_argument("--model", default="", help="the LM: embedded-smoke, embedded-gpu or a "
                     "transformer-lens name such as gpt2 (default: the one the SAEs record)")
-    ap.add_argument("--dataset", default="stdlib",
-                    help="stdlib (embedded corpus) or a Hugging Face dataset")
+    ap.add_argument("--dataset", default="", help="stdlib (embedded corpus) or a Hugging Face "
+                    "dataset (default: stdlib for an embedded LM, else the one the SAEs "
+                    "record)")
     ap.add_argument("--data-files", help="with --dataset text: local text file(s)")
     ap.add_argument("--hook", default="", help="hook name (default: the one the SAEs record, "
                     "else the middle layer's resid_pre)")
@@ -117,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     model = args.model or agreed(paths, "model_name") or "embedded-smoke"
     hook = args.hook or agreed(paths, "hook_name")
+    dataset = args.dataset or ("stdlib" if model.startswith("embedded-")
+                               else agreed(paths, "dataset_path"))
+    if not dataset:
+        ap.error(f"--dataset: the SAEs record no dataset of {model}'s text to score them on; "
+                 "name one, e.g. --dataset Skylion007/openwebtext")
     # on a hub LM, rows no longer than any SAE's training context: positions past it would
     # score the SAE outside what it was trained on
     trained = {name: int(c) for name, p in paths.items()
                if (c := recorded(read_cfg(p), "context_size"))}
-    context = args.context_size or (None if model.startswith("embedded-")
-                                    else min([HUB_CONTEXT, *trained.values()]))
+    context = args.context_size or (min([HUB_CONTEXT, *trained.values()]) if trained and
+                                    not model.startswith("embedded-") else None)
     try:
+        check_source(model, dataset)
         check_context_size(model, context)
     except ValueError as e:
         ap.error(str(e))
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         from paper_lib.kernelspec import exec_pinned
 
         exec_pinned("paper_lib.evaluate")
-    acts = load_activations(model, args.dataset, hook, 1, args.n_eval_tokens, device,
+    acts = load_activations(model, dataset, hook, 1, args.n_eval_tokens, device,
                             args.seed, progress=not args.quiet, stream=True,
                             data_files=args.data_files, context_size=context)
     try:
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:  # what SAELens lists for a release SAE, next to ours
         if r["name"].startswith(SAELENS_PREFIX) and (listed := saelens_lists(r["name"])):
             r["saelens_lists"] = listed
-    atomic_write_json(args.out, {"model": model, "dataset": args.dataset, "hook": acts.hook,
+    atomic_write_json(args.out, {"model": model, "dataset": dataset, "hook": acts.hook,
                                  "n_eval_tokens": int(x.shape[0]), "ce_rows": args.ce_rows,
                                  "row_tokens": row_tokens,
                                  "seed": args.seed, "saes": records,

@@ -517,12 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --acts or --model, not both")
     if args.data_files and (args.model is None or args.dataset == "stdlib"):
         ap.error("--data-files needs --model and a --dataset loader such as text")
-    if args.context_size is not None:
-        from paper_lib.data.activations import check_context_size
+    if args.context_size is not None and args.model is None:
+        ap.error("--context-size needs --model: it is the length of the LM's token rows")
+    if args.model is not None:
+        from paper_lib.data.activations import check_context_size, check_source
 
-        if args.model is None:
-            ap.error("--context-size needs --model: it is the length of the LM's token rows")
         try:
+            check_source(args.model, args.dataset)
             check_context_size(args.model, args.context_size)
         except ValueError as e:
             ap.error(str(e))

@@ -123,6 +123,14 @@ CASES = [
         "smoke", dead_window=256_000), ValueError,
      r"'dead_window' = 256,000 is not below the 256,000 tokens trained on \(steps x "
      r"batch_size\): no latent could count as dead"),
+    ("more active atoms than atoms", lambda t: lambda: AFAParams.from_profile(
+        "smoke", h_values=[2, 200]), ValueError,
+     r"'h_values' = \[2, 200\]: a synthetic code cannot have more active atoms than "
+     r"'n_atoms' = 128"),
+    ("LM of another profile's data in 02", lambda t: lambda: AmortParams.from_profile(
+        "smoke", lm_model="gpt2"), ValueError,
+     r"'lm_model' = 'gpt2' does not fit profile 'smoke', which reads the embedded corpus: use "
+     r"'embedded-smoke' or 'embedded-gpu'"),
     ("k > n", lambda t: lambda: SAEConfig("topk", 8, 16, k=17),
      ValueError, r"k=17 exceeds d_sae=16"),
     ("k <= 0", lambda t: lambda: SAEConfig("batchtopk", 8, 16, k=0),
@@ -238,6 +246,9 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
                                "context, 128 tokens"),
     (["--context-size", "1"], "context_size = 1: a row needs BOS and a token"),
     (["--acts", "{short}", "--context-size", "64"], "--context-size needs --model"),
+    (["--dataset", "Skylion007/openwebtext"], "model 'embedded-smoke' and dataset "
+     "'Skylion007/openwebtext' disagree: the embedded LMs read dataset 'stdlib'; a hub model "
+     "needs a hub dataset"),
 ])
 def test_train_command_line_refuses_bad_settings_before_any_work(args, message, tmp_path,
                                                                   monkeypatch, capsys):

@@ -543,6 +543,29 @@ def test_command_line_trains_an_sae_on_lm_activations(tmp_path, monkeypatch):
     assert ev["saes"][0]["ce_spliced"] == pytest.approx(rec["ce_spliced"], rel=1e-4)
 
 
+def test_evaluate_reads_the_dataset_the_saes_record(tmp_path, monkeypatch, capsys):
+    """On a hub LM `python -m paper_lib.evaluate` scores on the dataset the SAEs record
+    (SAELens' dataset_path; here the local 'text' loader of the stand-in file), as it takes
+    their model and hook; with none recorded and none named it asks for --dataset."""
+    from paper_lib.evaluate import main as evaluate_main
+    from paper_lib.sae import SAEConfig, make_sae, save_sae
+
+    data, _ = _standin_hub(tmp_path, monkeypatch)
+    sae = make_sae(SAEConfig("topk", 32, 64, k=4, hook_name="blocks.1.hook_resid_pre",
+                             model_name="standin-gpt2"))
+    save_sae(sae, tmp_path / "recorded", metadata={"dataset_path": "text"})
+    save_sae(sae, tmp_path / "silent")
+    args = ["--data-files", str(data), "--n-eval-tokens", "300", "--quiet"]
+    assert evaluate_main([str(tmp_path / "recorded"), "--out", str(tmp_path / "a.json"),
+                          *args]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["dataset"] == "text"
+    with pytest.raises(SystemExit):
+        evaluate_main([str(tmp_path / "silent"), "--out", str(tmp_path / "b.json"), *args])
+    assert ("--dataset: the SAEs record no dataset of standin-gpt2's text to score them on; "
+            "name one") in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_evaluate_reads_rows_no_longer_than_the_saes_trained_on(tmp_path, monkeypatch, capsys):
     """On a hub LM `python -m paper_lib.evaluate` holds out rows of the shortest training
     context its SAEs record (here 16 tokens, BOS included; 128 at most by default), so no

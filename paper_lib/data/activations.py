@@ -266,6 +266,15 @@ def check_fits(n_tokens: int, n_eval_tokens: int, d: int, device: torch.device,
                          f"activations of width {d} {short}: {fix}")
 
 
+def check_source(model_name: str, dataset: str) -> None:
+    """A ValueError, before any work, if `model_name` cannot read `dataset`: the embedded
+    corpus's byte rows mean nothing to a hub LM's tokenizer, and an embedded LM has no
+    tokenizer for a hub dataset's text."""
+    if (dataset == "stdlib") != model_name.startswith("embedded-"):
+        raise ValueError(f"model {model_name!r} and dataset {dataset!r} disagree: the embedded "
+                         "LMs read dataset 'stdlib'; a hub model needs a hub dataset")
+
+
 def check_context_size(model_name: str, context_size: int | None) -> None:
     """A ValueError, before any work, if rows of `context_size` tokens (None: the default)
     cannot be read from `model_name`."""
@@ -317,6 +326,7 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     as training reads them (`ActivationSet.batches`), never all held, and scales by the
     held-out set; None streams a hub dataset's when they are large or would not fit."""
     device = torch.device(device)
+    check_source(model_name, dataset)
     check_context_size(model_name, context_size)
     if dataset == "stdlib" and model_name in EMBEDDED_LMS:  # before the LM is even trained
         check_fits(0 if stream else n_tokens, n_eval_tokens, EMBEDDED_LMS[model_name].d_model,
