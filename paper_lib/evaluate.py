@@ -9,7 +9,8 @@ activations of the LM it was made for, in raw model units:
 - under-activation (Lee et al. 2025): the ZF plot's ||f~|| / ||z|| per token (median, and
   the fraction below 1) and the median eps-LBO.
 The LM, hook and (on a hub LM) dataset default to the ones the SAEs record, so scoring the
-notebooks' own SAEs needs only their folder. Results go to a JSON file, one record per SAE, and a table.
+notebooks' own SAEs needs only their folder. Results go to a JSON file, one record per SAE,
+and a table.
 """
 
 from __future__ import annotations

@@ -293,6 +293,15 @@ def test_activations_too_large_for_memory_are_refused_before_any_work(tmp_path, 
     with pytest.raises(AssertionError, match="the LM was loaded"):  # got past the check
         activations.load_activations("embedded-smoke", "stdlib", n_tokens=1000,
                                      n_eval_tokens=24, data_dir=tmp_path, progress=False)
+    # streamed (evaluate), only the 24 x 128 x 4 = 12,288 held-out bytes are held
+    kw = dict(n_tokens=1000, n_eval_tokens=24, data_dir=tmp_path, progress=False, stream=True)
+    monkeypatch.setattr(activations, "available_memory", lambda device: [("RAM", 12_000)])
+    with pytest.raises(ValueError, match=r"^n_eval_tokens = 24 activations of width 128 take "
+                                         r".* held in memory, .*: lower n_eval_tokens$"):
+        activations.load_activations("embedded-smoke", "stdlib", **kw)
+    monkeypatch.setattr(activations, "available_memory", lambda device: [("RAM", 12_300)])
+    with pytest.raises(AssertionError, match="the LM was loaded"):
+        activations.load_activations("embedded-smoke", "stdlib", **kw)
 
 
 def _write(path, text):

@@ -262,8 +262,9 @@ def check_fits(n_tokens: int, n_eval_tokens: int, d: int, device: torch.device,
     minutes of harvesting."""
     short = memory_shortfall(n_tokens + n_eval_tokens, d, device)
     if short:
-        raise ValueError(f"n_tokens = {n_tokens:,} + n_eval_tokens = {n_eval_tokens:,} "
-                         f"activations of width {d} {short}: {fix}")
+        what = f"n_tokens = {n_tokens:,} + " if n_tokens else ""  # none held when streamed
+        raise ValueError(f"{what}n_eval_tokens = {n_eval_tokens:,} activations of width {d} "
+                         f"{short}: {fix}")
 
 
 def check_source(model_name: str, dataset: str) -> None:
@@ -330,7 +331,7 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     check_context_size(model_name, context_size)
     if dataset == "stdlib" and model_name in EMBEDDED_LMS:  # before the LM is even trained
         check_fits(0 if stream else n_tokens, n_eval_tokens, EMBEDDED_LMS[model_name].d_model,
-                   device)
+                   device, "lower n_eval_tokens" if stream else "lower n_tokens")
     model, info = load_lm(model_name, device, progress, data_dir)
     hook = hook or default_hook(model)
     stop_layer(model, hook)  # validate before any compute
@@ -343,7 +344,8 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     d = model.cfg.d_model
     if dataset == "stdlib":
         if model_name not in EMBEDDED_LMS:
-            check_fits(0 if stream else n_tokens, n_eval_tokens, d, device)
+            check_fits(0 if stream else n_tokens, n_eval_tokens, d, device,
+                       "lower n_eval_tokens" if stream else "lower n_tokens")
         corpus = load_stdlib_corpus(data_dir)
         train_tok = _embedded_rows(corpus.train["text"], n_ctx, math.ceil(n_tokens / per_row),
                                    seed)
