@@ -102,7 +102,12 @@ def refused_params(nbs: list[Path], profile: str, params: dict[str, Any]) -> str
         try:
             cls.from_profile(profile, **overrides)
         except ValueError as e:
-            return f"{nb.stem}: {e}"
+            takers = [n.stem[:2] for n in nbs if (c := params_class(n)) is not None
+                      and set(overrides) <= set(c.names())]
+            hint = (f" (of these notebooks, {' '.join(takers)} take them all: --only "
+                    f"{' '.join(takers)})" if takers and set(overrides) - set(cls.names())
+                    else "")
+            return f"{nb.stem}: {e}{hint}"
     return ""
 
 

@@ -163,8 +163,9 @@ def test_driver_refuses_bad_parameters_before_preparing_or_starting_anything(mon
     # a parameter one of the selected notebooks lacks is refused for that notebook
     assert reproduce.main(["--only", "01", "03", "-p", "n_values", "[128, 256, 512]",
                            "--no-update"]) == 2
-    assert "01_afa_bound: unknown parameter(s) 'n_values' for AFAParams" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "01_afa_bound: unknown parameter(s) 'n_values' for AFAParams" in err
+    assert err.rstrip().endswith("(of these notebooks, 03 take them all: --only 03)")
     assert started == []
     assert reproduce.main(["--only", "03", "-p", "n_values", "[256, 512, 1024, 2048]",
                            "--no-update", "--no-scoreboard"]) == 0
