@@ -748,6 +748,23 @@ def test_embedded_path_streams_when_asked(tiny_corpus, tiny_lm, tmp_path, monkey
     assert exact.min(1).values.max() < 1e-4  # every row of it a training row
 
 
+def test_embedded_rows_say_how_often_the_text_was_read():
+    """300 bytes fill 9 rows of 32 tokens (BOS and 31 bytes: 279 of them); 5 rows read the
+    text once, 25 read it 25 / 9 times, and the activation set says its text repeats."""
+    from dataclasses import replace
+
+    from paper_lib.data.activations import ActivationSet, _embedded_rows
+
+    assert _embedded_rows(["a" * 300], 32, 5, seed=0)[1] == 1.0
+    rows, passes = _embedded_rows(["a" * 300], 32, 25, seed=0)
+    assert rows.shape == (25, 32) and passes == pytest.approx(25 / 9)
+    aset = ActivationSet(None, {"config": {"name": "m"}}, "h", torch.zeros(8, 4),
+                         torch.zeros(4, 4), 1.0, None, rows, text_passes=(1.0, passes))
+    assert aset.describe().endswith("; the corpus is shorter than asked, so its text repeats: "
+                                    "its held-out files read 2.8 times")
+    assert "repeats" not in replace(aset, text_passes=(1.0, 1.0)).describe()
+
+
 def test_activation_set_identity_ignores_last_bits_of_the_scale():
     """A redone GPU harvest may move the scale in its last bits (0.82781234 -> 0.82781299):
     the same identity, so a checkpoint still resumes; another draw's scale (0.8290),

@@ -60,6 +60,9 @@ class ActivationSet:
     """n -> the training stream's first n activations in SAE units, when `train` is None."""
     stream_tokens: int = 0
     """The distinct training tokens of the stream (n_tokens), when `train` is None."""
+    text_passes: tuple[float, float] = (1.0, 1.0)
+    """How many times the embedded corpus's training and held-out files were read for the
+    tokens asked for (above 1: its text repeats)."""
     _splice: dict[int, SpliceEval] = field(default_factory=dict, init=False, repr=False)
 
     def splice_eval(self, rows: int) -> SpliceEval:
@@ -159,9 +162,13 @@ class ActivationSet:
             lm = (f"; the LM: {info['val_bits_per_byte']:.2f} bits/byte on held-out files "
                   f"(byte unigram {info['unigram_bits_per_byte']:.2f}), trained in "
                   f"{info['train_seconds']:.0f} s on {info['device']}")
+        repeats = [f"its {what} files read {times:.1f} times" for what, times in
+                   zip(("training", "held-out"), self.text_passes) if times > 1]
         return (f"{info.get('config', {}).get('name', '?')} @ {self.hook}: "
                 f"{n} train / {self.eval.shape[0]:,} eval tokens, d={self.d}, "
-                f"scale={self.scale:.4g}" + (" (cache hit)" if self.cache_hit else "") + lm)
+                f"scale={self.scale:.4g}" + (" (cache hit)" if self.cache_hit else "") + lm
+                + (f"; the corpus is shorter than asked, so its text repeats: "
+                   f"{' and '.join(repeats)}" if repeats else ""))
 
 
 def unit_scale(x: Tensor, rows: int = 1 << 20) -> float:
@@ -172,15 +179,16 @@ def unit_scale(x: Tensor, rows: int = 1 << 20) -> float:
     return math.sqrt(x.shape[1] / float(sq.mean()))
 
 
-def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> Tensor:
-    """At least `rows` packed byte rows, cycling the corpus with fresh shuffles if needed."""
+def _embedded_rows(texts: list[str], n_ctx: int, rows: int, seed: int) -> tuple[Tensor, float]:
+    """At least `rows` packed byte rows, cycling the corpus with fresh shuffles if needed,
+    and how many times the texts were read for them (1 when they hold enough)."""
     parts, have, epoch = [], 0, 0
     while have < rows:
         part = byte_tokens(texts, n_ctx, max_rows=rows - have, seed=seed + epoch)
         parts.append(part)
         have += part.shape[0]
         epoch += 1
-    return torch.cat(parts)
+    return torch.cat(parts), have / parts[0].shape[0]
 
 
 def _read_int(path: Path) -> int | None:
@@ -347,10 +355,10 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
             check_fits(0 if stream else n_tokens, n_eval_tokens, d, device,
                        "lower n_eval_tokens" if stream else "lower n_tokens")
         corpus = load_stdlib_corpus(data_dir)
-        train_tok = _embedded_rows(corpus.train["text"], n_ctx, math.ceil(n_tokens / per_row),
-                                   seed)
-        eval_tok = _embedded_rows(corpus.validation["text"], n_ctx,
-                                  math.ceil(n_eval_tokens / per_row), seed)
+        train_tok, train_passes = _embedded_rows(corpus.train["text"], n_ctx,
+                                                 math.ceil(n_tokens / per_row), seed)
+        eval_tok, eval_passes = _embedded_rows(corpus.validation["text"], n_ctx,
+                                               math.ceil(n_eval_tokens / per_row), seed)
         sha = corpus.sha256
         spec_base = {"model": model_name, "weights": info.get("weights_sha256"), "hook": hook,
                      "corpus": sha, "drop_bos": True, "seed": seed, "dtype": "float32"}
@@ -367,15 +375,18 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
 
         ev, hit_e = get("eval", eval_tok, n_eval_tokens)
         if stream:  # asked for: training activations harvested as read, never held
-            return _streamed_set(model, info, hook, ev, eval_tok, "stdlib", sha,
-                                 lambda: row_batches(train_tok, batch_rows), n_tokens,
-                                 device, progress)
+            streamed = _streamed_set(model, info, hook, ev, eval_tok, "stdlib", sha,
+                                     lambda: row_batches(train_tok, batch_rows), n_tokens,
+                                     device, progress)
+            streamed.text_passes = (train_passes, eval_passes)
+            return streamed
         train, hit_t = get("train", train_tok, n_tokens)
         scale = unit_scale(train)
         # In place: every harvest here is this call's own copy (a cache hit is copied out of
         # its memory map), and a gpu-profile one is 16 GB that a scaled copy would double.
         return ActivationSet(model, info, hook, train.mul_(scale), ev.mul_(scale), scale,
-                             train_tok, eval_tok, True, "stdlib", sha, hit_t and hit_e)
+                             train_tok, eval_tok, True, "stdlib", sha, hit_t and hit_e,
+                             text_passes=(train_passes, eval_passes))
     # Hub dataset (paper profile): stream tokens; hold activations only if they fit.
     tok = model.tokenizer
     eval_rows: list[Tensor] = []
