@@ -299,7 +299,8 @@ def check_context_size(model_name: str, context_size: int | None) -> None:
 
 def _streamed_set(model: Any, info: dict[str, Any], hook: str, ev: Tensor, eval_tok: Tensor,
                   source: str, sha: str | None, token_iter: Callable[[], Iterator[Tensor]],
-                  n_tokens: int, device: torch.device, progress: bool) -> ActivationSet:
+                  n_tokens: int, device: torch.device, progress: bool,
+                  text_passes: tuple[float, float] = (1.0, 1.0)) -> ActivationSet:
     """An ActivationSet whose `n_tokens` training activations are harvested from the token
     batches of `token_iter()` as training reads them, never all held; the scale comes from
     the held-out activations `ev` (raw, scaled here in place)."""
@@ -319,7 +320,7 @@ def _streamed_set(model: Any, info: dict[str, Any], hook: str, ev: Tensor, eval_
     def head(n: int) -> Tensor:
         return harvest(model, token_iter(), hook, n, True, device, progress=False).mul_(scale)
     return ActivationSet(model, info, hook, None, ev.mul_(scale), scale, None, eval_tok, True,
-                         source, sha, False, make_stream, head, n_tokens)
+                         source, sha, False, make_stream, head, n_tokens, text_passes)
 
 
 def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib",
@@ -337,9 +338,10 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     device = torch.device(device)
     check_source(model_name, dataset)
     check_context_size(model_name, context_size)
+    # what the embedded path holds in memory: streamed, the held-out activations alone
+    held, fix = (0, "lower n_eval_tokens") if stream else (n_tokens, "lower n_tokens")
     if dataset == "stdlib" and model_name in EMBEDDED_LMS:  # before the LM is even trained
-        check_fits(0 if stream else n_tokens, n_eval_tokens, EMBEDDED_LMS[model_name].d_model,
-                   device, "lower n_eval_tokens" if stream else "lower n_tokens")
+        check_fits(held, n_eval_tokens, EMBEDDED_LMS[model_name].d_model, device, fix)
     model, info = load_lm(model_name, device, progress, data_dir)
     hook = hook or default_hook(model)
     stop_layer(model, hook)  # validate before any compute
@@ -352,8 +354,7 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
     d = model.cfg.d_model
     if dataset == "stdlib":
         if model_name not in EMBEDDED_LMS:
-            check_fits(0 if stream else n_tokens, n_eval_tokens, d, device,
-                       "lower n_eval_tokens" if stream else "lower n_tokens")
+            check_fits(held, n_eval_tokens, d, device, fix)
         corpus = load_stdlib_corpus(data_dir)
         train_tok, train_passes = _embedded_rows(corpus.train["text"], n_ctx,
                                                  math.ceil(n_tokens / per_row), seed)
@@ -375,11 +376,9 @@ def load_activations(model_name: str = "embedded-smoke", dataset: str = "stdlib"
 
         ev, hit_e = get("eval", eval_tok, n_eval_tokens)
         if stream:  # asked for: training activations harvested as read, never held
-            streamed = _streamed_set(model, info, hook, ev, eval_tok, "stdlib", sha,
-                                     lambda: row_batches(train_tok, batch_rows), n_tokens,
-                                     device, progress)
-            streamed.text_passes = (train_passes, eval_passes)
-            return streamed
+            return _streamed_set(model, info, hook, ev, eval_tok, "stdlib", sha,
+                                 lambda: row_batches(train_tok, batch_rows), n_tokens,
+                                 device, progress, (train_passes, eval_passes))
         train, hit_t = get("train", train_tok, n_tokens)
         scale = unit_scale(train)
         # In place: every harvest here is this call's own copy (a cache hit is copied out of
