@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
 PROFILES = ("smoke", "gpu", "paper")
 # Token rows' length, BOS included: a hub LM's by default (data.activations reads it here)
-# and the embedded LMs' (their whole context, data.lm.EMBEDDED_LMS' n_ctx; a test keeps
-# them equal), for checks made before an LM is loaded.
+# and the embedded LMs' (their whole context: data.lm.EMBEDDED_LMS' n_ctx is set from it),
+# known here for checks made before an LM is loaded.
 HUB_CONTEXT = 128
 EMBEDDED_CONTEXT = {"embedded-smoke": 128, "embedded-gpu": 256}
 Profile = Literal["smoke", "gpu", "paper"]
@@ -337,12 +337,12 @@ class LMParams(Params):
             raise ValueError("parameter 'context_size' = 1: a row needs BOS and a token; "
                              f"use at least 2 (0: the default, {HUB_CONTEXT})")
 
-    def check_rows(self, name: str) -> None:
-        """Refuse parameter `name`, a number of held-out token rows, above the rows that
+    def check_ce_rows(self) -> None:
+        """Refuse `ce_rows` (each subclass that computes CE has it) above the rows that
         n_eval_tokens fill (a hub LM with a shorter context than the rows asked for has
         more, shorter rows: never fewer)."""
         context = EMBEDDED_CONTEXT.get(self.model) or self.context_size or HUB_CONTEXT
-        check_rows(f"parameter '{name}'", getattr(self, name), "n_eval_tokens",
+        check_rows("parameter 'ce_rows'", getattr(self, "ce_rows"), "n_eval_tokens",
                    self.n_eval_tokens, context)
 
     @property
@@ -476,7 +476,7 @@ class AFAParams(LMParams):
 
     def validate(self) -> None:
         super().validate()
-        self.check_rows("ce_rows")
+        self.check_ce_rows()
         if self.k > self.d_sae:
             raise ValueError(f"parameter 'k' = {self.k} exceeds 'd_sae' = {self.d_sae}")
         if len(self.topk_ks) < 2 or max(self.topk_ks) > self.d_sae:  # repeats refused first
@@ -538,7 +538,7 @@ class TopKParams(LMParams):
 
     def validate(self) -> None:
         super().validate()
-        self.check_rows("ce_rows")
+        self.check_ce_rows()
         for name, value, pool in (("frontier_n", self.frontier_n, self.n_values),
                                   ("dead_n", self.dead_n, self.n_values),
                                   ("dead_k", self.dead_k, self.k_values),
@@ -605,7 +605,7 @@ class MatryoshkaParams(LMParams):
 
     def validate(self) -> None:
         super().validate()
-        self.check_rows("ce_rows")
+        self.check_ce_rows()
         if self.rsa_samples > self.analysis_tokens:  # drawn from the analysis tokens
             raise ValueError(f"parameter 'rsa_samples' = {self.rsa_samples} exceeds "
                              f"'analysis_tokens' = {self.analysis_tokens}, the rows it is "

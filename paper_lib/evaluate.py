@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -27,11 +27,12 @@ from paper_lib.config import HUB_CONTEXT, check_rows, default_ce_rows
 from paper_lib.data.activations import check_context_size, check_source, load_activations
 
 
-def agreed(paths: dict[str, Path], key: str) -> str:
-    """The model or hook (`key` of what cfg.json records) the SAEs agree on, or ""."""
-    from paper_lib.sae.io import read_cfg, recorded
+def agreed(cfgs: Iterable[dict[str, Any]], key: str) -> str:
+    """The model, hook or dataset (`key` of what the parsed cfg.json files record) the
+    SAEs agree on, or ""."""
+    from paper_lib.sae.io import recorded
 
-    seen = {recorded(read_cfg(p), key) or "" for p in paths.values()}
+    seen = {recorded(raw, key) or "" for raw in cfgs}
     seen.discard("")
     return seen.pop() if len(seen) == 1 else ""
 
@@ -117,17 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
     except ValueError as e:
         ap.error(str(e))
-    model = args.model or agreed(paths, "model_name") or "embedded-smoke"
-    hook = args.hook or agreed(paths, "hook_name")
+    cfgs = {name: read_cfg(p) for name, p in paths.items()}
+    model = args.model or agreed(cfgs.values(), "model_name") or "embedded-smoke"
+    hook = args.hook or agreed(cfgs.values(), "hook_name")
     dataset = args.dataset or ("stdlib" if model.startswith("embedded-")
-                               else agreed(paths, "dataset_path"))
+                               else agreed(cfgs.values(), "dataset_path"))
     if not dataset:
         ap.error(f"--dataset: the SAEs record no dataset of {model}'s text to score them on; "
                  "name one, e.g. --dataset Skylion007/openwebtext")
     # on a hub LM, rows no longer than any SAE's training context: positions past it would
     # score the SAE outside what it was trained on
-    trained = {name: int(c) for name, p in paths.items()
-               if (c := recorded(read_cfg(p), "context_size"))}
+    trained = {name: int(c) for name, raw in cfgs.items()
+               if (c := recorded(raw, "context_size"))}
     context = args.context_size or (min([HUB_CONTEXT, *trained.values()]) if trained and
                                     not model.startswith("embedded-") else None)
     try:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from paper_lib.config import EMBEDDED_CONTEXT
 from paper_lib.data.corpus import VOCAB, Corpus, byte_tokens, load_stdlib_corpus, \
     unigram_bits_per_byte
 from paper_lib.data.fused import fused_lm_loss, unsupported_reason
@@ -81,10 +82,12 @@ class LMConfig:
 EMBEDDED_LMS = {
     # ~1.6M training tokens: about 80 s on 2 CPU cores.
     "embedded-smoke": LMConfig("embedded-smoke", n_layers=2, d_model=128, n_heads=4,
-                               n_ctx=128, steps=400, batch_rows=32),
+                               n_ctx=EMBEDDED_CONTEXT["embedded-smoke"], steps=400,
+                               batch_rows=32),
     # ~82M tokens: about two minutes on one H100 in bf16.
-    "embedded-gpu": LMConfig("embedded-gpu", n_layers=6, d_model=512, n_heads=8, n_ctx=256,
-                             steps=2500, batch_rows=128, lr=1.5e-3, warmup=200),
+    "embedded-gpu": LMConfig("embedded-gpu", n_layers=6, d_model=512, n_heads=8,
+                             n_ctx=EMBEDDED_CONTEXT["embedded-gpu"], steps=2500,
+                             batch_rows=128, lr=1.5e-3, warmup=200),
 }
 
 
