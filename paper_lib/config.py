@@ -318,6 +318,12 @@ class LMParams(Params):
     context_size: int = param(0, "tokens per row read from a hub LM, BOS included (0: "
                               f"{HUB_CONTEXT}); embedded LMs read their whole context: leave 0",
                               lo=0)
+    dead_window: int = param(50_000, "training tokens without firing after which a latent is "
+                             "dead: AuxK trains the dead ones, dead_train counts them (Gao et "
+                             "al.: 10M)", lo=1)
+
+    TRAIN_STEPS: ClassVar[str] = "steps"
+    """The parameter that counts a notebook's SAE training steps (dead_window's bound)."""
 
     def validate(self) -> None:
         if self.analysis_tokens > self.n_eval_tokens:
@@ -336,6 +342,13 @@ class LMParams(Params):
         if self.context_size == 1:
             raise ValueError("parameter 'context_size' = 1: a row needs BOS and a token; "
                              f"use at least 2 (0: the default, {HUB_CONTEXT})")
+        steps = getattr(self, self.TRAIN_STEPS, None)  # None: LMParams alone trains no SAE
+        trained = (steps or 0) * self.batch_size
+        if steps is not None and self.dead_window >= trained:
+            raise ValueError(f"parameter 'dead_window' = {self.dead_window:,} is not below the "
+                             f"{trained:,} tokens trained on ({self.TRAIN_STEPS} x batch_size): "
+                             "no latent could count as dead, so AuxK would never act; lower it "
+                             "or train longer")
 
     def check_ce_rows(self) -> None:
         """Refuse `ce_rows` (each subclass that computes CE has it) above the rows that
@@ -353,12 +366,12 @@ class LMParams(Params):
 
 _LM_SMOKE = {"model": "embedded-smoke", "dataset": "stdlib", "hook": "", "n_tokens": 200_000,
              "n_eval_tokens": 16_384, "batch_size": 1024, "analysis_tokens": 16_384,
-             "context_size": 0}
+             "context_size": 0, "dead_window": 50_000}
 _LM_GPU = {"model": "embedded-gpu", "n_tokens": 8_000_000, "n_eval_tokens": 131_072,
-           "batch_size": 4096, "analysis_tokens": 32_768}
+           "batch_size": 4096, "analysis_tokens": 32_768, "dead_window": 1_000_000}
 _LM_PAPER = {"model": "gpt2", "dataset": "Skylion007/openwebtext", "hook": "",
              "n_tokens": 50_000_000, "n_eval_tokens": 262_144, "batch_size": 4096,
-             "analysis_tokens": 65_536}
+             "analysis_tokens": 65_536, "dead_window": 10_000_000}
 
 
 @dataclass(frozen=True)
@@ -507,8 +520,6 @@ class TopKParams(LMParams):
     frontier_n: int = param(512, "n of the TopK-vs-ReLU frontier (one of n_values)", lo=2)
     dead_n: int = param(1024, "n of the dead-latent ablation (one of n_values)", lo=2)
     dead_k: int = param(8, "k of the dead-latent ablation (one of k_values)", lo=1)
-    dead_window: int = param(50_000, "tokens without firing after which a latent is dead "
-                             "(Gao et al.: 10M)", lo=1)
     multi_k: int = param(8, "k of the multi-TopK comparison (one of k_values)", lo=1)
     steps: int = param(250, "SAE training steps (all SAEs in lockstep)", lo=1)
     lr: float = param(4e-3, "Adam lr at n of lr_ref_n (other n: times sqrt(lr_ref_n / n))", lo=0,
@@ -526,12 +537,12 @@ class TopKParams(LMParams):
         "smoke": {},
         "gpu": {**_LM_GPU, "n_values": (2048, 4096, 8192, 16384, 32768),
                 "k_values": (8, 16, 32, 64), "relu_l1": (1.0, 2.0, 4.0, 8.0),
-                "frontier_n": 8192, "dead_n": 32768, "dead_k": 16, "dead_window": 1_000_000,
+                "frontier_n": 8192, "dead_n": 32768, "dead_k": 16,
                 "multi_k": 16, "steps": 1250, "lr": 2e-3, "lr_ref_n": 8192, "eval_every": 125,
                 "ce_rows": 256, "n_explain": 128, "n_ablate": 24},
         "paper": {**_LM_PAPER, "n_values": (8192, 16384, 32768, 65536, 131072),
                   "k_values": (16, 32, 64, 128), "frontier_n": 32768, "dead_n": 131072,
-                  "dead_k": 32, "dead_window": 10_000_000, "multi_k": 32, "steps": 25_000,
+                  "dead_k": 32, "multi_k": 32, "steps": 25_000,
                   "lr": 5e-4, "lr_ref_n": 32768, "eval_every": 1000, "ce_rows": 512,
                   "n_explain": 256, "n_ablate": 32},
     }
@@ -545,11 +556,6 @@ class TopKParams(LMParams):
                                   ("multi_k", self.multi_k, self.k_values)):
             if value not in pool:
                 raise ValueError(f"parameter {name!r} = {value} must be one of {pool}")
-        if self.dead_window >= self.steps * self.batch_size:
-            raise ValueError(f"parameter 'dead_window' = {self.dead_window:,} is not below the "
-                             f"{self.steps * self.batch_size:,} tokens trained on (steps x "
-                             "batch_size): no latent could count as dead; lower it or train "
-                             "longer")
         if max(self.k_values) > min(self.n_values):
             raise ValueError(f"largest k ({max(self.k_values)}) exceeds smallest n "
                              f"({min(self.n_values)})")
@@ -644,6 +650,7 @@ class ExploreParams(LMParams):
                                       "'sae_lens:<release>/<sae_id>' or "
                                       "'sae_lens:<owner>/<hf-repo>/<folder>' (fetched once)")
 
+    TRAIN_STEPS: ClassVar[str] = "fallback_steps"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {},
         "gpu": {**_LM_GPU, "fallback_steps": 1000},

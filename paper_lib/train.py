@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
     from paper_lib.sae import ARCHITECTURES, make_sae, save_sae
-    from paper_lib.sae.base import TOPK_FAMILY
+    from paper_lib.sae.base import GAO_DEAD_TOKENS, TOPK_FAMILY
 
     ap = argparse.ArgumentParser(prog="python -m paper_lib.train", description=main.__doc__)
     ap.add_argument("--arch", default="topk", choices=ARCHITECTURES)
@@ -479,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dead-tokens", type=int,
+                    help="training tokens without firing after which a latent is dead: AuxK "
+                    "(TopK family) trains the dead ones, dead_train counts them (default: a "
+                    "tenth of --steps x --batch, at most Gao et al.'s 10,000,000)")
     ap.add_argument("--lr-scale-with-n", action="store_true",
                     help=f"scale --lr by sqrt({TrainConfig.lr_ref_latents} / d_sae) (Gao et "
                     "al.'s lr ~ 1/sqrt(n))")
@@ -527,11 +531,20 @@ def main(argv: list[str] | None = None) -> int:
             check_context_size(args.model, args.context_size)
         except ValueError as e:
             ap.error(str(e))
-    for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every"):
+    for name in ("steps", "batch", "d_sae", "k", "n_tokens", "n_eval_tokens", "checkpoint_every",
+                 "dead_tokens"):
         vals = getattr(args, name)
         for v in vals if isinstance(vals, list) else [vals]:
-            if v < 1:
+            if v is not None and v < 1:
                 ap.error(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    trained = args.steps * args.batch
+    # Gao et al.'s 10M tokens suit runs of billions; a short run with it could never see a
+    # dead latent, and AuxK would never act.
+    dead_tokens = args.dead_tokens or min(GAO_DEAD_TOKENS, max(1, trained // 10))
+    if dead_tokens >= trained:
+        ap.error(f"--dead-tokens {dead_tokens:,}{'' if args.dead_tokens else ' (the default)'} "
+                 f"is not below the {trained:,} tokens trained (--steps x --batch): no latent "
+                 "could count as dead, so AuxK would never act; lower it or train longer")
     # a list of a setting the architecture ignores would train the same SAE twice
     used = {"k": args.arch in TOPK_FAMILY, "l1_coeff": args.arch in ("relu", "mlp")}
     for name, uses in used.items():
@@ -541,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every setting checked before activations are harvested or an LM trained
         device = pick_device(args.device)
         cfgs = [SAEConfig(args.arch, 1, n, k=k, l1_coeff=l1, mlp_hidden=args.mlp_hidden,
-                          seed=seed)
+                          seed=seed, dead_tokens=dead_tokens)
                 for n, k, l1, seed in itertools.product(args.d_sae, args.k, args.l1_coeff,
                                                         args.seed)]
     except ValueError as e:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from paper_lib import scaling
-from paper_lib.config import AFAParams, AmortParams, MatryoshkaParams, TopKParams
+from paper_lib.config import AFAParams, AmortParams, ExploreParams, MatryoshkaParams, TopKParams
 from paper_lib.data import corpus as corp
 from paper_lib.data import harvest as hv
 from paper_lib.data.synthetic import quasi_orthogonal_dictionary
@@ -123,6 +123,10 @@ CASES = [
         "smoke", dead_window=256_000), ValueError,
      r"'dead_window' = 256,000 is not below the 256,000 tokens trained on \(steps x "
      r"batch_size\): no latent could count as dead"),
+    ("explorer's dead-latent window past its fallback training", lambda t: lambda:
+        ExploreParams.from_profile("smoke", fallback_steps=40), ValueError,
+     r"'dead_window' = 50,000 is not below the 40,960 tokens trained on \(fallback_steps x "
+     r"batch_size\): no latent could count as dead, so AuxK would never act"),
     ("more active atoms than atoms", lambda t: lambda: AFAParams.from_profile(
         "smoke", h_values=[2, 200]), ValueError,
      r"'h_values' = \[2, 200\]: a synthetic code cannot have more active atoms than "
@@ -245,6 +249,10 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
     (["--context-size", "64"], "context_size = 64: embedded-smoke reads rows of its whole "
                                "context, 128 tokens"),
     (["--context-size", "1"], "context_size = 1: a row needs BOS and a token"),
+    (["--steps", "100", "--batch", "256", "--dead-tokens", "25600"],  # 100 x 256 = 25,600
+     "--dead-tokens 25,600 is not below the 25,600 tokens trained \\(--steps x --batch\\): no "
+     "latent could count as dead, so AuxK would never act"),
+    (["--dead-tokens", "0"], "--dead-tokens 0: must be >= 1"),
     (["--acts", "{short}", "--context-size", "64"], "--context-size needs --model"),
     (["--dataset", "Skylion007/openwebtext"], "model 'embedded-smoke' and dataset "
      "'Skylion007/openwebtext' disagree: the embedded LMs read dataset 'stdlib'; a hub model "

@@ -214,8 +214,14 @@ def test_a_malformed_device_string_is_refused_by_the_commands_too():
 
 
 def test_lm_preset_is_complete():
+    """`reproduce --prepare` builds LMParams itself from lm_preset: it trains no SAE, so
+    the dead-latent window's bound (steps x batch_size) does not apply to it."""
+    from paper_lib.config import LMParams
+
     for prof in ("smoke", "gpu", "paper"):
         assert {"model", "dataset", "n_tokens", "batch_size"} <= set(lm_preset(prof))
+        assert LMParams(profile=prof, **lm_preset(prof)).dead_window == \
+            {"smoke": 50_000, "gpu": 1_000_000, "paper": 10_000_000}[prof]
 
 
 def test_row_lengths_known_before_the_lm_are_the_lms():

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from paper_lib.reproduce import NOTEBOOK_DIR, kernel_name
 
-LM = {"n_tokens": 4096, "n_eval_tokens": 1024, "batch_size": 256, "analysis_tokens": 1024}
+LM = {"n_tokens": 4096, "n_eval_tokens": 1024, "batch_size": 256, "analysis_tokens": 1024,
+      "dead_window": 1024}
 SMALL = {
     "01_afa_bound": {**LM, "ce_rows": 4, "n_atoms": 64, "atom_dim": 32, "eps_values": [0.3],
                      "h_values": [2, 4], "n_samples": 200, "d_sae": 128, "k": 8,
@@ -23,7 +24,7 @@ SMALL = {
                             "lm_gap": False, "workers": 1},
     "03_topk_scaling": {**LM, "ce_rows": 4, "n_values": [32, 64, 128], "k_values": [4, 8, 16],
                         "relu_l1": [1.0, 4.0], "frontier_n": 128, "dead_n": 128, "dead_k": 4,
-                        "dead_window": 1024, "multi_k": 4, "steps": 20, "lr_ref_n": 128,
+                        "multi_k": 4, "steps": 20, "lr_ref_n": 128,
                         "eval_every": 5, "n_explain": 8, "n_ablate": 4},
     "04_matryoshka_tradeoffs": {**LM, "ce_rows": 4, "d_sae": 256, "k": 8,
                                 "min_granularity": 64, "steps": 20, "rsa_samples": 64,

@@ -1,12 +1,13 @@
 """The one trainer: schedule, lockstep sweeps, dead-latent tracking, checkpoints."""
 
+import json
 import warnings
 
 import pytest
 import torch
 
 from paper_lib import train
-from paper_lib.sae import ARCHITECTURES, SAEConfig, make_sae
+from paper_lib.sae import ARCHITECTURES, SAEConfig, load_sae, make_sae
 from paper_lib.train import ShuffledBatches, TrainConfig, lr_factor, train_saes
 from tests.conftest import Interrupted, interrupting_batches
 
@@ -250,10 +251,6 @@ def test_command_line_sweep_trains_every_combination_on_one_pass(tmp_path, capsy
     """`--k 4,8 --seed 0,1`: four SAEs on the same batches, one record and one SAELens folder
     each, named by their settings; `--stack` trains them as one module to the same result
     (float32 rounding apart) and says how it grouped them."""
-    import json
-
-    from paper_lib.sae import load_sae
-
     common = ["--k", "4,8", "--seed", "0,1", "--d-sae", "64", "--steps", "40", "--batch", "128",
               "--quiet"]
     assert train.main(common + ["--out", str(tmp_path / "a.json"),
@@ -278,6 +275,20 @@ def test_command_line_sweep_trains_every_combination_on_one_pass(tmp_path, capsy
                        str(tmp_path / "c.json"), "--save", str(tmp_path / "one")]) == 0
     assert "final" in json.loads((tmp_path / "c.json").read_text())
     assert (tmp_path / "one" / "cfg.json").exists()
+
+
+def test_command_line_dead_window_scales_with_a_short_run(tmp_path):
+    """Gao et al.'s 10M-token window would leave a run of 40 x 64 = 2,560 tokens with no
+    dead latent ever, and AuxK idle: by default the window is a tenth of the tokens trained
+    (256), so a 512-latent SAE at k = 2 on 32-dim data has dead latents; --dead-tokens sets
+    it (saved in cfg.json)."""
+    for extra, window in (([], 256), (["--dead-tokens", "1000"], 1000)):
+        out = tmp_path / f"w{window}"
+        assert train.main(["--d-sae", "512", "--k", "2", "--steps", "40", "--batch", "64",
+                           "--quiet", "--out", str(out / "m.json"), "--save", str(out / "sae"),
+                           *extra]) == 0
+        assert load_sae(out / "sae").cfg.dead_tokens == window
+    assert json.loads((tmp_path / "w256" / "m.json").read_text())["final"]["dead_train"] > 0
 
 
 def test_command_line_holds_out_rows_it_never_trains_or_initialises_on(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ def data(tiny_lm, tiny_corpus, tmp_path_factory):
     hook = "blocks.1.hook_resid_pre"
     acts = harvest(model, row_batches(tokens, 16), hook, tokens.shape[0] * 31, progress=False)
     cfgs = [SAEConfig("topk", 32, 128, k=4, hook_name=hook),
-            matryoshka_config(32, 128, 4, 16, hook, "tiny", 0)]
+            matryoshka_config(32, 128, 4, 16, hook_name=hook, model_name="tiny", seed=0)]
     res = train_saes([make_sae(c) for c in cfgs], ShuffledBatches(acts, 256),
                      TrainConfig(steps=60, lr=3e-3, progress=False), init_x=acts[:512])
     root = tmp_path_factory.mktemp("saes")

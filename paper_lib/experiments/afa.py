@@ -78,9 +78,11 @@ def zf_data(sae: SAE, x: torch.Tensor, codes: torch.Tensor | None = None
 
 
 def family_configs(d_in: int, d_sae: int, k: int, l1_coeff: float, afa_lambda: float,
-                   hook: str, model: str, seed: int) -> dict[str, SAEConfig]:
-    """The five architectures the ZF plots compare, on equal footing (same n, seed)."""
-    common = dict(d_in=d_in, d_sae=d_sae, hook_name=hook, model_name=model, seed=seed)
+                   hook: str, model: str, seed: int, dead_tokens: int) -> dict[str, SAEConfig]:
+    """The five architectures the ZF plots compare, on equal footing (same n, seed and
+    dead-latent window)."""
+    common = dict(d_in=d_in, d_sae=d_sae, hook_name=hook, model_name=model, seed=seed,
+                  dead_tokens=dead_tokens)
     return {
         "relu": SAEConfig("relu", l1_coeff=l1_coeff, **common),
         "topk": SAEConfig("topk", k=k, **common),
@@ -103,11 +105,12 @@ def lambda_label(lam: float) -> str:
 
 
 def sweep_configs(d_in: int, d_sae: int, lambdas: Sequence[float], ks: Sequence[int], hook: str,
-                  model: str, seed: int) -> dict[str, SAEConfig]:
+                  model: str, seed: int, dead_tokens: int) -> dict[str, SAEConfig]:
     """top-AFA at each lambda and TopK at each k, all on standardised rows as in the authors'
-    runs (same n and seed): the points and the frontier of an L0-FVU plot."""
+    runs (same n, seed and dead-latent window): the points and the frontier of an L0-FVU
+    plot."""
     common = dict(d_in=d_in, d_sae=d_sae, standardize_input=True, hook_name=hook,
-                  model_name=model, seed=seed)
+                  model_name=model, seed=seed, dead_tokens=dead_tokens)
     cfgs = {topafa_name(lam): SAEConfig("topafa", afa_lambda=lam, **common) for lam in lambdas}
     cfgs.update({f"topk k={k}": SAEConfig("topk", k=k, **common) for k in ks})
     return cfgs
@@ -129,7 +132,8 @@ def l0_replicates(p: AFAParams, hook: str, d_in: int,
     """Runs 2 .. p.lambda_seeds of top-AFA over p.afa_lambdas (`sweep_configs`' names and
     settings), each on its own draw of text, initialisation and batch order
     (`replicate_runs`): {name: held-out mean L0} per run, for the trend of L0 in lambda."""
-    cfgs = sweep_configs(d_in, p.d_sae, p.afa_lambdas, (), hook, p.model, p.seed)
+    cfgs = sweep_configs(d_in, p.d_sae, p.afa_lambdas, (), hook, p.model, p.seed,
+                         p.dead_window)
     return replicate_runs(p, hook, cfgs, p.lambda_seeds, device,
                           lambda acts, trained: {name: r.final["l0"]
                                                  for name, r in trained.items()},

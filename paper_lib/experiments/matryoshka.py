@@ -29,13 +29,13 @@ def granularities(n: int, smallest: int) -> list[int]:
     return out
 
 
-def matryoshka_config(d_in: int, n: int, k: int, g_min: int, hook: str, model: str,
-                      seed: int) -> SAEConfig:
-    """Matryoshka groups ending exactly at the granularities g_min, 2 g_min, ..., n."""
+def matryoshka_config(d_in: int, n: int, k: int, g_min: int, **fields: Any) -> SAEConfig:
+    """Matryoshka groups ending exactly at the granularities g_min, 2 g_min, ..., n;
+    `fields`: the other SAEConfig fields (hook_name, model_name, seed, dead_tokens)."""
     ends = granularities(n, g_min)
     sizes = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
     return SAEConfig("matryoshka", d_in, n, k=k, group_fractions=tuple(s / n for s in sizes),
-                     hook_name=hook, model_name=model, seed=seed)
+                     **fields)
 
 
 def importance_orders(codes: Tensor, seed: int = 0) -> dict[str, Tensor]:

@@ -24,6 +24,8 @@ ARCHITECTURES = ("relu", "topk", "batchtopk", "matryoshka", "topafa", "mlp")
 READ_ONLY = ("jumprelu",)
 """Architectures it only reads, from SAELens' files (see paper_lib.sae.io)."""
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+GAO_DEAD_TOKENS = 10_000_000
+"""Gao et al.'s dead-latent window (App. B.1): no firing in this many training tokens."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class SAEConfig:
     """Dead latents the AuxK loss uses; 0 means min(512, d_in // 2) (Gao et al. App. B.1)."""
     aux_coeff: float = 1 / 32
     """AuxK loss weight alpha (Gao et al.: 1/32)."""
-    dead_tokens: int = 10_000_000
+    dead_tokens: int = GAO_DEAD_TOKENS
     """A latent is dead after this many training tokens without firing (Gao et al.: 10M)."""
     tied_init: bool = True
     """Initialise W_enc as W_dec transposed (Gao et al. Sec. 2.4)."""
