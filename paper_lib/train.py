@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,
                 "input_scale": acts.scale}
         saelens_meta = acts.saelens_metadata()
-        data_key = json.dumps(acts.identity(), sort_keys=True)
+        data_id: object = acts.identity()
+        data_key = json.dumps(data_id, sort_keys=True)
     else:
         if args.acts is not None:
             from safetensors.torch import load_file
@@ -606,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             x = _demo_data(args.d_in, 8192 + 2048, data_seed).to(device)
             data_key = f"synthetic d_in={args.d_in}"  # + the seed, which configs_key holds
+        data_id = data_key
         # The last rows are held out: the reported metrics are never on rows trained on.
         held = min(2048, x.shape[0] // 10)
         if held < 1 or x.shape[0] - held < args.batch:
@@ -648,8 +650,12 @@ def main(argv: list[str] | None = None) -> int:
                      for r, rec in zip(results, records)],
             "stack": args.stack, **meta}
     else:
-        body = {**records[0], **meta}
-    atomic_write_json(args.out, {**body, "cpu_numerics": cpu_numerics()})
+        body = {"config": results[0].sae.cfg.to_dict(), **records[0], **meta}
+    # what was run, defaults resolved: the record alone says how to train these SAEs again
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings["dead_tokens"] = dead_tokens
+    atomic_write_json(args.out, {**body, "settings": settings, "data": data_id,
+                                 "cpu_numerics": cpu_numerics()})
     scale = float(meta.get("input_scale", 1.0))
     for res in results:
         if args.save is not None:

@@ -277,17 +277,21 @@ def test_command_line_sweep_trains_every_combination_on_one_pass(tmp_path, capsy
     assert (tmp_path / "one" / "cfg.json").exists()
 
 
-def test_command_line_dead_window_scales_with_a_short_run(tmp_path):
+def test_command_line_dead_window_scales_with_a_short_run_and_is_recorded(tmp_path):
     """Gao et al.'s 10M-token window would leave a run of 40 x 64 = 2,560 tokens with no
     dead latent ever, and AuxK idle: by default the window is a tenth of the tokens trained
     (256), so a 512-latent SAE at k = 2 on 32-dim data has dead latents; --dead-tokens sets
-    it (saved in cfg.json)."""
+    it. cfg.json and the JSON record both hold it, the record with every setting that ran."""
     for extra, window in (([], 256), (["--dead-tokens", "1000"], 1000)):
         out = tmp_path / f"w{window}"
         assert train.main(["--d-sae", "512", "--k", "2", "--steps", "40", "--batch", "64",
                            "--quiet", "--out", str(out / "m.json"), "--save", str(out / "sae"),
                            *extra]) == 0
         assert load_sae(out / "sae").cfg.dead_tokens == window
+        record = json.loads((out / "m.json").read_text())  # what ran, defaults resolved
+        assert record["config"]["dead_tokens"] == record["settings"]["dead_tokens"] == window
+        assert (record["settings"]["steps"], record["settings"]["batch"]) == (40, 64)
+        assert record["data"] == "synthetic d_in=32"
     assert json.loads((tmp_path / "w256" / "m.json").read_text())["final"]["dead_train"] > 0
 
 
