@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     if dead_tokens >= trained:
         ap.error(f"--dead-tokens {dead_tokens:,}{'' if args.dead_tokens else ' (the default)'} "
                  f"is not below the {trained:,} tokens trained (--steps x --batch): no latent "
-                 "could count as dead, so AuxK would never act; lower it or train longer")
+                 "could count as dead (AuxK would never act, dead_train would read 0); lower "
+                 "it or train longer")
     # a list of a setting the architecture ignores would train the same SAE twice
     used = {"k": args.arch in TOPK_FAMILY, "l1_coeff": args.arch in ("relu", "mlp")}
     for name, uses in used.items():

@@ -251,7 +251,7 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
     (["--context-size", "1"], "context_size = 1: a row needs BOS and a token"),
     (["--steps", "100", "--batch", "256", "--dead-tokens", "25600"],  # 100 x 256 = 25,600
      "--dead-tokens 25,600 is not below the 25,600 tokens trained \\(--steps x --batch\\): no "
-     "latent could count as dead, so AuxK would never act"),
+     "latent could count as dead \\(AuxK would never act, dead_train would read 0\\)"),
     (["--dead-tokens", "0"], "--dead-tokens 0: must be >= 1"),
     (["--acts", "{short}", "--context-size", "64"], "--context-size needs --model"),
     (["--dataset", "Skylion007/openwebtext"], "model 'embedded-smoke' and dataset "
