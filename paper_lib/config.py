@@ -643,6 +643,10 @@ class ExploreParams(LMParams):
     """Notebook 05: the widget explorers."""
 
     fallback_steps: int = param(200, "training steps when no saved SAEs exist yet", lo=1)
+    custom_saes: bool = param(False, "also explore the SAEs that notebook runs with "
+                              "non-preset parameters saved (data/saes/<profile>-custom); "
+                              "False keeps a preset run, whose record is the reference, to "
+                              "the reference runs' SAEs")
     sae_dirs: tuple[str, ...] = param((), "more SAEs to explore: folders holding cfg.json "
                                       "(saved by paper_lib, or SAELens' standard, topk or "
                                       "jumprelu SAEs) or folders of them, relative to the "

@@ -39,14 +39,18 @@ from paper_lib.sae.io import read_cfg, recorded, saved_saes, short_context_notes
 NEURONPEDIA = "https://www.neuronpedia.org"  # a latent's page: <id>/<latent>
 
 
-def profile_saes(root: Path, profile: str) -> dict[str, Path]:
+def profile_saes(root: Path, profile: str, custom: bool = True) -> dict[str, Path]:
     """The SAEs the notebooks saved for `profile`: those of its reference runs (under
-    root/<profile>) and, prefixed "custom/", those of runs with other parameters (under
-    root/<profile>-custom, where such runs save so as not to replace the reference ones)."""
+    root/<profile>) and, with `custom`, prefixed "custom/", those of runs with other
+    parameters (under root/<profile>-custom, where such runs save so as not to replace the
+    reference ones)."""
     from paper_lib.claims import CUSTOM_SUFFIX
 
-    custom = saved_saes(root / (profile + CUSTOM_SUFFIX))  # a missing folder finds none
-    return {**saved_saes(root / profile), **{f"custom/{k}": v for k, v in custom.items()}}
+    ref = saved_saes(root / profile)
+    if not custom:
+        return ref
+    more = saved_saes(root / (profile + CUSTOM_SUFFIX))  # a missing folder finds none
+    return {**ref, **{f"custom/{k}": v for k, v in more.items()}}
 
 
 def sae_source(path: Path, root: Path = PROJECT_ROOT / "data" / "saes") -> str:

@@ -163,7 +163,8 @@ def test_listed_saes_are_found_named_and_must_fit(tmp_path):
 
 def test_explorer_lists_reference_and_custom_run_saes(tmp_path):
     """Notebooks run with non-preset parameters save under <profile>-custom/, so they do
-    not replace the reference SAEs; the explorer offers both, the custom ones marked."""
+    not replace the reference SAEs; the explorer offers both, the custom ones marked, or the
+    reference ones alone."""
     from paper_lib.widgets import profile_saes
 
     assert profile_saes(tmp_path, "smoke") == {}
@@ -173,6 +174,10 @@ def test_explorer_lists_reference_and_custom_run_saes(tmp_path):
     got = profile_saes(tmp_path, "smoke")
     assert got == {"03_topk_scaling/topk": tmp_path / "smoke/03_topk_scaling/topk",
                    "custom/03_topk_scaling/topk": tmp_path / "smoke-custom/03_topk_scaling/topk"}
+    # what a preset run of 05 explores (-p custom_saes False): its record is the reference,
+    # so it does not depend on the custom runs one machine happens to have made
+    assert profile_saes(tmp_path, "smoke", custom=False) == {
+        "03_topk_scaling/topk": tmp_path / "smoke/03_topk_scaling/topk"}
 
 
 def test_latent_explorer_updates(data):
