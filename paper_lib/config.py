@@ -644,9 +644,10 @@ class ExploreParams(LMParams):
 
     fallback_steps: int = param(200, "training steps when no saved SAEs exist yet", lo=1)
     custom_saes: bool = param(False, "also explore the SAEs that notebook runs with "
-                              "non-preset parameters saved (data/saes/<profile>-custom); "
-                              "False keeps a preset run, whose record is the reference, to "
-                              "the reference runs' SAEs")
+                              "non-preset parameters saved (data/saes/<profile>-custom), as "
+                              "a run with other non-preset parameters does anyway; a preset "
+                              "run, whose record is the reference, explores the reference "
+                              "runs' SAEs alone")
     sae_dirs: tuple[str, ...] = param((), "more SAEs to explore: folders holding cfg.json "
                                       "(saved by paper_lib, or SAELens' standard, topk or "
                                       "jumprelu SAEs) or folders of them, relative to the "

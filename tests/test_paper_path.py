@@ -32,8 +32,8 @@ SMALL = {
                                 "cost_batch": 256, "cost_rounds": 3, "syn_features": 64,
                                 "syn_dim": 16, "syn_steps": 20, "extra_sizes": [128],
                                 "extra_ks": [8], "context_size": 64},  # the others: 128
-    # after 01, 03, 04: explores their SAEs, which these custom runs saved under paper-custom
-    "05_explore": {**LM, "fallback_steps": 20, "custom_saes": True},
+    # after 01, 03, 04: a custom run, it explores their SAEs, saved under paper-custom
+    "05_explore": {**LM, "fallback_steps": 20},
 }
 
 
