@@ -61,6 +61,8 @@ def pruned_topk_recon(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()  # inference only: callers outside no_grad (the prefix explorer, 04's
+# per-size loop) kept an autograd graph of every encoding
 def matryoshka_prefix_recon(sae: SAE, x: Tensor, g: int) -> Tensor:
     """One full-size (eval) encoding, decoded from the first g latents only."""
     codes = sae.encode(x)
