@@ -173,6 +173,15 @@ def check_rows(what: str, rows: int, tokens_name: str, n_eval_tokens: int,
                          f"ask for fewer rows or raise {tokens_name}")
 
 
+def check_dead_window(what: str, window: int, trained: int, trained_name: str) -> None:
+    """Refuse a dead-latent window (`what`: how the user named it) not below the `trained`
+    tokens (`trained_name`: how they are counted): no latent could ever count as dead."""
+    if window >= trained:
+        raise ValueError(f"{what} = {window:,} is not below the {trained:,} tokens trained on "
+                         f"({trained_name}): no latent could count as dead (AuxK would never "
+                         "act, dead_train would read 0); lower it or train longer")
+
+
 def check_device(profile: str, device: str) -> Any:
     """The torch device `device` names, or a ValueError saying why it cannot be had: the
     gpu and paper profiles refuse a CPU-only machine unless device='cpu' asks for a (slow)
@@ -343,12 +352,9 @@ class LMParams(Params):
             raise ValueError("parameter 'context_size' = 1: a row needs BOS and a token; "
                              f"use at least 2 (0: the default, {HUB_CONTEXT})")
         steps = getattr(self, self.TRAIN_STEPS, None)  # None: LMParams alone trains no SAE
-        trained = (steps or 0) * self.batch_size
-        if steps is not None and self.dead_window >= trained:
-            raise ValueError(f"parameter 'dead_window' = {self.dead_window:,} is not below the "
-                             f"{trained:,} tokens trained on ({self.TRAIN_STEPS} x batch_size): "
-                             "no latent could count as dead, so AuxK would never act; lower it "
-                             "or train longer")
+        if steps is not None:
+            check_dead_window("parameter 'dead_window'", self.dead_window,
+                              steps * self.batch_size, f"{self.TRAIN_STEPS} x batch_size")
 
     def check_ce_rows(self) -> None:
         """Refuse `ce_rows` (each subclass that computes CE has it) above the rows that

@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     import itertools
     import sys
 
+    from paper_lib.config import check_dead_window, default_ce_rows
     from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
     from paper_lib.sae import ARCHITECTURES, make_sae, save_sae
     from paper_lib.sae.base import GAO_DEAD_TOKENS, TOPK_FAMILY
@@ -541,11 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     # Gao et al.'s 10M tokens suit runs of billions; a short run with it could never see a
     # dead latent, and AuxK would never act.
     dead_tokens = args.dead_tokens or min(GAO_DEAD_TOKENS, max(1, trained // 10))
-    if dead_tokens >= trained:
-        ap.error(f"--dead-tokens {dead_tokens:,}{'' if args.dead_tokens else ' (the default)'} "
-                 f"is not below the {trained:,} tokens trained (--steps x --batch): no latent "
-                 "could count as dead (AuxK would never act, dead_train would read 0); lower "
-                 "it or train longer")
+    try:
+        check_dead_window("--dead-tokens" if args.dead_tokens else "the default --dead-tokens",
+                          dead_tokens, trained, "--steps x --batch")
+    except ValueError as e:
+        ap.error(str(e))
     # a list of a setting the architecture ignores would train the same SAE twice
     used = {"k": args.arch in TOPK_FAMILY, "l1_coeff": args.arch in ("relu", "mlp")}
     for name, uses in used.items():
@@ -629,7 +630,6 @@ def main(argv: list[str] | None = None) -> int:
                      desc=f"train {len(cfgs)} SAEs" if sweep else f"train {cfgs[0].short()}")
     results = train_saes([make_sae(c).to(device) for c in cfgs], data, tc, eval_x=eval_x,
                          init_x=init_x)
-    from paper_lib.config import default_ce_rows
     from paper_lib.experiments.common import lm_loss
 
     ce_rows = 0 if args.model is None else \

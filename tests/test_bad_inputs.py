@@ -126,7 +126,7 @@ CASES = [
     ("explorer's dead-latent window past its fallback training", lambda t: lambda:
         ExploreParams.from_profile("smoke", fallback_steps=40), ValueError,
      r"'dead_window' = 50,000 is not below the 40,960 tokens trained on \(fallback_steps x "
-     r"batch_size\): no latent could count as dead, so AuxK would never act"),
+     r"batch_size\): no latent could count as dead \(AuxK would never act"),
     ("more active atoms than atoms", lambda t: lambda: AFAParams.from_profile(
         "smoke", h_values=[2, 200]), ValueError,
      r"'h_values' = \[2, 200\]: a synthetic code cannot have more active atoms than "
@@ -250,8 +250,8 @@ def test_failed_save_keeps_the_previous_sae(tmp_path, monkeypatch):
                                "context, 128 tokens"),
     (["--context-size", "1"], "context_size = 1: a row needs BOS and a token"),
     (["--steps", "100", "--batch", "256", "--dead-tokens", "25600"],  # 100 x 256 = 25,600
-     "--dead-tokens 25,600 is not below the 25,600 tokens trained \\(--steps x --batch\\): no "
-     "latent could count as dead \\(AuxK would never act, dead_train would read 0\\)"),
+     "--dead-tokens = 25,600 is not below the 25,600 tokens trained on \\(--steps x --batch\\): "
+     "no latent could count as dead \\(AuxK would never act, dead_train would read 0\\)"),
     (["--dead-tokens", "0"], "--dead-tokens 0: must be >= 1"),
     (["--acts", "{short}", "--context-size", "64"], "--context-size needs --model"),
     (["--dataset", "Skylion007/openwebtext"], "model 'embedded-smoke' and dataset "
