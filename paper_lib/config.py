@@ -173,6 +173,15 @@ def check_rows(what: str, rows: int, tokens_name: str, n_eval_tokens: int,
                          f"ask for fewer rows or raise {tokens_name}")
 
 
+def check_source(model_name: str, dataset: str) -> None:
+    """A ValueError, before any work, if `model_name` cannot read `dataset`: the embedded
+    corpus's byte rows mean nothing to a hub LM's tokenizer, and an embedded LM has no
+    tokenizer for a hub dataset's text."""
+    if (dataset == "stdlib") != model_name.startswith("embedded-"):
+        raise ValueError(f"model {model_name!r} and dataset {dataset!r} disagree: the embedded "
+                         "LMs read dataset 'stdlib'; a hub model needs a hub dataset")
+
+
 def check_dead_window(what: str, window: int, trained: int, trained_name: str) -> None:
     """Refuse a dead-latent window (`what`: how the user named it) not below the `trained`
     tokens (`trained_name`: how they are counted): no latent could ever count as dead."""
@@ -342,9 +351,7 @@ class LMParams(Params):
         if embedded and self.model not in ("embedded-smoke", "embedded-gpu"):
             raise ValueError(f"parameter 'model' = {self.model!r} is invalid: embedded models "
                              "are 'embedded-smoke' and 'embedded-gpu'")
-        if embedded != (self.dataset == "stdlib"):
-            raise ValueError("parameters 'model' and 'dataset' disagree: the embedded LMs read "
-                             "dataset='stdlib'; a hub model needs a hub dataset")
+        check_source(self.model, self.dataset)
         if embedded and self.context_size:
             raise ValueError(f"parameter 'context_size' = {self.context_size} is for hub LMs: "
                              f"{self.model} reads rows of its whole context; leave it 0")

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from paper_lib.config import HUB_CONTEXT, check_rows, default_ce_rows
-from paper_lib.data.activations import check_context_size, check_source, load_activations
+from paper_lib.config import HUB_CONTEXT, check_rows, check_source, default_ce_rows
+from paper_lib.data.activations import check_context_size, load_activations
 
 
 def agreed(cfgs: Iterable[dict[str, Any]], key: str) -> str:

@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     import itertools
     import sys
 
-    from paper_lib.config import check_dead_window, default_ce_rows
+    from paper_lib.config import check_dead_window, check_source, default_ce_rows
     from paper_lib.runtime import atomic_write_json, cpu_numerics, pick_device
     from paper_lib.sae import ARCHITECTURES, make_sae, save_sae
     from paper_lib.sae.base import GAO_DEAD_TOKENS, TOPK_FAMILY
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.context_size is not None and args.model is None:
         ap.error("--context-size needs --model: it is the length of the LM's token rows")
     if args.model is not None:
-        from paper_lib.data.activations import check_context_size, check_source
+        from paper_lib.data.activations import check_context_size
 
         try:
             check_source(args.model, args.dataset)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from paper_lib.config import HUB_CONTEXT
+from paper_lib.config import HUB_CONTEXT, check_source
 from paper_lib.data.corpus import (BYTES, Vocab, byte_tokens, hf_token_batches,
                                    load_stdlib_corpus)
 from paper_lib.data.harvest import (ActivationCache, StreamingActivations, default_hook, harvest,
@@ -273,15 +273,6 @@ def check_fits(n_tokens: int, n_eval_tokens: int, d: int, device: torch.device,
         what = f"n_tokens = {n_tokens:,} + " if n_tokens else ""  # none held when streamed
         raise ValueError(f"{what}n_eval_tokens = {n_eval_tokens:,} activations of width {d} "
                          f"{short}: {fix}")
-
-
-def check_source(model_name: str, dataset: str) -> None:
-    """A ValueError, before any work, if `model_name` cannot read `dataset`: the embedded
-    corpus's byte rows mean nothing to a hub LM's tokenizer, and an embedded LM has no
-    tokenizer for a hub dataset's text."""
-    if (dataset == "stdlib") != model_name.startswith("embedded-"):
-        raise ValueError(f"model {model_name!r} and dataset {dataset!r} disagree: the embedded "
-                         "LMs read dataset 'stdlib'; a hub model needs a hub dataset")
 
 
 def check_context_size(model_name: str, context_size: int | None) -> None:
