@@ -38,6 +38,7 @@ from paper_lib.runtime import (
 )
 from paper_lib.sae import kernels
 from paper_lib.sae.base import READ_ONLY, SAE, SAEConfig
+from paper_lib.sae.batchtopk import BatchTopKSAE
 from paper_lib.sae.stack import SAEStack, stack_groups
 
 
@@ -321,7 +322,11 @@ def train_saes(saes: list[SAE], data: BatchSource, cfg: TrainConfig,
 
     def run_eval(step: int) -> None:
         heldout = eval_x is not None and (cfg.heldout_midway or step == cfg.steps)
+        last = None  # the batch just trained on: BatchTopK's inference threshold, from it
         for sae, res, cnt in zip(saes, results, since):
+            if isinstance(sae, BatchTopKSAE):  # Matryoshka too
+                last = data.batch(step - 1).to(device) if last is None else last
+                sae.calibrate_threshold_(last)
             row: dict[str, float] = {"step": step, "tokens": step * data.batch_size}
             if heldout:
                 row.update(evaluate(sae, eval_x))

@@ -107,17 +107,38 @@ def test_initial_decoder_is_the_init_and_shared_by_a_seeds_smaller_saes():
     assert (other * w).sum(1).abs().max() < 0.99
 
 
-def test_batchtopk_keeps_k_times_batch_and_learns_threshold():
-    """Training: exactly k*B nonzeros over the batch; eval: a single threshold."""
+def test_batchtopk_keeps_k_times_batch_and_calibrates_threshold():
+    """Training: exactly k*B nonzeros over the batch; eval: one threshold, plain ReLU until
+    `calibrate_threshold_` sets it (the trainer does before each held-out evaluation)."""
     sae = make_sae(cfg_for("batchtopk"))
     sae.train()
     x = torch.randn(10, 8)
     codes = sae(x).codes
     assert int((codes > 0).sum()) == 4 * 10
-    assert sae.threshold > 0
     sae.eval()
     pre = sae.pre_acts(x)
+    assert float(sae.threshold) == -1 and torch.equal(sae(x).codes, pre.relu())
+    sae.calibrate_threshold_(x)
     assert torch.equal(sae(x).codes, pre.relu() * (pre > sae.threshold))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_threshold_by_hand(arch):
+    """Identity encoder, zero biases: pre-activations are the rows themselves. k = 1 over
+    two rows keeps the 2 largest positives, 3 and 2, so theta = 2; k = 3 would keep 6 but
+    only 4 are positive, so theta is the smallest of them, 0.5; no positive entry leaves
+    theta alone."""
+    x = torch.tensor([[3.0, 1.0, -1.0, 0.0], [2.0, 0.5, 0.0, 0.0]])
+    for k, want in ((1, 2.0), (3, 0.5)):
+        sae = make_sae(SAEConfig(arch, 4, 4, k=k, group_fractions=(0.5, 0.5)))
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.eye(4))
+        sae.calibrate_threshold_(x)
+        assert float(sae.threshold) == want
+    sae.eval()
+    assert sae(x).codes.tolist() == [[3.0, 1, 0, 0], [2, 0, 0, 0]]  # pre > 0.5: 0.5 drops
+    sae.calibrate_threshold_(-x.abs())
+    assert float(sae.threshold) == 0.5
 
 
 def test_matryoshka_groups_and_prefix_sum():

@@ -44,8 +44,7 @@ def _dead_masks(g_count):
 def test_stack_matches_each_sae_alone(arch, ks, with_dead, grads, topk):
     """The stack's loss terms are the sums of each SAE's own (dense reference) terms, and
     every gradient of the stacked parameters is that SAE's own gradient (float32, 1e-4
-    relative), for every kernel strategy and architecture of the TopK family (BatchTopK:
-    each SAE's inference threshold updated as its own training would)."""
+    relative), for every kernel strategy and architecture of the TopK family."""
     require_grads(grads)
     saes = _saes(ks, arch, aux_k=6)
     alone = copy.deepcopy(saes)
@@ -71,10 +70,6 @@ def test_stack_matches_each_sae_alone(arch, ks, with_dead, grads, topk):
         ref = cat([getattr(s, name).grad for s in alone])
         err = (getattr(stack, name).grad - ref).norm() / ref.norm()
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
-    if arch != "topk":
-        for sae, own in zip(saes, alone):
-            assert float(sae.threshold) > 0
-            assert float(sae.threshold) == pytest.approx(float(own.threshold), rel=1e-6)
 
 
 def test_stack_standardised_inputs_and_frozen_decoder():

@@ -14,8 +14,7 @@ mean over Matryoshka's prefixes, plus AuxK per SAE: Gao et al. 2024 App. B.1), s
 receives the gradient, and (with Adam's elementwise update and one shared lr) the update it
 would get alone; only float rounding differs (tests/test_stack.py). TopK selects for all
 SAEs at once, each keeping its own k (the top max(k) of each row, in order, each SAE its
-first k); BatchTopK and Matryoshka select batch-wide per SAE (`select`, which also updates
-each SAE's own inference threshold).
+first k); BatchTopK and Matryoshka select batch-wide per SAE (`select`).
 
 One encoder product serves G centrings: with c the SAEs' mean b_dec (detached),
     (x - b_dec_g) W_g + b_enc_g = (x - c) W_g + [b_enc_g - (b_dec_g - c) W_g],
