@@ -429,3 +429,20 @@ def test_missing_weight_key(tmp_path):
     save_file(state, str(d / WEIGHTS_FILE))
     with pytest.raises(ValueError, match=r"lacks weight\(s\) \['b_enc'\]"):
         load_sae(d)
+
+
+def test_matryoshka_prefix_recon_by_hand():
+    """Identity encoder and decoder, zero biases: codes are the row's positive entries.
+    The SAE's own threshold (0.75 here) keeps 3, 1 and 2; per-token k = 2 keeps the two
+    largest, 3 and 2; a prefix of g latents then decodes the first g of them only."""
+    from paper_lib.experiments.matryoshka import matryoshka_prefix_recon
+    sae = make_sae(SAEConfig("matryoshka", 4, 4, k=2, group_fractions=(0.5, 0.5))).eval()
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4))
+        sae.threshold.fill_(0.75)
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
+    assert matryoshka_prefix_recon(sae, x, 4).tolist() == [[3.0, 1.0, 2.0, 0.0]]
+    assert matryoshka_prefix_recon(sae, x, 4, per_token_k=2).tolist() == [[3.0, 0.0, 2.0, 0.0]]
+    assert matryoshka_prefix_recon(sae, x, 2, per_token_k=2).tolist() == [[3.0, 0.0, 0.0, 0.0]]
+    assert matryoshka_prefix_recon(sae, x, 2).tolist() == [[3.0, 1.0, 0.0, 0.0]]
