@@ -123,21 +123,23 @@ def test_batchtopk_keeps_k_times_batch_and_calibrates_threshold():
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
-def test_batchtopk_threshold_by_hand(arch):
+@pytest.mark.parametrize("chunk", [4096, 1])
+def test_batchtopk_threshold_by_hand(arch, chunk):
     """Identity encoder, zero biases: pre-activations are the rows themselves. k = 1 over
-    two rows keeps the 2 largest positives, 3 and 2, so theta = 2; k = 3 would keep 6 but
+    two rows keeps the 2 largest positives, 3 and 2, so theta = 2 (with rows encoded one at
+    a time too: both are row 0's, had each row kept only its own k); k = 3 would keep 6 but
     only 4 are positive, so theta is the smallest of them, 0.5; no positive entry leaves
     theta alone."""
-    x = torch.tensor([[3.0, 1.0, -1.0, 0.0], [2.0, 0.5, 0.0, 0.0]])
+    x = torch.tensor([[3.0, 2.0, -1.0, 0.0], [1.0, 0.5, 0.0, 0.0]])
     for k, want in ((1, 2.0), (3, 0.5)):
         sae = make_sae(SAEConfig(arch, 4, 4, k=k, group_fractions=(0.5, 0.5)))
         with torch.no_grad():
             sae.W_enc.copy_(torch.eye(4))
-        sae.calibrate_threshold_(x)
+        sae.calibrate_threshold_(x, chunk=chunk)
         assert float(sae.threshold) == want
     sae.eval()
-    assert sae(x).codes.tolist() == [[3.0, 1, 0, 0], [2, 0, 0, 0]]  # pre > 0.5: 0.5 drops
-    sae.calibrate_threshold_(-x.abs())
+    assert sae(x).codes.tolist() == [[3.0, 2, 0, 0], [1, 0, 0, 0]]  # pre > 0.5: 0.5 drops
+    sae.calibrate_threshold_(-x.abs(), chunk=chunk)
     assert float(sae.threshold) == 0.5
 
 
@@ -430,19 +432,3 @@ def test_missing_weight_key(tmp_path):
     with pytest.raises(ValueError, match=r"lacks weight\(s\) \['b_enc'\]"):
         load_sae(d)
 
-
-def test_matryoshka_prefix_recon_by_hand():
-    """Identity encoder and decoder, zero biases: codes are the row's positive entries.
-    The SAE's own threshold (0.75 here) keeps 3, 1 and 2; per-token k = 2 keeps the two
-    largest, 3 and 2; a prefix of g latents then decodes the first g of them only."""
-    from paper_lib.experiments.matryoshka import matryoshka_prefix_recon
-    sae = make_sae(SAEConfig("matryoshka", 4, 4, k=2, group_fractions=(0.5, 0.5))).eval()
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(4))
-        sae.W_dec.copy_(torch.eye(4))
-        sae.threshold.fill_(0.75)
-    x = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
-    assert matryoshka_prefix_recon(sae, x, 4).tolist() == [[3.0, 1.0, 2.0, 0.0]]
-    assert matryoshka_prefix_recon(sae, x, 4, per_token_k=2).tolist() == [[3.0, 0.0, 2.0, 0.0]]
-    assert matryoshka_prefix_recon(sae, x, 2, per_token_k=2).tolist() == [[3.0, 0.0, 0.0, 0.0]]
-    assert matryoshka_prefix_recon(sae, x, 2).tolist() == [[3.0, 1.0, 0.0, 0.0]]

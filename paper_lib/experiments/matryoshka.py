@@ -62,16 +62,9 @@ def pruned_topk_recon(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
 
 @torch.no_grad()  # inference only: callers outside no_grad (the prefix explorer, 04's
 # per-size loop) kept an autograd graph of every encoding
-def matryoshka_prefix_recon(sae: SAE, x: Tensor, g: int, per_token_k: int = 0) -> Tensor:
-    """One full-size (eval) encoding, decoded from the first g latents only. `per_token_k`:
-    encode with each token's k largest ReLU pre-activations instead of the SAE's own
-    threshold (TopK inference of the same weights: exactly k active latents per token, as
-    a TopK SAE keeps, where the threshold lets through as many as the text calls for)."""
-    if per_token_k:
-        x_in, _, _ = sae.prepare(x)
-        codes = topk_codes(sae.pre_acts(x_in), per_token_k)
-    else:
-        codes = sae.encode(x)
+def matryoshka_prefix_recon(sae: SAE, x: Tensor, g: int) -> Tensor:
+    """One full-size (eval) encoding, decoded from the first g latents only."""
+    codes = sae.encode(x)
     codes[:, g:] = 0
     return sae.decode_like(x, codes)
 

@@ -34,16 +34,24 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     @torch.no_grad()
-    def calibrate_threshold_(self, x: Tensor) -> None:
-        """theta <- the smallest activation the batch selection keeps on rows x [B, d] (a
-        training batch) under the current weights: the (k*B)-th largest positive ReLU
-        pre-activation, or the smallest positive one if fewer are positive. Left as it was
-        if none is."""
-        x_in, _, _ = self.prepare(x.float())
-        pre = self.pre_acts(x_in)
-        rows, cols = self.select(pre, x_in)  # the selection training makes
-        if rows.numel():
-            self.threshold.copy_(pre[rows, cols].min())
+    def calibrate_threshold_(self, x: Tensor, chunk: int = 4096) -> None:
+        """theta <- the smallest activation the batch selection would keep on rows x [B, d]
+        taken as one batch, under the current weights: the (k*B)-th largest positive ReLU
+        pre-activation, or the smallest positive one if fewer are positive; left as it was
+        if none is. The trainer calls it on a training batch. Rows are encoded `chunk` at a
+        time, each chunk's k*B largest kept (B x n pre-activations at once would take 17 GB
+        for 65,536 rows of a 65,536-latent SAE)."""
+        total, n = self.cfg.k * x.shape[0], self.cfg.d_sae
+        kept = None  # the k*B largest positive values so far
+        for i in range(0, x.shape[0], chunk):
+            x_in, _, _ = self.prepare(x[i:i + chunk].float())
+            flat = self.pre_acts(x_in).view(-1)
+            vals = flat[largest_positive(flat, min(total, flat.numel()), n)]
+            kept = vals if kept is None else torch.cat([kept, vals])
+            if kept.numel() > total:
+                kept = kept.topk(total, sorted=False).values
+        if kept is not None and kept.numel():
+            self.threshold.copy_(kept.min())
 
     def batch_topk(self, pre: Tensor) -> Tensor:
         acts = pre.relu()
@@ -53,24 +61,10 @@ class BatchTopKSAE(SAE):
 
     @torch.compiler.disable  # data-dependent shapes and branch: selection stays eager
     def select(self, pre: Tensor, x_in: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's k*B largest ReLU pre-activations, exactly, in row-major order.
-
-        A strided sample of pre gives a threshold a little below the (k*B)-th largest
-        value; the entries above it (1.2-1.7 k*B, in row-major order from `nonzero`) are
-        the only candidates, and their top k*B is the answer. If the sample aimed too high
-        (fewer candidates than k*B: rare by its margin), every positive entry is a
-        candidate. Entries at or below zero are never kept: their codes would be zero."""
+        """The batch's k*B largest ReLU pre-activations, exactly, in row-major order
+        (`largest_positive`)."""
         batch, n = pre.shape
-        total = min(self.cfg.k * batch, pre.numel())
-        flat = pre.view(-1)
-        theta = sample_threshold(flat, total / flat.numel(), n)
-        pos = (flat > max(theta, 0.0)).nonzero().squeeze(1)
-        if pos.numel() < total and theta > 0:  # the sample aimed too high
-            pos = (flat > 0).nonzero().squeeze(1)
-        vals = flat[pos]
-        if pos.numel() > total:
-            keep = vals.topk(total, sorted=False).indices.sort().values  # back in row order
-            pos = pos[keep]
+        pos = largest_positive(pre.view(-1), min(self.cfg.k * batch, pre.numel()), n)
         return pos // n, pos % n
 
     def activation(self, pre: Tensor, x_in: Tensor) -> Tensor:
@@ -81,6 +75,25 @@ class BatchTopKSAE(SAE):
 
     def extra_loss(self, out: SAEOutput, dead_mask: Tensor | None) -> dict[str, Tensor]:
         return self.auxk_loss(out, dead_mask)
+
+
+def largest_positive(flat: Tensor, total: int, n: int) -> Tensor:
+    """Positions, ascending, of the `total` largest positive entries of flat (rows of n
+    entries, flattened), exactly; all positive entries if fewer are positive.
+
+    A strided sample gives a threshold a little below the total-th largest value; the
+    entries above it (1.2-1.7 total, in order from `nonzero`) are the only candidates, and
+    their top `total` is the answer. If the sample aimed too high (fewer candidates than
+    total: rare by its margin), every positive entry is a candidate. Entries at or below
+    zero are never kept: their codes would be zero."""
+    theta = sample_threshold(flat, total / flat.numel(), n)
+    pos = (flat > max(theta, 0.0)).nonzero().squeeze(1)
+    if pos.numel() < total and theta > 0:  # the sample aimed too high
+        pos = (flat > 0).nonzero().squeeze(1)
+    if pos.numel() > total:
+        keep = flat[pos].topk(total, sorted=False).indices.sort().values  # back in order
+        pos = pos[keep]
+    return pos
 
 
 SAMPLE = 1 << 18
