@@ -431,4 +431,3 @@ def test_missing_weight_key(tmp_path):
     save_file(state, str(d / WEIGHTS_FILE))
     with pytest.raises(ValueError, match=r"lacks weight\(s\) \['b_enc'\]"):
         load_sae(d)
-

@@ -71,7 +71,8 @@ def test_batchtopk_threshold_is_set_from_the_last_training_batch(arch):
     """The inference threshold is the smallest activation the batch selection keeps on
     the last training batch under the final weights, so there (pre > theta, strictly)
     the SAE keeps k*B - 1 codes: theta's own entry drops out, no two floats tie."""
-    x, batches = sparse_data(), ShuffledBatches(sparse_data(), 128)
+    x = sparse_data()
+    batches = ShuffledBatches(x, 128)
     sae = make_sae(SAEConfig(arch, 16, 64, k=4))
     train_saes([sae], batches, TrainConfig(steps=25, lr=3e-3, eval_every=10, progress=False),
                eval_x=x[:256], init_x=x[:256])

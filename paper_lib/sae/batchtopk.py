@@ -12,7 +12,7 @@ dictionary_learning: 0.999, from step 1000). Over a run of a few hundred steps, 
 Matryoshka SAE after 250 steps had theta 0.80 where its final weights' training batches gave
 0.64, and kept 13.8 latents per held-out token instead of about k = 16. So the trainer sets
 theta from the final weights (`calibrate_threshold_`, on the last training batch, before
-every held-out evaluation): what the running average tends to over a long run, at any length.
+every evaluation): what the running average tends to over a long run, at any length.
 """
 
 from __future__ import annotations
