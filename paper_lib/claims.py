@@ -36,6 +36,7 @@ from paper_lib.runtime import (
     atomic_write_json,
     atomic_write_text,
     env_info,
+    git_commit,
     output_root,
     release_kept,
 )
@@ -305,6 +306,7 @@ class Run:
         self.folder = results_folder(params)
         self.fig_dir = self.root / "figures" / self.folder
         self.results_path = record_path(self.folder, stem, self.root)
+        self.git = git_commit()  # before this run writes its figures, record and notebook
 
     def claim(self, *args: Any, **kwargs: Any) -> Claim:
         c = Claim(*args, **kwargs)
@@ -339,7 +341,7 @@ class Run:
             "notebook": self.stem,
             "profile": self.profile,
             "params": self.params.to_dict(),
-            "env": env_info(device),
+            "env": env_info(device, self.git),
             "seconds": round(time.perf_counter() - self.t0, 1),
             "claims": [asdict(c) for c in self.claims],
             "metrics": self.metrics,

@@ -54,7 +54,14 @@ from paper_lib.claims import (
 )
 from paper_lib.config import PROFILES, Params
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
-from paper_lib.runtime import PROJECT_ROOT, atomic_write_text, output_root, project_relative
+from paper_lib.runtime import (
+    GIT_ENV,
+    PROJECT_ROOT,
+    atomic_write_text,
+    git_commit,
+    output_root,
+    project_relative,
+)
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 # Notebooks that read what the others save (05 explores their SAEs): run after the rest.
@@ -181,6 +188,8 @@ def child_env(jobs: int) -> dict[str, str]:
     env = dict(os.environ)
     if jobs > 1:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # the commit every record names: read now, before any notebook writes its outputs
+    env.setdefault(GIT_ENV, git_commit())
     env.update(pinned_cpu_env(cpu_flags()))
     return env
 

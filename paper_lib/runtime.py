@@ -101,21 +101,31 @@ def stream_generator(seed: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def git_commit() -> str:
+GIT_ENV = "PAPER_LIB_GIT"
+"""When set, the commit a record names (`paper_lib.reproduce` sets it to its reading at
+launch; a copy without .git may set it by hand)."""
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """HEAD's short hash, "-dirty" when tracked files differ from it; $PAPER_LIB_GIT when
+    set. Read it before a run writes its outputs (tracked files: results, figures, the
+    notebook itself), or every record says dirty."""
+    if os.environ.get(GIT_ENV):
+        return os.environ[GIT_ENV]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT,
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root,
             capture_output=True, text=True, timeout=5,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
             capture_output=True, text=True, timeout=5,
         ).stdout.strip()
         if out.returncode != 0:
-            return os.environ.get("PAPER_LIB_GIT", "unknown")
+            return "unknown"
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("PAPER_LIB_GIT", "unknown")  # e.g. a copy without .git
+        return "unknown"
 
 
 def cpu_numerics() -> dict[str, str]:
@@ -123,8 +133,9 @@ def cpu_numerics() -> dict[str, str]:
     return {k: os.environ[k] for k in PINNED_ENV if k in os.environ}
 
 
-def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Versions and hardware, recorded in every results JSON."""
+def env_info(device: torch.device | str | None = None, git: str | None = None) -> dict[str, Any]:
+    """Versions and hardware, recorded in every results JSON; `git`: the commit as read
+    when the run began (default: now)."""
     dev = torch.device(device) if device is not None else pick_device()
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -135,7 +146,7 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cpu_numerics": cpu_numerics(),
         "device": str(dev),
-        "git": git_commit(),
+        "git": git if git is not None else git_commit(),
     }
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)

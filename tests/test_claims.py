@@ -167,6 +167,40 @@ def test_run_writes_results_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["99_test.json"]
 
 
+def test_git_commit_reads_head_and_tracked_changes(tmp_path, monkeypatch):
+    """HEAD's short hash; "-dirty" once a tracked file changes (an untracked one does
+    not count); $PAPER_LIB_GIT, when set, wins."""
+    import subprocess
+
+    from paper_lib.runtime import GIT_ENV, git_commit
+
+    monkeypatch.delenv(GIT_ENV, raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("a")
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / "new.txt").write_text("untracked")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("b")
+    assert git_commit(tmp_path) == head + "-dirty"
+    monkeypatch.setenv(GIT_ENV, "abc1234")
+    assert git_commit(tmp_path) == "abc1234"
+
+
+def test_run_records_the_commit_as_it_was_when_the_run_began(tmp_path, monkeypatch):
+    """A run writes tracked files (figures, then its record and notebook) before its record
+    is made: the record names the commit read when the Run began, not a "-dirty" of its own
+    making."""
+    readings = iter(["abc1234", "abc1234-dirty"])
+    monkeypatch.setattr(claims, "git_commit", lambda: next(readings))
+    run = claims.Run("99_test", AmortParams.from_profile("smoke"), root=tmp_path)
+    run.claim("t.one", "one", 1.0, 1.01, 0.05, "Fig. 1")
+    assert run.finish()["env"]["git"] == "abc1234"
+
+
 def test_savefig_lists_the_figure_and_shows_no_host_path(tmp_path):
     """Run.savefig writes PNG and PDF, lists the figure relative to the output root, and
     returns nothing (a cell ending in it showed PosixPath('/home/...') to every reader);
