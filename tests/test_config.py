@@ -197,7 +197,7 @@ def test_auto_is_the_cpu_at_smoke_even_on_a_gpu_machine(monkeypatch, tmp_path):
     assert str(check_device("smoke", "cuda")) == "cuda"
     assert str(check_device("gpu", "auto")) == "cuda"
     assert str(check_device("paper", "auto")) == "cuda"
-    monkeypatch.setattr("paper_lib.claims.env_info", lambda dev: {"device": str(dev)})
+    monkeypatch.setattr("paper_lib.claims.env_info", lambda dev, git=None: {"device": str(dev)})
     run = Run("99_test", AmortParams.from_profile("smoke"), root=tmp_path)
     assert run.record()["env"]["device"] == "cpu"
 
