@@ -55,10 +55,9 @@ from paper_lib.claims import (
 from paper_lib.config import PROFILES, Params
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
 from paper_lib.runtime import (
-    GIT_ENV,
     PROJECT_ROOT,
     atomic_write_text,
-    git_commit,
+    commit_at_launch,
     output_root,
     project_relative,
 )
@@ -188,8 +187,6 @@ def child_env(jobs: int) -> dict[str, str]:
     env = dict(os.environ)
     if jobs > 1:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # the commit every record names: read now, before any notebook writes its outputs
-    env.setdefault(GIT_ENV, git_commit())
     env.update(pinned_cpu_env(cpu_flags()))
     return env
 
@@ -474,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
                          "at these seeds so far)")
     ap.add_argument("--no-scoreboard", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    with commit_at_launch():  # every record of this call names the commit as it is now
+        return run(ap, args, argv)
+
+
+def run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """`main` once the command line is parsed."""
     if args.jobs < 0:
         ap.error(f"--jobs {args.jobs}: give 1 or more, or 0 for the default")
     if args.seeds is not None:

@@ -128,6 +128,22 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
         return "unknown"
 
 
+
+@contextlib.contextmanager
+def commit_at_launch() -> Iterator[None]:
+    """Within: `git_commit()`, here and in the processes started here (they inherit
+    $PAPER_LIB_GIT), returns the reading taken on entry, so every record of a driver's
+    notebooks, run one after another or seed after seed, names the commit as it was before
+    the first of them wrote its outputs. An outer setting is kept."""
+    if os.environ.get(GIT_ENV):
+        yield
+        return
+    os.environ[GIT_ENV] = git_commit()
+    try:
+        yield
+    finally:
+        os.environ.pop(GIT_ENV, None)
+
 def cpu_numerics() -> dict[str, str]:
     """The CPU code paths this process was pinned to by the kernelspec, if any."""
     return {k: os.environ[k] for k in PINNED_ENV if k in os.environ}

@@ -190,6 +190,25 @@ def test_git_commit_reads_head_and_tracked_changes(tmp_path, monkeypatch):
     assert git_commit(tmp_path) == "abc1234"
 
 
+def test_commit_at_launch_holds_the_first_reading(monkeypatch):
+    """Inside, git_commit() (and any process started there) returns the reading taken on
+    entry, whatever the tree does meanwhile; on exit it reads again. An outer setting (a
+    driver's, or one set by hand) is kept, inside and after."""
+    from paper_lib import runtime
+
+    monkeypatch.delenv(runtime.GIT_ENV, raising=False)
+    readings = iter(["abc1234", "abc1234-dirty"])
+    monkeypatch.setattr(runtime, "git_commit", lambda: next(readings))
+    with runtime.commit_at_launch():
+        assert os.environ[runtime.GIT_ENV] == "abc1234"
+    assert runtime.GIT_ENV not in os.environ
+    monkeypatch.setenv(runtime.GIT_ENV, "outer99")
+    with runtime.commit_at_launch():
+        assert os.environ[runtime.GIT_ENV] == "outer99"
+    assert os.environ[runtime.GIT_ENV] == "outer99"
+    assert next(readings) == "abc1234-dirty"  # read once only, on the first entry
+
+
 def test_run_records_the_commit_as_it_was_when_the_run_began(tmp_path, monkeypatch):
     """A run writes tracked files (figures, then its record and notebook) before its record
     is made: the record names the commit read when the Run began, not a "-dirty" of its own
