@@ -128,7 +128,6 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
         return "unknown"
 
 
-
 @contextlib.contextmanager
 def commit_at_launch() -> Iterator[None]:
     """Within: `git_commit()`, here and in the processes started here (they inherit
@@ -143,6 +142,7 @@ def commit_at_launch() -> Iterator[None]:
         yield
     finally:
         os.environ.pop(GIT_ENV, None)
+
 
 def cpu_numerics() -> dict[str, str]:
     """The CPU code paths this process was pinned to by the kernelspec, if any."""
