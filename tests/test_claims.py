@@ -167,7 +167,7 @@ def test_run_writes_results_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["99_test.json"]
 
 
-def test_git_commit_reads_head_and_tracked_changes(tmp_path, monkeypatch):
+def test_git_commit_reads_head_and_tracked_changes(tmp_path, committed_results, monkeypatch):
     """HEAD's short hash; "-dirty" once a tracked file changes (an untracked one does
     not count); $PAPER_LIB_GIT, when set, wins."""
     import subprocess
@@ -175,16 +175,11 @@ def test_git_commit_reads_head_and_tracked_changes(tmp_path, monkeypatch):
     from paper_lib.runtime import GIT_ENV, git_commit
 
     monkeypatch.delenv(GIT_ENV, raising=False)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    (tmp_path / "a.txt").write_text("a")
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
-    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
     (tmp_path / "new.txt").write_text("untracked")
     assert git_commit(tmp_path) == head
-    (tmp_path / "a.txt").write_text("b")
+    (committed_results / "01_x.json").write_text("{}")
     assert git_commit(tmp_path) == head + "-dirty"
     monkeypatch.setenv(GIT_ENV, "abc1234")
     assert git_commit(tmp_path) == "abc1234"
