@@ -567,6 +567,9 @@ def scoreboard(root: Path = PROJECT_ROOT) -> str:
                    claims_markdown(shown)]
         if w is not None:
             tables += ["", f"Withdrawn: {w.reason}"]
+    for profile in dict.fromkeys(rec["profile"] for rec in records):
+        if (text := stability_summary(profile, root)) is not None:
+            lines += ["", text]
     return "\n".join(lines + tables)
 
 
@@ -705,44 +708,106 @@ def seed_stability(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def stability_markdown(profile: str, stems: list[str], seeds: list[int],
-                       root: Path = PROJECT_ROOT) -> str:
-    """Which verdicts hold at other seeds: the preset records (results/<profile>/) beside
-    the reruns at `seeds` (seed_record_path), one table per notebook."""
-    tables, n_claims, changed, noisy, shown_seeds = [], 0, 0, 0, set()
-    gits: dict[str, set[str]] = {"preset": set(), "other seeds": set()}
-    for stem in stems:
+def seed_runs_found(profile: str, root: Path = PROJECT_ROOT) -> dict[str, list[int]]:
+    """The seed runs made for `profile` (`reproduce --seeds`): each notebook with a preset
+    record -> the other seeds it has a record at (results/<profile>-seeds/seed<s>/), where
+    it has one or more; sorted."""
+    base = root / "results" / f"{profile}{SEEDS_SUFFIX}"
+    seeds = sorted(int(p.name[4:]) for p in base.glob("seed*")
+                   if p.is_dir() and p.name[4:].isdigit())
+    runs = {p.stem: [s for s in seeds if seed_record_path(profile, s, p.stem, root).exists()]
+            for p in sorted((root / "results" / profile).glob("*.json"))}
+    return {stem: ss for stem, ss in runs.items() if ss}
+
+
+def _stability(profile: str, runs: dict[str, list[int]], root: Path
+               ) -> tuple[list[tuple[str, list[int], list[dict[str, Any]]]], dict[str, set[str]]]:
+    """Per notebook of `runs` (stem -> other seeds) with claims: (stem, its seeds in table
+    order, seed_stability rows); and the git commits the preset and the other seeds'
+    records name."""
+    out, gits = [], {"preset": set(), "other seeds": set()}
+    for stem, seeds in runs.items():
         base = json.loads(record_path(profile, stem, root).read_text())
         records = {int(base["params"]["seed"]): base}
         for s in seeds:
             records[s] = json.loads(seed_record_path(profile, s, stem, root).read_text())
             gits["other seeds"].add(records[s]["env"].get("git", "?"))
         gits["preset"].add(base["env"].get("git", "?"))
-        shown_seeds |= set(records)
         rows = seed_stability(records)
-        if not rows:  # a notebook without claims (the explorer) has nothing to compare
-            continue
-        n_claims += len(rows)
-        lines = [f"**{stem}**", "", "| claim | " + " | ".join(f"seed {s}" for s in records)
-                 + " | |", "|---" * (len(records) + 2) + "|"]
-        for r in rows:
-            cells = []
-            for e in r["cells"].values():
-                cells.append("missing" if e is None else
-                             f"{ICONS[e['verdict']]} {_shown(e)}"
-                             + (" (noise level)" if e.get("noisy") else ""))
-            flag = "" if r["same"] else "changes"
-            if not r["same"]:
-                changed += 1
-                noisy += any(e is not None and e.get("noisy") for e in r["cells"].values())
-            lines.append(f"| `{r['id']}` | " + " | ".join(cells) + f" | {flag} |")
-        tables.append("\n".join(lines))
-    summary = (f"`{profile}` verdicts at seeds {', '.join(map(str, sorted(shown_seeds)))}: "
+        if rows:  # a notebook without claims (the explorer) has nothing to compare
+            out.append((stem, list(records), rows))
+    return out, gits
+
+
+def _stability_rows(seeds: list[int], rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table lines: a claim per row, its verdict and value at each seed."""
+    lines = ["| claim | " + " | ".join(f"seed {s}" for s in seeds) + " | |",
+             "|---" * (len(seeds) + 2) + "|"]
+    for r in rows:
+        cells = ["missing" if e is None else f"{ICONS[e['verdict']]} {_shown(e)}"
+                 + (" (noise level)" if e.get("noisy") else "") for e in r["cells"].values()]
+        lines.append(f"| `{r['id']}` | " + " | ".join(cells)
+                     + f" | {'' if r['same'] else 'changes'} |")
+    return lines
+
+
+def _stability_counts(notebooks: list[tuple[str, list[int], list[dict[str, Any]]]]
+                      ) -> tuple[list[int], int, int, int]:
+    """(every seed shown, claims, claims that change, of those marked noise level)."""
+    rows = [r for _, _, rs in notebooks for r in rs]
+    changed = [r for r in rows if not r["same"]]
+    noisy = sum(any(e is not None and e.get("noisy") for e in r["cells"].values())
+                for r in changed)
+    return sorted({s for _, ss, _ in notebooks for s in ss}), len(rows), len(changed), noisy
+
+
+def stability_markdown(profile: str, runs: dict[str, list[int]],
+                       root: Path = PROJECT_ROOT) -> str:
+    """Which verdicts hold at other seeds: the preset records (results/<profile>/) beside
+    the reruns, `runs` (stem -> seeds; seed_record_path), one table per notebook."""
+    notebooks, gits = _stability(profile, runs, root)
+    shown, n_claims, changed, noisy = _stability_counts(notebooks)
+    summary = (f"`{profile}` verdicts at seeds {', '.join(map(str, shown))}: "
                f"{n_claims - changed} of {n_claims} claims keep one verdict at every seed "
                f"(timing claims left out); {changed} change, {noisy} of them marked noise "
                "level at one seed or more. Code (git): "
                + "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in gits.items()) + ".")
+    tables = ["\n".join([f"**{stem}**", "", *_stability_rows(ss, rows)])
+              for stem, ss, rows in notebooks]
     return "\n\n".join([summary, *tables]) + "\n"
+
+
+def write_stability(profile: str, root: Path = PROJECT_ROOT) -> tuple[Path, str] | None:
+    """Rewrite results/<profile>-seeds/stability.md from the records of every committed
+    seed run (seed_runs_found); (its path, its text), or None where there are none."""
+    if not (runs := seed_runs_found(profile, root)):
+        return None
+    path, text = stability_path(profile, root), stability_markdown(profile, runs, root)
+    atomic_write_text(path, text)
+    return path, text
+
+
+def stability_summary(profile: str, root: Path = PROJECT_ROOT) -> str | None:
+    """For the scoreboard: how many of `profile`'s claims keep their verdict at the
+    committed seed runs, and the claims that change, at every seed (None without seed
+    runs). Read from the records themselves, so it cannot fall behind them."""
+    notebooks, _ = _stability(profile, seed_runs_found(profile, root), root)
+    if not notebooks:
+        return None
+    shown, n_claims, changed, noisy = _stability_counts(notebooks)
+    rel = stability_path(profile, root).relative_to(root)
+    lines = [f"**Seed stability** (`{profile}`, seeds {', '.join(map(str, shown))}; every "
+             f"claim in `{rel}`): {n_claims - changed} of {n_claims} claims keep one "
+             f"verdict at every seed (timing claims left out); {changed} change, {noisy} of "
+             "them marked noise level at one seed or more."]
+    # the changing claims, one table per set of seeds (the same for every notebook
+    # unless one has a record at another preset seed)
+    for seed_set in dict.fromkeys(tuple(ss) for _, ss, _ in notebooks):
+        rows = [r for _, ss, rs in notebooks if tuple(ss) == seed_set
+                for r in rs if not r["same"]]
+        if rows:
+            lines += ["", *_stability_rows(list(seed_set), rows)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -768,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updated {readme.name}")
         for path in refresh_committed():
             print(f"updated {path.relative_to(PROJECT_ROOT)}")
+        for profile in dict.fromkeys(rec["profile"] for rec in load_results()):
+            if written := write_stability(profile):
+                print(f"updated {written[0].relative_to(PROJECT_ROOT)}")
     else:
         sys.stdout.write(board + "\n")
     return 0

@@ -49,8 +49,7 @@ from paper_lib.claims import (
     record_path,
     refresh_findings,
     seed_record_path,
-    stability_markdown,
-    stability_path,
+    write_stability,
 )
 from paper_lib.config import PROFILES, Params
 from paper_lib.kernelspec import KERNEL, cpu_flags, exec_pinned, pinned_cpu_env, refresh_if_stale
@@ -417,15 +416,10 @@ def seed_runs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             dst = seed_record_path(args.profile, seed, stem, PROJECT_ROOT)
             dst.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(dst, src.read_text())
-    # every notebook with a record at each of these seeds, from this call or an earlier one
-    shown = [nb.stem for nb in notebooks() if record_path(args.profile, nb.stem,
-                                                          PROJECT_ROOT).exists()
-             and all(seed_record_path(args.profile, s, nb.stem, PROJECT_ROOT).exists()
-                     for s in args.seeds)]
-    table = stability_markdown(args.profile, shown, args.seeds, PROJECT_ROOT)
-    out = stability_path(args.profile, PROJECT_ROOT)
-    atomic_write_text(out, table)
-    print(table + f"\n(written to {out.relative_to(PROJECT_ROOT)})")
+    # every notebook with a record at every seed run so far, this call's and earlier ones'
+    out, table = write_stability(args.profile, PROJECT_ROOT)
+    print(table + f"\n(written to {out.relative_to(PROJECT_ROOT)}; `make scoreboard` puts "
+          "its summary in README.md)")
     return 0
 
 

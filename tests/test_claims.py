@@ -484,11 +484,11 @@ def _record(seed: int, verdicts: dict[str, str], noisy: tuple[str, ...] = (),
     """A results record with one value claim per entry of `verdicts` (plus a timing claim)."""
     claims_ = [{"id": i, "statement": i, "paper": None, "ours": 0.5, "tolerance": 0.1,
                 "kind": "value", "direction_holds": v != "not reproduced", "volatile": False,
-                "noisy": "why" if i in noisy else "", "verdict": v}
+                "noisy": "why" if i in noisy else "", "verdict": v, "source": "S"}
                for i, v in verdicts.items()]
     claims_.append({"id": "t.cost", "statement": "t", "paper": 1.0, "ours": 1.3,
                     "tolerance": 0.1, "kind": "value", "direction_holds": True,
-                    "volatile": True, "noisy": "", "verdict": "direction only"})
+                    "volatile": True, "noisy": "", "verdict": "direction only", "source": "S"})
     return {"notebook": "09_x", "profile": "smoke", "params": {"seed": seed},
             "env": {"git": git}, "claims": claims_}
 
@@ -514,7 +514,7 @@ def test_seed_stability_tables_which_verdicts_change(tmp_path):
         p = (claims.record_path("smoke", "09_y", tmp_path) if s == 0 else
              claims.seed_record_path("smoke", s, "09_y", tmp_path))
         p.write_text(json.dumps({**recs[s], "claims": []}))
-    text = claims.stability_markdown("smoke", ["09_x", "09_y"], [1, 2], tmp_path)
+    text = claims.stability_markdown("smoke", {"09_x": [1, 2], "09_y": [1, 2]}, tmp_path)
     assert "09_y" not in text
     assert text.startswith("`smoke` verdicts at seeds 0, 1, 2: 1 of 3 claims keep one verdict "
                            "at every seed (timing claims left out); 2 change, 1 of them marked "
@@ -523,3 +523,50 @@ def test_seed_stability_tables_which_verdicts_change(tmp_path):
     assert "| `b` | ✅ 0.5 | ❌ 0.5 (noise level) | ✅ 0.5 | changes |" in text
     assert "| `c` | ❌ 0.5 | ❌ 0.5 | missing | changes |" in text
     assert "t.cost" not in text
+
+
+def test_seed_runs_are_found_and_summarised_under_the_scoreboard(tmp_path):
+    """Notebook 09_x has runs at seeds 1 and 2 (its claim `b` turns at seed 1), 09_z at
+    seed 2 only (nothing changes), 09_w none: found as {09_x: [1, 2], 09_z: [2]}. The
+    scoreboard then says 2 of 3 claims keep their verdict, 1 changes, marked noise level,
+    and lists that one claim alone; stability.md is written with both tables."""
+    def put(path, rec):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+
+    base = {"a": "reproduced", "b": "reproduced"}
+    for stem, seeds in (("09_x", (1, 2)), ("09_z", (2,)), ("09_w", ())):
+        put(claims.record_path("smoke", stem, tmp_path),
+            {**_record(0, base if stem == "09_x" else {"c": "reproduced"}), "notebook": stem,
+             "env": {"git": "abc1234", "device": "cpu"}})
+        for s in seeds:
+            flipped = {**base, "b": "not reproduced"} if s == 1 else base
+            put(claims.seed_record_path("smoke", s, stem, tmp_path),
+                {**_record(s, flipped if stem == "09_x" else {"c": "reproduced"},
+                           ("b",) if s == 1 else ()), "notebook": stem})
+    (tmp_path / "results" / "smoke-seeds" / "seed7").mkdir()  # an empty run folder
+    assert claims.seed_runs_found("smoke", tmp_path) == {"09_x": [1, 2], "09_z": [2]}
+    assert claims.seed_runs_found("gpu", tmp_path) == {}
+    board = claims.scoreboard(tmp_path)
+    assert ("**Seed stability** (`smoke`, seeds 0, 1, 2; every claim in "
+            "`results/smoke-seeds/stability.md`): 2 of 3 claims keep one verdict at every "
+            "seed (timing claims left out); 1 change, 1 of them marked noise level") in board
+    assert "| `b` | ✅ 0.5 | ❌ 0.5 (noise level) | ✅ 0.5 | changes |" in board
+    assert "| `a` |" not in board.split("**09_x**")[0]  # stable claims are not listed
+    path, text = claims.write_stability("smoke", tmp_path)
+    assert path.read_text() == text and "**09_x**" in text and "**09_z**" in text
+    assert "| claim | seed 0 | seed 2 | |" in text.split("**09_z**")[1]
+    assert claims.write_stability("gpu", tmp_path) is None
+
+
+def test_committed_stability_table_is_current():
+    """results/<profile>-seeds/stability.md is what the committed seed runs' records give
+    (run `make scoreboard`)."""
+    for profile in ("smoke", "gpu"):
+        runs = claims.seed_runs_found(profile)
+        path = claims.stability_path(profile)
+        if runs:
+            assert path.read_text() == claims.stability_markdown(profile, runs), \
+                f"stale {path.name}: run `make scoreboard`"
+        else:
+            assert not path.exists(), f"{path} has no seed runs behind it"
