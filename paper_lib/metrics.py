@@ -23,12 +23,17 @@ from paper_lib.data.harvest import resid_pre_layer, stop_layer
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Fraction of variance unexplained, sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
     (the normalised MSE of Gao et al. 2024; explained variance = 1 - FVU)."""
-    x, x_hat = x.double(), x_hat.double()
-    resid = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    return float((x.double() - x_hat.double()).pow(2).sum()) / total_variance(x)
+
+
+def total_variance(x: torch.Tensor) -> float:
+    """sum ||x - mean(x)||^2 over the rows x, FVU's denominator (float64); a ValueError
+    where it is 0 (FVU is then undefined)."""
+    x = x.double()
+    total = float((x - x.mean(0, keepdim=True)).pow(2).sum())
     if total == 0:
         raise ValueError("FVU is undefined: x has zero variance")
-    return float(resid / total)
+    return total
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:

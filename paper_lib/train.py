@@ -188,12 +188,37 @@ def encode_all(sae: SAE, x: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     return codes, recon
 
 
-def evaluate(sae: SAE, x: Tensor, chunk: int = 8192,
+EVAL_ENTRIES = 1 << 26  # codes held at once by `evaluate` (256 MB of float32)
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: Tensor, chunk: int | None = None,
              encoded: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
     """FVU, L0 and eval-window dead fraction of `sae` on rows x (in eval mode); `encoded`:
-    their (codes, reconstruction) from `encode_all`, when the caller has them already."""
-    c, r = encoded if encoded is not None else encode_all(sae, x, chunk)
-    return {"fvu": metrics.fvu(x, r), "l0": metrics.l0(c), "dead_eval": metrics.dead_fraction(c)}
+    their (codes, reconstruction) from `encode_all`, when the caller has them already.
+    Otherwise x is encoded `chunk` rows at a time (default: EVAL_ENTRIES codes) and only
+    sums are kept, so every held-out token can be scored: a wide SAE's codes of all of them
+    would not fit (262,144 tokens x 131,072 latents: 137 GB of float32)."""
+    if encoded is not None:
+        c, r = encoded
+        return {"fvu": metrics.fvu(x, r), "l0": metrics.l0(c),
+                "dead_eval": metrics.dead_fraction(c)}
+    n = sae.cfg.d_sae
+    chunk = chunk or max(1, EVAL_ENTRIES // n)
+    resid, nonzero = 0.0, 0
+    fired = torch.zeros(n, dtype=torch.bool, device=x.device)
+    was = sae.training
+    sae.eval()
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i:i + chunk].float()
+        out = sae(xb)
+        resid += float((xb.double() - out.recon.double()).pow(2).sum())
+        nonzero += int((out.codes != 0).sum())
+        fired |= (out.codes > 0).any(0)
+    sae.train(was)
+    return {"fvu": resid / metrics.total_variance(x),
+            "l0": nonzero / x.shape[0] if x.shape[0] else float("nan"),
+            "dead_eval": float((~fired).float().mean())}
 
 
 # TrainConfig fields that do not change what a run computes (compile: at most the float
@@ -594,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.n_eval_tokens, device, data_seed,
                                 progress=not args.quiet, data_files=args.data_files,
                                 context_size=args.context_size)
-        d_in, data, eval_x = acts.d, acts.batches(args.batch, data_seed), acts.eval[:8192]
+        d_in, data, eval_x = acts.d, acts.batches(args.batch, data_seed), acts.eval
         init_x = acts.train_sample(2048, data_seed)
         meta = {"model": args.model, "hook": acts.hook, "dataset": args.dataset,
                 "input_scale": acts.scale}

@@ -362,3 +362,35 @@ def test_command_line_refuses_a_checkpoint_of_other_data(tmp_path, monkeypatch):
                                              "it or choose another checkpoint_path"):
             command(**other)
     assert command("a.safetensors") == 0 and not ck.exists()
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_evaluate_by_hand(chunk):
+    """TopK, k = 1, identity encoder and decoder, zero biases, rows (2, 1), (0, 3), (-1, -1):
+    codes (2, 0), (0, 3), (0, 0), so squared errors 1 + 0 + 2 = 3; the rows' mean is
+    (1/3, 1) and their summed squared deviation 25/9 + 37/9 + 52/9 = 114/9, so FVU =
+    27/114; L0 = 2/3; both latents fire, none is dead. The same in any chunking; on the
+    last two rows latent 0 never fires: half are dead."""
+    sae = make_sae(SAEConfig("topk", 2, 2, k=1))
+    with torch.no_grad():
+        for w in (sae.W_enc, sae.W_dec):
+            w.copy_(torch.eye(2))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.tensor([[2.0, 1.0], [0.0, 3.0], [-1.0, -1.0]])
+    got = train.evaluate(sae, x, chunk=chunk)
+    assert got["fvu"] == pytest.approx(27 / 114, rel=1e-12)
+    assert got["l0"] == pytest.approx(2 / 3) and got["dead_eval"] == 0.0
+    assert train.evaluate(sae, x[1:], chunk=chunk)["dead_eval"] == 0.5
+    assert sae.training  # left in the mode it was in
+
+
+def test_evaluate_holds_a_bounded_number_of_codes(monkeypatch):
+    """By default each forward pass encodes EVAL_ENTRIES // n rows: with 4 codes allowed
+    and n = 2 latents, 5 rows go through in passes of 2, 2 and 1."""
+    monkeypatch.setattr(train, "EVAL_ENTRIES", 4)
+    sae = make_sae(SAEConfig("topk", 3, 2, k=1))
+    rows = []
+    sae.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    train.evaluate(sae, torch.randn(5, 3))
+    assert rows == [2, 2, 1]

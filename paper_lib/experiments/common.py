@@ -49,7 +49,7 @@ def training_code_sha() -> str:
 
 def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size: int,
              lr: float, device: torch.device, progress: bool = True, desc: str = "train SAEs",
-             seed: int = 0, eval_n: int = 8192, lr_scale_with_n: bool = False,
+             seed: int = 0, eval_n: int | None = None, lr_scale_with_n: bool = False,
              lr_ref_latents: int = 16384,
              eval_every: int = 0, heldout_midway: bool = True,
              sparsity_warmup_steps: int | None = None,
@@ -66,12 +66,13 @@ def train_on(acts: ActivationSet, cfgs: list[SAEConfig], steps: int, batch_size:
     analyses after training costs no training on the rerun. `compile`: torch.compile each
     SAE's forward and loss. `stack`: TopK-family SAEs that differ only in seed and k train
     as one stacked module (TrainConfig.stack).
-    `heldout_midway`: see TrainConfig (False: held-out metrics only at the end)."""
+    `heldout_midway`: see TrainConfig (False: held-out metrics only at the end). The
+    held-out metrics score the first `eval_n` held-out rows (None: all of them)."""
     saes = [make_sae(c).to(device) for c in cfgs]
     warm = steps // 5 if sparsity_warmup_steps is None else sparsity_warmup_steps
     # The data as the trainer sees it: the set, its batches' size and order, the rows scored.
     data_key = json.dumps({"acts": acts.identity(), "batch": batch_size, "order_seed": seed,
-                           "eval_rows": eval_n}, sort_keys=True)
+                           "eval_rows": len(acts.eval[:eval_n])}, sort_keys=True)
     tc = TrainConfig(steps=steps, lr=lr, lr_scale_with_n=lr_scale_with_n,
                      lr_ref_latents=lr_ref_latents, progress=progress,
                      desc=desc, eval_every=eval_every, heldout_midway=heldout_midway,
