@@ -834,8 +834,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in refresh_committed():
             print(f"updated {path.relative_to(PROJECT_ROOT)}")
         for profile in dict.fromkeys(rec["profile"] for rec in load_results()):
-            if written := write_stability(profile):
-                print(f"updated {written[0].relative_to(PROJECT_ROOT)}")
+            path = stability_path(profile)
+            before = path.read_text() if path.exists() else None
+            if (written := write_stability(profile)) and written[1] != before:
+                print(f"updated {path.relative_to(PROJECT_ROOT)}")
     else:
         sys.stdout.write(board + "\n")
     return 0
