@@ -203,14 +203,14 @@ def evaluate(sae: SAE, x: Tensor, chunk: int | None = None,
         c, r = encoded
         return {"fvu": metrics.fvu(x, r), "l0": metrics.l0(c),
                 "dead_eval": metrics.dead_fraction(c)}
-    n = sae.cfg.d_sae
+    n, dev = sae.cfg.d_sae, sae.W_enc.device
     chunk = chunk or max(1, EVAL_ENTRIES // n)
     resid, nonzero = 0.0, 0
-    fired = torch.zeros(n, dtype=torch.bool, device=x.device)
+    fired = torch.zeros(n, dtype=torch.bool, device=dev)
     was = sae.training
     sae.eval()
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i:i + chunk].float()
+    for i in range(0, x.shape[0], chunk):  # rows held elsewhere (CPU) go over a chunk at a time
+        xb = x[i:i + chunk].to(dev).float()
         out = sae(xb)
         resid += float((xb.double() - out.recon.double()).pow(2).sum())
         nonzero += int((out.codes != 0).sum())
