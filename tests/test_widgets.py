@@ -151,6 +151,13 @@ def test_listed_saes_are_found_named_and_must_fit(tmp_path):
     both = listed_saes(["one", "elsewhere/one"], root=tmp_path)  # named as given: no clash
     assert both == {"listed/one": tmp_path / "one",
                     "listed/elsewhere/one": tmp_path / "elsewhere/one"}
+    # an absolute path and the relative path of the same letters name other folders
+    mirror = str(tmp_path / "one").strip("/")
+    save_sae(make_sae(SAEConfig("topk", 8, 32, k=2)), tmp_path / mirror)
+    assert listed_saes(["one", "one/"], root=tmp_path) == {"listed/one": tmp_path / "one"}
+    with pytest.raises(ValueError, match=r"names listed/.*/one as an earlier entry does, but "
+                                         r"for another folder"):
+        listed_saes([str(tmp_path / "one"), mirror], root=tmp_path)
     with pytest.raises(ValueError, match=r"'sae_dirs': 'nope' .* is not a folder"):
         ExploreParams.from_profile("smoke", sae_dirs="nope")  # one path: a list of one
     got = ExplorerData.load_saes(found, 8, l1, "", required=("listed/one",))
