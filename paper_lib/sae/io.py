@@ -212,7 +212,8 @@ def listed_saes(dirs: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT,
                              + ("is not a folder" if not path.is_dir() else
                                 "holds no saved SAE (no cfg.json in it or below it)"))
         label = "listed/" + Path(d).as_posix().strip("/")
-        for key, p in ((label + (f"/{k}" if k else ""), p) for k, p in found.items()):
+        for sub, p in found.items():
+            key = label + (f"/{sub}" if sub else "")
             if out.setdefault(key, p) != p:  # "/a/b" and "a/b" (from root) share a name
                 raise ValueError(f"{what}: {d!r} names {key} as an earlier entry does, but "
                                  f"for another folder ({p}, not {out[key]}): list one of "
